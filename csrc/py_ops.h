@@ -1,0 +1,10 @@
+/* py_ops.h - the CPython entry points of seqwrap._C, one glue file per op. */
+#ifndef SEQWRAP_PY_OPS_H
+#define SEQWRAP_PY_OPS_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+PyObject *sw_py_kahan_accumulate(PyObject *self, PyObject *args, PyObject *kwargs);
+
+#endif /* SEQWRAP_PY_OPS_H */

@@ -1,0 +1,56 @@
+/* sw_kahan.h - compensated (Kahan) scaled accumulation: acc += scale * g.
+ *
+ * acc and comp are float32 buffers of n elements; g holds n elements of
+ * float32, bfloat16 or float16. After the call, acc is the running sum and
+ * comp holds the (negated) low-order bits lost so far; the next addition
+ * feeds them back in. Per element:
+ *     y = scale*g - comp;  t = acc + y;  comp = (t - acc) - y;  acc = t
+ * The per-element step is shared by the CPU kernel (kahan_cpu.c) and the CUDA
+ * kernel (cuda/kahan.cu), so both run the same float32 operations.
+ */
+#ifndef SEQWRAP_KAHAN_H
+#define SEQWRAP_KAHAN_H
+
+#include <stdint.h>
+
+#include "sw_half.h"
+#include "sw_portable.h"
+#include "sw_status.h"
+#include "sw_tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+SW_HOSTDEV void sw_kahan_step(float *acc, float *comp, float value, float scale) {
+    float y = SW_FSUB(SW_FMUL(scale, value), *comp);
+    float t = SW_FADD(*acc, y);
+    *comp = SW_FSUB(SW_FSUB(t, *acc), y);
+    *acc = t;
+}
+
+/* Reads element i of a float32 / float16 / bfloat16 buffer as float32. */
+SW_HOSTDEV float sw_load_as_float(const void *p, sw_dtype dtype, int64_t i) {
+    if (dtype == SW_BFLOAT16) return sw_bf16_to_float(((const uint16_t *)p)[i]);
+    if (dtype == SW_FLOAT16) return sw_fp16_to_float(((const uint16_t *)p)[i]);
+    return ((const float *)p)[i];
+}
+
+/* One accumulation job: the three buffers of one tensor. All n elements,
+ * contiguous; g_dtype is SW_FLOAT32, SW_FLOAT16 or SW_BFLOAT16. */
+typedef struct {
+    float *acc;
+    float *comp;
+    const void *g;
+    sw_dtype g_dtype;
+    int64_t n;
+} sw_kahan_job;
+
+/* CPU: runs every job (OpenMP inside each large job). */
+sw_code sw_kahan_accumulate_cpu(const sw_kahan_job *jobs, int njobs, float scale, sw_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SEQWRAP_KAHAN_H */
