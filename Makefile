@@ -37,21 +37,24 @@ build: $(STAMP)
 	@cat build/build-summary.txt
 	$(PY) -c "import seqwrap; print('seqwrap', seqwrap.__version__, seqwrap._C.build_info()); print(seqwrap.cuda_status())"
 
+# The whole suite, then the C-facing part again under AddressSanitizer + UBSan.
 test: build
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory asan
 
 demo: build
 	$(PY) -m seqwrap.demo
 
-# Sanitized copy of the package under build/asan; the tests marked `ccore` run against it.
+# Sanitized copy of the package (and of tests/) under build/asan; the tests marked `ccore` run against it.
 asan: $(STAMP)
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)/seqwrap
 	SEQWRAP_SANITIZE=1 $(PY) setup.py --quiet build_ext --build-lib $(ASAN_DIR) --build-temp build/asan-tmp --force
 	cd seqwrap && find . -name '*.py' -exec cp --parents {} ../$(ASAN_DIR)/seqwrap/ \;
+	cp -r tests $(ASAN_DIR)/tests   # run from there so pytest puts build/asan first on sys.path
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	SEQWRAP_EXPECT_SANITIZE=1 PYTHONPATH=$(ASAN_DIR) \
-	$(PY) -m pytest tests -m ccore -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest $(ASAN_DIR)/tests -m ccore -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: build
 	$(PY) -m pytest benchmarks -s $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-/* cuda_absent.c - stands in for csrc/cuda/*.cu in a CPU-only build
+/* cuda_absent.c - stands in for the CUDA sources (csrc/cuda/) in a CPU-only build
  * (no nvcc found, or SEQWRAP_CUDA=0): every launcher reports that the CUDA
  * kernels are not built, so a CUDA tensor raises a clear Python error. */
 #include <stdio.h>
