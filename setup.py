@@ -98,6 +98,7 @@ class BuildExt(build_ext):
             objs = self.compile_cuda(nvcc, cu_sources, archs)
             cuda_lib = find_cudart_static(nvcc)
             ext.extra_objects = objs
+            ext.depends = list(ext.depends) + objs  # relink when a CUDA object changes
             ext.library_dirs = [str(cuda_lib)]
             # Static runtime: importing seqwrap needs no libcudart.so, and no driver.
             ext.libraries = ["cudart_static", "stdc++", "dl", "rt", "pthread"]
@@ -119,7 +120,7 @@ class BuildExt(build_ext):
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
         objs = []
-        headers = list(CSRC.glob("*.h")) + list((CSRC / "cuda").glob("*.cuh"))
+        headers = list(CSRC.glob("*.h")) + list(CSRC.glob("*.inc")) + list((CSRC / "cuda").glob("*.cuh"))
         newest_header = max((h.stat().st_mtime for h in headers), default=0)
         for src in sources:
             obj = out_dir / (src.stem + ".o")
@@ -145,7 +146,7 @@ setup(
             include_dirs=[str(CSRC), str(torch_include_dir())],
             extra_compile_args=C_FLAGS,
             extra_link_args=["-fopenmp"] + (SAN_FLAGS if SANITIZE else []),
-            depends=[str(p.relative_to(ROOT)) for p in CSRC.glob("*.h")],
+            depends=[str(p.relative_to(ROOT)) for p in [*CSRC.glob("*.h"), *CSRC.glob("*.inc")]],
         )
     ],
     cmdclass={"build_ext": BuildExt},

@@ -111,6 +111,11 @@ static PyObject *py_bridge_import(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"kahan_accumulate", (PyCFunction)(void (*)(void))sw_py_kahan_accumulate, METH_VARARGS | METH_KEYWORDS,
      "kahan_accumulate(accs, comps, grads, scale, stream): acc += scale*g with Kahan compensation, in place."},
+    {"cross_entropy_chunk", (PyCFunction)(void (*)(void))sw_py_cross_entropy_chunk, METH_VARARGS | METH_KEYWORDS,
+     "cross_entropy_chunk(logits, labels, loss, lse, grad_scale, ignore_index, label_smoothing, z_loss, softcap, "
+     "compute_grad, error_flag, stream, row_offset=0): per-row loss and lse; logits overwritten by the gradient."},
+    {"_round_to_half", sw_py_round_to_half, METH_VARARGS,
+     "_round_to_half(src float32, dst bfloat16/float16): the core's float->half rounding (tests)."},
     {"build_info", py_build_info, METH_NOARGS, "Facts about how this extension was built."},
     {"cuda_info", py_cuda_info, METH_NOARGS, "What the linked CUDA runtime sees (devices, driver)."},
     {"_set_bridge_mode", py_set_bridge_mode, METH_O, "'auto' (DLPack C exchange API when present) or 'capsule'."},

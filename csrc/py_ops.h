@@ -6,5 +6,7 @@
 #include <Python.h>
 
 PyObject *sw_py_kahan_accumulate(PyObject *self, PyObject *args, PyObject *kwargs);
+PyObject *sw_py_cross_entropy_chunk(PyObject *self, PyObject *args, PyObject *kwargs);
+PyObject *sw_py_round_to_half(PyObject *self, PyObject *args);
 
 #endif /* SEQWRAP_PY_OPS_H */

@@ -10,6 +10,7 @@
 
 #include "sw_kahan.h"
 #include "sw_status.h"
+#include "sw_xent.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -32,6 +33,9 @@ int sw_cuda_device_capability(int dev);
 
 sw_code sw_kahan_accumulate_cuda(const sw_kahan_job *jobs, int njobs, float scale,
                                  int device, void *stream, sw_error *err);
+
+/* error_flag: device int, set to 1 when a label is outside [0, V) (that row is then ignored). */
+sw_code sw_xent_cuda(const sw_xent_job *job, int *error_flag, int device, void *stream, sw_error *err);
 
 #ifdef __cplusplus
 }

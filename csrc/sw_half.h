@@ -56,4 +56,34 @@ SW_HOSTDEV float sw_fp16_to_float(uint16_t h) {
     return sw_bits_to_float(bits);
 }
 
+/* float32 -> bfloat16, round to nearest even; NaN stays a (quiet) NaN. */
+SW_HOSTDEV uint16_t sw_float_to_bf16(float f) {
+    uint32_t u = sw_float_to_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* float32 -> IEEE binary16, round to nearest even, overflow to inf, subnormals kept. */
+SW_HOSTDEV uint16_t sw_float_to_fp16(float f) {
+    uint32_t x = sw_float_to_bits(f);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    x &= 0x7fffffffu;
+    if (x >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (x > 0x7f800000u ? 0x200u : 0u));
+    if (x >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);      /* >= 65520 rounds to inf */
+    if (x < 0x38800000u) {                                         /* below 2^-14: subnormal or 0 */
+        uint32_t e = x >> 23;
+        uint32_t shift = 126u - e;                                 /* value = m * 2^(e-150); k = m >> shift */
+        if (shift > 24u) return (uint16_t)sign;
+        uint32_t m = (x & 0x7fffffu) | 0x800000u;
+        uint32_t k = m >> shift;
+        uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+        if (rem > half || (rem == half && (k & 1u))) ++k;
+        return (uint16_t)(sign | k);
+    }
+    x += 0xfffu + ((x >> 13) & 1u);                                /* round at bit 13 */
+    x -= 112u << 23;                                               /* rebias 127 -> 15 */
+    return (uint16_t)(sign | (x >> 13));
+}
+
 #endif /* SEQWRAP_HALF_H */

@@ -13,7 +13,7 @@
 
 #include <stdint.h>
 
-#include "sw_half.h"
+#include "sw_elem.h"
 #include "sw_portable.h"
 #include "sw_status.h"
 #include "sw_tensor.h"
@@ -27,13 +27,6 @@ SW_HOSTDEV void sw_kahan_step(float *acc, float *comp, float value, float scale)
     float t = SW_FADD(*acc, y);
     *comp = SW_FSUB(SW_FSUB(t, *acc), y);
     *acc = t;
-}
-
-/* Reads element i of a float32 / float16 / bfloat16 buffer as float32. */
-SW_HOSTDEV float sw_load_as_float(const void *p, sw_dtype dtype, int64_t i) {
-    if (dtype == SW_BFLOAT16) return sw_bf16_to_float(((const uint16_t *)p)[i]);
-    if (dtype == SW_FLOAT16) return sw_fp16_to_float(((const uint16_t *)p)[i]);
-    return ((const float *)p)[i];
 }
 
 /* One accumulation job: the three buffers of one tensor. All n elements,

@@ -1,0 +1,106 @@
+// xent.cu - CUDA kernel of the chunked softmax cross-entropy (math in sw_xent.h).
+//
+// One block per logits row: pass 1 max and sum of the capped logits, pass 2 the
+// sum of exp(s - max), then the row's lse and loss, and pass 3 the gradient
+// written in place. float arithmetic for fp32/bf16/fp16 logits, double for fp64.
+// A label outside [0, V) sets *error_flag and the row is treated as ignored.
+#include <math.h>
+
+#include "../sw_cuda.h"
+#include "../sw_xent.h"
+#include "block_reduce.cuh"
+#include "cuda_common.cuh"
+
+#define SW_XENT_THREADS 512
+
+template <typename R> struct XentMath;
+template <> struct XentMath<float> {
+    static __device__ float load(const void *p, sw_dtype dt, long long i) { return sw_load_as_float(p, dt, i); }
+    static __device__ void store(void *p, sw_dtype dt, long long i, float v) { sw_store_from_float(p, dt, i, v); }
+    static __device__ float cap(float x, float c) { return sw_xent_cap_f(x, c); }
+    static __device__ float cap_grad(float s, float c) { return sw_xent_cap_grad_f(s, c); }
+    static __device__ float loss(float l, float sy, float ss, float e, float z, long long v) { return sw_xent_loss_f(l, sy, ss, e, z, v); }
+    static __device__ float dlogit(float p, int y, float f, float e, long long v) { return sw_xent_dlogit_f(p, y, f, e, v); }
+    static __device__ float exp_(float x) { return expf(x); }
+    static __device__ float log_(float x) { return logf(x); }
+};
+template <> struct XentMath<double> {
+    static __device__ double load(const void *p, sw_dtype, long long i) { return ((const double *)p)[i]; }
+    static __device__ void store(void *p, sw_dtype, long long i, double v) { ((double *)p)[i] = v; }
+    static __device__ double cap(double x, double c) { return sw_xent_cap_d(x, c); }
+    static __device__ double cap_grad(double s, double c) { return sw_xent_cap_grad_d(s, c); }
+    static __device__ double loss(double l, double sy, double ss, double e, double z, long long v) { return sw_xent_loss_d(l, sy, ss, e, z, v); }
+    static __device__ double dlogit(double p, int y, double f, double e, long long v) { return sw_xent_dlogit_d(p, y, f, e, v); }
+    static __device__ double exp_(double x) { return exp(x); }
+    static __device__ double log_(double x) { return log(x); }
+};
+
+template <typename R>
+__global__ void __launch_bounds__(SW_XENT_THREADS)
+sw_xent_kernel(void *logits, sw_dtype dt, long long elem_bytes, const int64_t *labels, R *loss, R *lse,
+               const R *grad_scale, long long V, int compute_grad, sw_xent_params prm, int *error_flag) {
+    using M = XentMath<R>;
+    __shared__ R scratch[32];
+    const long long r = blockIdx.x;
+    void *row = (char *)logits + r * V * elem_bytes;
+    const R cap = (R)prm.softcap, eps = (R)prm.label_smoothing, z = (R)prm.z_loss;
+    const int64_t y = labels[r];
+    bool ignored = y == prm.ignore_index;
+    if (!ignored && (y < 0 || y >= V)) {
+        if (threadIdx.x == 0) atomicExch(error_flag, 1);
+        ignored = true;
+    }
+
+    R m = -INFINITY, sum_s = 0;
+    for (long long j = threadIdx.x; j < V; j += blockDim.x) {
+        R s = M::cap(M::load(row, dt, j), cap);
+        m = s > m ? s : m;
+        sum_s += s;
+    }
+    const R s_label = ignored ? (R)0 : M::cap(M::load(row, dt, y), cap);  // read before pass 3 writes
+    m = sw_block_reduce(m, scratch, SwMaxOp<R>(), (R)-INFINITY);
+    sum_s = sw_block_reduce(sum_s, scratch, SwSumOp<R>(), (R)0);
+
+    R sum_e = 0;
+    for (long long j = threadIdx.x; j < V; j += blockDim.x) sum_e += M::exp_(M::cap(M::load(row, dt, j), cap) - m);
+    sum_e = sw_block_reduce(sum_e, scratch, SwSumOp<R>(), (R)0);
+    const R l = m + M::log_(sum_e);
+    if (threadIdx.x == 0) {
+        lse[r] = l;
+        loss[r] = ignored ? (R)0 : M::loss(l, s_label, sum_s, eps, z, V);
+    }
+    if (!compute_grad) return;
+    const R scale = grad_scale ? grad_scale[r] : (R)1;
+    const R p_factor = (R)1 + (R)2 * z * l;
+    for (long long j = threadIdx.x; j < V; j += blockDim.x) {
+        R g = 0;
+        if (!ignored) {
+            R s = M::cap(M::load(row, dt, j), cap);
+            g = M::dlogit(M::exp_(s - l), j == y, p_factor, eps, V) * M::cap_grad(s, cap) * scale;
+        }
+        M::store(row, dt, j, g);
+    }
+}
+
+extern "C" sw_code sw_xent_cuda(const sw_xent_job *job, int *error_flag, int device, void *stream, sw_error *err) {
+    SwDeviceGuard guard(device);
+    if (guard.status != cudaSuccess) return sw_cuda_fail(guard.status, "selecting the device", err);
+    if (job->rows > 2147483647LL) {
+        err->code = SW_ERR_VALUE;
+        snprintf(err->message, sizeof err->message, "too many rows in one chunk (%lld)", (long long)job->rows);
+        return SW_ERR_VALUE;
+    }
+    cudaStream_t s = (cudaStream_t)stream;
+    const unsigned grid = (unsigned)job->rows;
+    if (job->dtype == SW_FLOAT64) {
+        sw_xent_kernel<double><<<grid, SW_XENT_THREADS, 0, s>>>(
+            job->logits, job->dtype, 8, job->labels, (double *)job->loss, (double *)job->lse,
+            (const double *)job->grad_scale, job->vocab, job->compute_grad, job->params, error_flag);
+    } else {
+        sw_xent_kernel<float><<<grid, SW_XENT_THREADS, 0, s>>>(
+            job->logits, job->dtype, job->dtype == SW_FLOAT32 ? 4 : 2, job->labels, (float *)job->loss,
+            (float *)job->lse, (const float *)job->grad_scale, job->vocab, job->compute_grad, job->params,
+            error_flag);
+    }
+    return sw_cuda_fail(cudaGetLastError(), "launching the cross-entropy kernel", err);
+}

@@ -1,0 +1,88 @@
+/* sw_xent.h - softmax cross-entropy of a logits chunk, turned in place into its gradient.
+ *
+ * For each row r of a (rows, V) logits chunk with label y = labels[r]:
+ *   s_j   = softcap > 0 ? softcap * tanh(x_j / softcap) : x_j        (capped logits)
+ *   lse   = log sum_j exp(s_j)                                        (float32, float64 for float64 input)
+ *   loss  = lse - (1 - eps) s_y - (eps / V) sum_j s_j + z * lse^2     (eps: label smoothing, z: z-loss)
+ *   dx_j  = scale_r * [ p_j (1 + 2 z lse) - eps / V - (1 - eps) [j == y] ] * ds_j/dx_j,
+ *           p_j = exp(s_j - lse),  ds_j/dx_j = 1 - (s_j / softcap)^2
+ * Rows whose label is ignore_index get loss 0 and gradient 0 (their lse is still written).
+ * A label outside [0, V) is an error (CPU: refused before any write; CUDA: flagged, row treated as ignored).
+ *
+ * The coefficient helpers below are the per-row / per-element math shared by
+ * the CPU kernel (xent_cpu.c) and the CUDA kernel (cuda/xent.cu).
+ */
+#ifndef SEQWRAP_XENT_H
+#define SEQWRAP_XENT_H
+
+#include <math.h>
+#include <stdint.h>
+
+#include "sw_elem.h"
+#include "sw_portable.h"
+#include "sw_status.h"
+#include "sw_tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    int64_t ignore_index;
+    double label_smoothing;   /* eps in [0, 1] */
+    double z_loss;            /* z >= 0 */
+    double softcap;           /* > 0 enables capping; 0 disables */
+} sw_xent_params;
+
+/* One chunk: logits (rows, V) contiguous, written in place with the gradient when
+ * compute_grad; labels (rows,) int64; loss/lse (rows,) float32, or float64 when the
+ * logits are float64; grad_scale (rows,) of the same real type or NULL (= 1). */
+typedef struct {
+    void *logits;
+    sw_dtype dtype;
+    const int64_t *labels;
+    void *loss;
+    void *lse;
+    const void *grad_scale;
+    int64_t rows;
+    int64_t vocab;
+    int compute_grad;
+    sw_xent_params params;
+} sw_xent_job;
+
+/* Per-element math, one copy per real type (float for fp32/bf16/fp16 input, double for fp64). */
+#define SW_XENT_DEFINE_MATH(SUF, REAL, TANH)                                                        \
+    SW_HOSTDEV REAL sw_xent_cap_##SUF(REAL x, REAL softcap) {                                       \
+        return softcap > (REAL)0 ? softcap * TANH(x / softcap) : x;                                 \
+    }                                                                                               \
+    /* ds/dx of the cap, from the capped value s. */                                                \
+    SW_HOSTDEV REAL sw_xent_cap_grad_##SUF(REAL s, REAL softcap) {                                  \
+        if (softcap <= (REAL)0) return (REAL)1;                                                     \
+        REAL t = s / softcap;                                                                       \
+        return (REAL)1 - t * t;                                                                     \
+    }                                                                                               \
+    SW_HOSTDEV REAL sw_xent_loss_##SUF(REAL lse, REAL s_label, REAL sum_s, REAL eps, REAL z,       \
+                                       int64_t vocab) {                                             \
+        REAL loss = lse - ((REAL)1 - eps) * s_label;                                                \
+        if (eps != (REAL)0) loss -= eps / (REAL)vocab * sum_s;                                      \
+        if (z != (REAL)0) loss += z * lse * lse;                                                    \
+        return loss;                                                                                \
+    }                                                                                               \
+    /* d loss / d s_j from p_j = softmax_j; p_factor = 1 + 2 z lse. */                              \
+    SW_HOSTDEV REAL sw_xent_dlogit_##SUF(REAL p, int is_label, REAL p_factor, REAL eps,            \
+                                         int64_t vocab) {                                           \
+        REAL g = p * p_factor - eps / (REAL)vocab;                                                  \
+        return is_label ? g - ((REAL)1 - eps) : g;                                                  \
+    }
+
+SW_XENT_DEFINE_MATH(f, float, tanhf)
+SW_XENT_DEFINE_MATH(d, double, tanh)
+
+/* CPU: every row of the job (OpenMP over rows). Labels must already be validated. */
+sw_code sw_xent_cpu(const sw_xent_job *job, sw_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SEQWRAP_XENT_H */
