@@ -82,3 +82,67 @@ def test_fuzz_kahan(data, n, mode):
                 assert torch.equal(ba, a) and torch.equal(bc, c)
     finally:
         seqwrap._C._set_bridge_mode("auto")
+
+
+@st.composite
+def xent_case(draw):
+    rows = draw(st.integers(0, 6))
+    vocab = draw(st.integers(0, 70))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64]))
+    logits = data_layout(draw, (rows, vocab), dtype)
+    labels = torch.tensor(draw(st.lists(st.integers(-101, vocab + 1), min_size=rows, max_size=rows)), dtype=torch.int64)
+    if draw(st.booleans()):
+        labels = labels.to(draw(st.sampled_from([torch.int32, torch.float32])))
+    real = torch.float64 if dtype == torch.float64 else torch.float32
+    out_rows = draw(st.sampled_from([rows, rows, rows + 1]))
+    loss = torch.empty(out_rows, dtype=draw(st.sampled_from([real, real, torch.float16])))
+    lse = torch.empty(rows, dtype=real)
+    opts = dict(ignore_index=-100, label_smoothing=draw(st.sampled_from([0.0, 0.1, 1.0, 1.5])),
+                z_loss=draw(st.sampled_from([0.0, 1e-3])), softcap=draw(st.sampled_from([0.0, 2.0, -1.0])))
+    return logits, labels, loss, lse, opts
+
+
+def data_layout(draw, shape, dtype):
+    layout = draw(st.sampled_from(["contiguous", "contiguous", "transposed", "strided"]))
+    if layout == "transposed":
+        t = torch.randn(shape[::-1]).t()
+    elif layout == "strided":
+        t = torch.randn(shape[0], shape[1] * 2)[:, ::2]
+    else:
+        t = torch.randn(shape)
+    return t.to(dtype)
+
+
+def xent_valid(logits, labels, loss, lse, opts):
+    rows, vocab = logits.shape
+    return (logits.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+            and rows > 0 and vocab > 0 and logits.is_contiguous() and labels.dtype == torch.int64
+            and loss.shape == (rows,) and loss.dtype == lse.dtype
+            and bool(((labels == -100) | ((labels >= 0) & (labels < vocab))).all())
+            and 0 <= opts["label_smoothing"] <= 1 and opts["softcap"] >= 0)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=xent_case(), mode=st.sampled_from(["auto", "capsule"]))
+def test_fuzz_cross_entropy_chunk(case, mode):
+    logits, labels, loss, lse, opts = case
+    seqwrap._C._set_bridge_mode(mode)
+    try:
+        before = logits.clone()
+        call = lambda: seqwrap._C.cross_entropy_chunk(logits, labels, loss, lse, None, compute_grad=True,  # noqa: E731
+                                                      error_flag=None, stream=0, **opts)
+        if not xent_valid(logits, labels, loss, lse, opts):
+            with pytest.raises((TypeError, ValueError)):
+                call()
+            assert torch.equal(logits, before), "a rejected call must not write the logits"
+            return
+        call()
+        x = before.double()
+        if opts["softcap"] > 0:
+            x = opts["softcap"] * torch.tanh(x / opts["softcap"])
+        ref_lse = torch.logsumexp(x, -1)
+        tol = 1e-12 if logits.dtype == torch.float64 else 1e-5 if logits.dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(lse.double(), ref_lse, rtol=tol, atol=tol)
+        assert torch.isfinite(logits.double()).all()
+    finally:
+        seqwrap._C._set_bridge_mode("auto")
