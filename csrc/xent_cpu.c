@@ -1,6 +1,62 @@
 /* xent_cpu.c - CPU kernel of the chunked softmax cross-entropy (see sw_xent.h).
  * The row routine lives in xent_row.inc, instantiated once per real type. */
+#include <string.h>
+
+#include "sw_fastexp.h"
 #include "sw_xent.h"
+
+/* Vector-width clones of the float32 fast path on x86-64 (the loader picks one at run time). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(SEQWRAP_SANITIZE)
+#define SW_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define SW_CLONES
+#endif
+
+/* float32 logits, no softcap: the common case, written so the compiler vectorizes
+ * every pass (omp simd reductions, sw_fast_expf). Same math as xent_row.inc. */
+SW_CLONES static void xent_row_f32_fast(float *restrict row, int64_t V, int64_t label, int ignored, float scale,
+                                        float eps, float z, int compute_grad, float *loss_out, float *lse_out) {
+    float m = -INFINITY, sum_s = 0.0f;
+#ifdef _OPENMP
+#pragma omp simd reduction(max : m) reduction(+ : sum_s)
+#endif
+    for (int64_t j = 0; j < V; ++j) {
+        m = row[j] > m ? row[j] : m;
+        sum_s += row[j];
+    }
+    const float s_label = ignored ? 0.0f : row[label];
+    float sum_e = 0.0f;
+    if (compute_grad && !ignored) {
+#ifdef _OPENMP
+#pragma omp simd reduction(+ : sum_e)
+#endif
+        for (int64_t j = 0; j < V; ++j) {
+            float e = sw_fast_expf(row[j] - m);
+            row[j] = e;
+            sum_e += e;
+        }
+    } else {
+#ifdef _OPENMP
+#pragma omp simd reduction(+ : sum_e)
+#endif
+        for (int64_t j = 0; j < V; ++j) sum_e += sw_fast_expf(row[j] - m);
+    }
+    const float lse = m + logf(sum_e);
+    *lse_out = lse;
+    *loss_out = ignored ? 0.0f : sw_xent_loss_f(lse, s_label, sum_s, eps, z, V);
+    if (!compute_grad) return;
+    if (ignored) {
+        memset(row, 0, (size_t)V * sizeof *row);
+        return;
+    }
+    /* row holds exp(s - max): gradient = scale * (p * (1 + 2 z lse) - eps / V), minus (1 - eps) at the label */
+    const float a = scale * (1.0f + 2.0f * z * lse) / sum_e, b = scale * (eps / (float)V);
+#ifdef _OPENMP
+#pragma omp simd
+#endif
+    for (int64_t j = 0; j < V; ++j) row[j] = row[j] * a - b;
+    row[label] -= scale * (1.0f - eps);
+}
 
 #define SW_CAT_(a, b) a##b
 #define SW_CAT(a, b) SW_CAT_(a, b)
@@ -48,7 +104,12 @@ sw_code sw_xent_cpu(const sw_xent_job *job, sw_error *err) {
         const int64_t label = job->labels[r];
         const int ignored = label == job->params.ignore_index;
         void *row = (char *)job->logits + (size_t)r * row_bytes;
-        if (is_double) {
+        if (job->dtype == SW_FLOAT32 && job->params.softcap <= 0.0) {
+            float scale = job->grad_scale ? ((const float *)job->grad_scale)[r] : 1.0f;
+            xent_row_f32_fast((float *)row, V, label, ignored, scale, (float)job->params.label_smoothing,
+                              (float)job->params.z_loss, job->compute_grad, &((float *)job->loss)[r],
+                              &((float *)job->lse)[r]);
+        } else if (is_double) {
             double scale = job->grad_scale ? ((const double *)job->grad_scale)[r] : 1.0;
             xent_row_d(row, job->dtype, V, label, ignored, scale, &job->params, job->compute_grad,
                        &((double *)job->loss)[r], &((double *)job->lse)[r]);

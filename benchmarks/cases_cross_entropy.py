@@ -1,0 +1,55 @@
+"""Benchmark cases for the LM-head + loss, each run in a fresh process by bench_cross_entropy.py.
+
+Methods (forward + backward of the mean loss, hidden and weight requiring grad):
+  torch_full     F.cross_entropy(F.linear(hidden, weight), labels)     full (N, V) logits
+  torch_fused    torch.nn.functional.linear_cross_entropy (torch >= 2.10)
+  seqwrap        seqwrap.linear_cross_entropy, gradients formed in the forward (reduction "mean")
+  seqwrap_recompute  same, reduction "none" + sum: gradients by recomputation in the backward
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.child import rss_mb
+
+
+def _loss(method, h, w, y):
+    if method == "torch_full":
+        return F.cross_entropy(F.linear(h, w), y)
+    if method == "torch_fused":
+        return F.linear_cross_entropy(h, w, y)
+    import seqwrap
+
+    if method == "seqwrap":
+        return seqwrap.linear_cross_entropy(h, w, y)
+    if method == "seqwrap_recompute":
+        return seqwrap.linear_cross_entropy(h, w, y, reduction="none").sum() / y.numel()
+    raise ValueError(method)
+
+
+def fwd_bwd(method: str, n: int, hidden: int, vocab: int, repeats: int = 2, device: str = "cpu"):
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    if method == "torch_fused" and not hasattr(F, "linear_cross_entropy"):
+        return {"skipped": "this torch has no F.linear_cross_entropy"}
+    h = torch.randn(n, hidden, device=dev, requires_grad=True)
+    w = (torch.randn(vocab, hidden, device=dev) / hidden**0.5).requires_grad_()
+    y = torch.randint(0, vocab, (n,), device=dev)
+    base = torch.cuda.memory_allocated(dev) / 2**20 if dev.type == "cuda" else rss_mb()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up
+        h.grad = w.grad = None
+        t0 = time.perf_counter()
+        loss = _loss(method, h, w, y)
+        loss.backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+        del loss
+    out = {"loss": float(_loss(method, h.detach(), w.detach(), y)), "time_s": min(times[1:]), "base_mb": base}
+    if dev.type == "cuda":
+        out["device_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return out
