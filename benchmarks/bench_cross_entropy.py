@@ -11,7 +11,7 @@ import torch
 
 from benchmarks.child import run_case
 
-METHODS = ["torch_full", "torch_fused", "seqwrap"]
+METHODS = ["torch_full", "torch_fused", "torch_fused_chunked", "seqwrap"]
 QUICK = os.environ.get("SEQWRAP_BENCH_QUICK") == "1"
 SHAPES = [(1024, 256, 4096)] if QUICK else [(4096, 1024, 32768), (16384, 1024, 32768), (4096, 1024, 131072), (16384, 1024, 131072)]
 MEM_LIMIT_GB = 20  # address-space cap per child: an oversize case fails cleanly instead of waking the OOM killer

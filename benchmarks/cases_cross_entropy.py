@@ -2,7 +2,8 @@
 
 Methods (forward + backward of the mean loss, hidden and weight requiring grad):
   torch_full     F.cross_entropy(F.linear(hidden, weight), labels)     full (N, V) logits
-  torch_fused    torch.nn.functional.linear_cross_entropy (torch >= 2.10)
+  torch_fused    torch.nn.functional.linear_cross_entropy (torch >= 2.10), default call (reference path)
+  torch_fused_chunked  the same with options=torch.nn.LinearCrossEntropyOptions() (its chunked path)
   seqwrap        seqwrap.linear_cross_entropy, gradients formed in the forward (reduction "mean")
   seqwrap_recompute  same, reduction "none" + sum: gradients by recomputation in the backward
 """
@@ -19,6 +20,8 @@ def _loss(method, h, w, y):
         return F.cross_entropy(F.linear(h, w), y)
     if method == "torch_fused":
         return F.linear_cross_entropy(h, w, y)
+    if method == "torch_fused_chunked":
+        return F.linear_cross_entropy(h, w, y, options=torch.nn.LinearCrossEntropyOptions())
     import seqwrap
 
     if method == "seqwrap":
@@ -31,7 +34,7 @@ def _loss(method, h, w, y):
 def fwd_bwd(method: str, n: int, hidden: int, vocab: int, repeats: int = 2, device: str = "cpu"):
     torch.manual_seed(0)
     dev = torch.device(device)
-    if method == "torch_fused" and not hasattr(F, "linear_cross_entropy"):
+    if method.startswith("torch_fused") and not hasattr(F, "linear_cross_entropy"):
         return {"skipped": "this torch has no F.linear_cross_entropy"}
     h = torch.randn(n, hidden, device=dev, requires_grad=True)
     w = (torch.randn(vocab, hidden, device=dev) / hidden**0.5).requires_grad_()

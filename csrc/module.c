@@ -114,6 +114,8 @@ static PyMethodDef methods[] = {
     {"cross_entropy_chunk", (PyCFunction)(void (*)(void))sw_py_cross_entropy_chunk, METH_VARARGS | METH_KEYWORDS,
      "cross_entropy_chunk(logits, labels, loss, lse, grad_scale, ignore_index, label_smoothing, z_loss, softcap, "
      "compute_grad, error_flag, stream, row_offset=0): per-row loss and lse; logits overwritten by the gradient."},
+    {"lse_merge", (PyCFunction)(void (*)(void))sw_py_lse_merge, METH_VARARGS | METH_KEYWORDS,
+     "lse_merge(acc_out, acc_lse, blk_out, blk_lse, stream): online-softmax merge of a partial attention result."},
     {"_round_to_half", sw_py_round_to_half, METH_VARARGS,
      "_round_to_half(src float32, dst bfloat16/float16): the core's float->half rounding (tests)."},
     {"build_info", py_build_info, METH_NOARGS, "Facts about how this extension was built."},

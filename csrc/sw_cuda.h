@@ -10,6 +10,7 @@
 
 #include "sw_kahan.h"
 #include "sw_status.h"
+#include "sw_lse_merge.h"
 #include "sw_xent.h"
 
 #ifdef __cplusplus
@@ -36,6 +37,8 @@ sw_code sw_kahan_accumulate_cuda(const sw_kahan_job *jobs, int njobs, float scal
 
 /* error_flag: device int, set to 1 when a label is outside [0, V) (that row is then ignored). */
 sw_code sw_xent_cuda(const sw_xent_job *job, int *error_flag, int device, void *stream, sw_error *err);
+
+sw_code sw_lse_merge_cuda(const sw_lse_merge_job *job, int device, void *stream, sw_error *err);
 
 #ifdef __cplusplus
 }
