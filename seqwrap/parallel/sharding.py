@@ -1,0 +1,64 @@
+"""Splitting a batch along the sequence for sequence-parallel ranks, and gradient reduction."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def shard_batch(batch: dict, group=None, *, ignore_index: int = -100) -> dict:
+    """This rank's contiguous part of a (B, S) batch, ready for `model(**shard)`.
+
+    batch: input_ids (B, S); optional labels (B, S) (HF semantics: aligned with
+    input_ids, shifted inside; default labels = input_ids); optional attention_mask,
+    which must be all ones (pack sequences instead of padding). S must be a
+    multiple of the group size.
+
+    Returns input_ids, position_ids (global positions, for RoPE), labels and
+    shift_labels: the labels already shifted over the whole sequence, so the
+    last token of one shard predicts the first of the next; and
+    num_items_in_batch: the number of non-ignored labels of the whole batch, so
+    each rank's loss is its share of the global mean and the ranks' losses
+    (and gradients) add up to the single-process ones.
+    """
+    group = group or dist.group.WORLD
+    p, r = dist.get_world_size(group), dist.get_rank(group)
+    ids = batch["input_ids"]
+    if ids.dim() != 2:
+        raise ValueError(f"shard_batch: input_ids must be (batch, seq), got shape {tuple(ids.shape)}")
+    b, s = ids.shape
+    if s % p:
+        raise ValueError(f"shard_batch: sequence length {s} is not a multiple of the {p} ranks; pad or trim it")
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool((mask == 1).all()):
+        raise ValueError("shard_batch: padded batches are not supported under Ulysses; pack sequences instead")
+    labels = batch.get("labels")
+    labels = ids if labels is None else labels
+    if labels.shape != ids.shape:
+        raise ValueError(f"shard_batch: labels {tuple(labels.shape)} must match input_ids {tuple(ids.shape)}")
+    shifted = torch.cat([labels[:, 1:], torch.full((b, 1), ignore_index, dtype=labels.dtype, device=labels.device)], 1)
+    n = s // p
+    part = slice(r * n, (r + 1) * n)
+    shift = shifted[:, part].contiguous()
+    return {
+        "input_ids": ids[:, part].contiguous(),
+        "position_ids": torch.arange(r * n, (r + 1) * n, device=ids.device).expand(b, n),
+        "labels": shift,
+        "shift_labels": shift,
+        "num_items_in_batch": (shifted != ignore_index).sum(),
+    }
+
+
+def allreduce_gradients(model: torch.nn.Module, group=None) -> None:
+    """Sums every parameter gradient over the group, in one flat all_reduce per dtype."""
+    group = group or dist.group.WORLD
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for same in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for g in same:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
