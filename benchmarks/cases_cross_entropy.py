@@ -43,7 +43,7 @@ def fwd_bwd(method: str, n: int, hidden: int, vocab: int, repeats: int = 2, devi
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
-    for _ in range(repeats + 1):  # the first run warms up
+    for _ in range(repeats + 1):  # the first run warms up (repeats=0: time the single first run)
         h.grad = w.grad = None
         t0 = time.perf_counter()
         loss = _loss(method, h, w, y)
@@ -52,7 +52,7 @@ def fwd_bwd(method: str, n: int, hidden: int, vocab: int, repeats: int = 2, devi
             torch.cuda.synchronize(dev)
         times.append(time.perf_counter() - t0)
         del loss
-    out = {"loss": float(_loss(method, h.detach(), w.detach(), y)), "time_s": min(times[1:]), "base_mb": base}
+    out = {"loss": float(_loss(method, h.detach(), w.detach(), y)), "time_s": min(times[1:] or times), "base_mb": base}
     if dev.type == "cuda":
         out["device_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return out
