@@ -9,6 +9,8 @@ from seqwrap.ops import chunked_attention
 
 from .conftest import requires_cuda
 
+pytestmark = pytest.mark.ccore  # drives the C kernels: rerun under ASan/UBSan
+
 
 def reference(q, k, v, causal, window, scale=None):
     groups = q.shape[1] // k.shape[1]
@@ -80,7 +82,6 @@ def test_bad_inputs():
         chunked_attention(q, None, q, chunk_size=4)
 
 
-@pytest.mark.ccore
 class TestLseMerge:
     def test_merge_equals_joint_softmax(self, bridge):
         """Merging two halves' (out, lse) equals attention over all keys; -inf blocks are no-ops."""

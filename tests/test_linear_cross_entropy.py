@@ -8,6 +8,8 @@ from seqwrap.ops.cross_entropy import default_chunk_rows
 from .ce_reference import reference_linear_cross_entropy
 from .conftest import requires_cuda
 
+pytestmark = pytest.mark.ccore  # drives the C kernels: rerun under ASan/UBSan
+
 OPTIONS = [
     {},
     {"label_smoothing": 0.1},
