@@ -30,3 +30,8 @@ sw_code sw_kahan_accumulate_cuda(const sw_kahan_job *jobs, int njobs, float scal
     (void)jobs; (void)njobs; (void)scale; (void)device; (void)stream;
     return no_cuda(err);
 }
+
+sw_code sw_sample_chunks_cuda(const sw_sampler_params *params, int device, void *stream, sw_error *err) {
+    (void)params; (void)device; (void)stream;
+    return no_cuda(err);
+}

@@ -111,6 +111,8 @@ static PyObject *py_bridge_import(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"kahan_accumulate", (PyCFunction)(void (*)(void))sw_py_kahan_accumulate, METH_VARARGS | METH_KEYWORDS,
      "kahan_accumulate(accs, comps, grads, scale, stream): acc += scale*g with Kahan compensation, in place."},
+    {"sample_chunks", (PyCFunction)(void (*)(void))sw_py_sample_chunks, METH_VARARGS | METH_KEYWORDS,
+     "sample_chunks(weights, probs, seed, step, mode, budget, cap, stream): SpaCO chunk factors, in place."},
     {"build_info", py_build_info, METH_NOARGS, "Facts about how this extension was built."},
     {"cuda_info", py_cuda_info, METH_NOARGS, "What the linked CUDA runtime sees (devices, driver)."},
     {"_set_bridge_mode", py_set_bridge_mode, METH_O, "'auto' (DLPack C exchange API when present) or 'capsule'."},

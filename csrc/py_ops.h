@@ -6,5 +6,6 @@
 #include <Python.h>
 
 PyObject *sw_py_kahan_accumulate(PyObject *self, PyObject *args, PyObject *kwargs);
+PyObject *sw_py_sample_chunks(PyObject *self, PyObject *args, PyObject *kwargs);
 
 #endif /* SEQWRAP_PY_OPS_H */

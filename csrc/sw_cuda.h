@@ -9,6 +9,7 @@
 #define SEQWRAP_CUDA_H
 
 #include "sw_kahan.h"
+#include "sw_sampler.h"
 #include "sw_status.h"
 
 #ifdef __cplusplus
@@ -32,6 +33,9 @@ int sw_cuda_device_capability(int dev);
 
 sw_code sw_kahan_accumulate_cuda(const sw_kahan_job *jobs, int njobs, float scale,
                                  int device, void *stream, sw_error *err);
+
+/* Writes params->weights (device memory; probs too) on `stream`. */
+sw_code sw_sample_chunks_cuda(const sw_sampler_params *params, int device, void *stream, sw_error *err);
 
 #ifdef __cplusplus
 }

@@ -6,7 +6,8 @@ were built and whether a device here can run them.
 """
 from ._version import __version__
 from .cuda import CudaStatus, cuda_status
-from .engines import SeCO, StepResult
-from .ops import KahanAccumulator, kahan_accumulate_
+from .engines import SeCO, SpaCO, StepResult
+from .ops import KahanAccumulator, kahan_accumulate_, sample_chunks
 
-__all__ = ["__version__", "CudaStatus", "cuda_status", "KahanAccumulator", "kahan_accumulate_", "SeCO", "StepResult"]
+__all__ = ["__version__", "CudaStatus", "cuda_status", "KahanAccumulator", "kahan_accumulate_", "SeCO", "SpaCO", "StepResult",
+           "sample_chunks"]
