@@ -21,7 +21,11 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str = "llama", dtype=torch.float64, layers: int = 2, seed: int = 0, **extra):
+def tiny_model(family: str = "llama", dtype=torch.float64, layers: int = 2, seed: int = 0, pure64: bool = False,
+               **extra):
+    """pure64: Llama-style RMSNorms compute in float32 inside (forward and backward), which makes the
+    backward slightly non-linear in its upstream gradient (float32 rounding); tests that rescale
+    gradients (SpaCO's expectations) swap in the same norm computed in the model's dtype."""
     import transformers
 
     cfg_name, model_name, kw = FAMILIES[family]
@@ -41,6 +45,10 @@ def tiny_model(family: str = "llama", dtype=torch.float64, layers: int = 2, seed
         for mod in model.modules():
             if type(mod).__name__ == "Gemma2RMSNorm":
                 mod.forward = types.MethodType(_gemma_rmsnorm_f64, mod)
+    if pure64:
+        for mod in model.modules():
+            if type(mod).__name__.endswith("RMSNorm") and hasattr(mod, "variance_epsilon"):
+                mod.forward = types.MethodType(_llama_rmsnorm_f64, mod)
     with torch.no_grad():  # some families initialise norms/biases to constants: make every weight random
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -107,3 +115,8 @@ def _register_eager_f64():
 def _gemma_rmsnorm_f64(self, x):
     """Gemma2RMSNorm in the input dtype: x / rms(x) * (1 + weight). x (..., hidden)."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+
+def _llama_rmsnorm_f64(self, x):
+    """LlamaRMSNorm in the input dtype: weight * x / rms(x). x (..., hidden)."""
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
