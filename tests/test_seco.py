@@ -152,3 +152,13 @@ def test_unsupported_models_named():
         seqwrap.SeCO(bert, chunk_size=4)
     with pytest.raises(UnsupportedModelError, match="Linear"):
         seqwrap.SeCO(torch.nn.Linear(2, 2))
+
+
+def test_import_seqwrap_without_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None; import seqwrap; seqwrap.sample_chunks(2, probs=[1, 1])\n"
+            "try:\n    seqwrap.SeCO\nexcept ImportError:\n    print('lazy')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "lazy"
