@@ -32,9 +32,9 @@ def flat_grad(model):
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
-def run_with(model, ids, weights):
+def run_with(model, ids, weights, exact_loss=True):
     """One SpaCO step with a forced selection/weights; returns the flat gradient."""
-    engine = seqwrap.SpaCO(model, chunk_size=CHUNK, rate=1.0, seed=0)
+    engine = seqwrap.SpaCO(model, chunk_size=CHUNK, rate=1.0, seed=0, exact_loss=exact_loss)
     engine.chunk_weights = lambda counts: list(weights)
     model.zero_grad(set_to_none=True)
     out = engine(ids)
@@ -70,6 +70,16 @@ def test_bernoulli_exact_expectation_by_enumeration():
         if g is not None:
             mean += prob * g
     assert ((mean - exact).norm() / exact.norm()).item() <= 1e-10
+    # exact_loss=False: the reported loss is the unbiased estimate, the gradient is unchanged
+    mean_loss = 0.0
+    for keep in itertools.product([0, 1], repeat=4):
+        prob = math.prod(qi if k else 1 - qi for qi, k in zip(q, keep))
+        w = [1 / qi if k else 0.0 for qi, k in zip(q, keep)]
+        out, g = run_with(model, ids, w, exact_loss=False)
+        _, g_exact_loss = run_with(model, ids, w)
+        assert (g is None and g_exact_loss is None) or torch.equal(g, g_exact_loss)
+        mean_loss += prob * out.loss.item()
+    assert abs(mean_loss - loss.item()) <= 1e-12 * loss.item()
 
 
 def test_bernoulli_unbiased_over_seeds_z_test():

@@ -56,6 +56,7 @@ class SeCO:
     """
 
     name = "SeCO"
+    exact_loss = True  # SpaCO(exact_loss=False) reports the unbiased estimate instead
 
     def __init__(self, model: nn.Module, chunk_size: int = 2048, *, ignore_index: int = -100, **options):
         if options:
@@ -115,15 +116,17 @@ class SeCO:
         ckpt = _CheckpointWithCache(adapter, self.name)
         with ckpt:
             # pass 1: no grad, in order; keeps K/V; losses of the chunks pass 2 will not recompute
+            # (the K/V of chunks after the last recomputed one serve only the loss report)
+            stop = len(bounds) if self.exact_loss else max(selected, default=-1)
             with torch.no_grad():
                 for i, (s, e) in enumerate(bounds):
-                    if i == last and i in selected:
+                    if i >= stop or (i == last and i in selected):
                         break  # its K/V serve nobody; pass 2 starts with it
                     rng[i] = _rng_state(cuda_dev)
                     cache.begin(i, "record", store=i < last)
                     h = adapter.hidden(ids[:, s:e], None if mask is None else mask[:, :e], cache)
                     self._check_updates(cache, i)
-                    if i not in selected:
+                    if i not in selected and self.exact_loss:
                         total += chunk_loss_sum(adapter.causal_lm, adapter.lm_head, h, shift[:, s:e],
                                                 self.ignore_index).double()
                     del h
@@ -149,7 +152,7 @@ class SeCO:
                     grads.append((g * w).to(t.dtype) if w != 1.0 else g.to(t.dtype))
                 if roots:
                     torch.autograd.backward(roots, grads)
-                total += loss_i.detach().double()
+                total += loss_i.detach().double() * (1.0 if self.exact_loss else w)
                 del loss_i, roots, grads
                 cache.free(i)
         if self._ddp is not None:
@@ -204,7 +207,7 @@ class SeCO:
             raise UnsupportedModelError(
                 f"seqwrap.{self.name} does not support model_type '{self.adapter.model_type}': only {n} of its "
                 f"{self.adapter.num_layers} layers passed their keys/values through the HF Cache API "
-                "(past_key_values.update) in chunk {chunk}"
+                f"(past_key_values.update) in chunk {chunk}"
             )
 
 

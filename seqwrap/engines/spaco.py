@@ -22,8 +22,10 @@ relayed onto its K/V) is multiplied by its compensation factor:
 
 The draw is made in the C core from (seed, step, chunk index); `seed=None`
 takes one from torch's generator (reproducible under torch.manual_seed).
-The reported loss is the exact loss (pass 1 computes the losses of the
-chunks that are not recomputed).
+The reported loss is the exact loss: pass 1 computes the losses of the chunks
+that are not recomputed (one LM-head forward per chunk). With exact_loss=False
+it reports the unbiased estimate sum_i w_i loss_i / N instead, and pass 1 stops
+at the last recomputed chunk (less work, above all with a large vocabulary).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ class SpaCO(SeCO):
 
     def __init__(self, model: nn.Module, chunk_size: int = 2048, *, rate: float | Sequence[float] | Callable = 0.25,
                  budget: int | None = None, sampling: str = "bernoulli", seed: int | None = None,
-                 max_compensation: float | None = None, **options):
+                 max_compensation: float | None = None, exact_loss: bool = True, **options):
         super().__init__(model, chunk_size, **options)
         fn = "seqwrap.SpaCO"
         if sampling not in ("bernoulli", "fixed"):
@@ -66,6 +68,7 @@ class SpaCO(SeCO):
             raise ValueError(f"{fn}: seed must be an int in [0, 2**64), got {seed!r}")
         self.rate, self.budget, self.sampling = rate, budget, sampling
         self.seed, self.max_compensation = seed, max_compensation
+        self.exact_loss = bool(exact_loss)
 
     def probabilities(self, label_counts: list[int]) -> list[float]:
         """Bernoulli inclusion probability of each chunk."""
