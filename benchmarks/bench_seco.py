@@ -3,12 +3,14 @@ SeCO and SpaCO (rate 1/8). One fresh subprocess per case.
 
 Writes benchmarks/results/seco.md and seco.png. Run: `pytest benchmarks/bench_seco.py -s`.
 Environment: SEQWRAP_BENCH_LENGTHS="1024,2048,4096,8192", SEQWRAP_BENCH_CHUNK=256,
-SEQWRAP_BENCH_STEPS=3 (timed steps after one warm-up), SEQWRAP_BENCH_THREADS (torch threads).
+SEQWRAP_BENCH_STEPS=3 (timed rounds after one warm-up round), SEQWRAP_BENCH_THREADS (torch threads).
+Memory: one fresh subprocess per (method, length), one step. Time: one fresh subprocess per length
+in which the methods take turns, round after round; the best round of each method is reported.
 
 Model: a small Llama (hidden 256, 2 layers, 4 heads / 2 KV heads, vocab 32000), float32, AdamW
 (foreach=False). Memory is the peak resident set of the step minus the resident set after the model
 and the optimizer state exist (Linux VmHWM, reset through /proc/self/clear_refs before the step;
-MALLOC_MMAP_THRESHOLD_=131072 so that freed large blocks leave the resident set).
+MALLOC_MMAP_THRESHOLD_=131072 in the memory runs so that freed large blocks leave the resident set).
 """
 from __future__ import annotations
 
@@ -30,12 +32,10 @@ def _rss_mb(field: str) -> float:
     return float("nan")
 
 
-def run_case(method: str, seq_len: int, chunk: int, steps: int) -> dict:
-    """Runs in the fresh subprocess: builds the model, measures one method at one length."""
+def _setup(seq_len: int):
+    """(model, optimizer with its state, input ids): the small Llama of this benchmark."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    import seqwrap
 
     if os.environ.get("SEQWRAP_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["SEQWRAP_BENCH_THREADS"]))
@@ -49,49 +49,84 @@ def run_case(method: str, seq_len: int, chunk: int, steps: int) -> dict:
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if method == "hf_ckpt":
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model, opt, torch.randint(0, config.vocab_size, (1, seq_len))
+
+
+def _stepper(method: str, model, opt, ids, chunk: int):
+    """A function running one optimizer step of `method`."""
+    import seqwrap
+
     engine = None
     if method == "seco":
         engine = seqwrap.SeCO(model, chunk_size=chunk)
     elif method == "spaco":
         engine = seqwrap.SpaCO(model, chunk_size=chunk, rate=1 / 8, seed=0)
-    ids = torch.randint(0, config.vocab_size, (1, seq_len))
 
     def step():
+        if method == "hf_ckpt":
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if engine is None:
             model(ids, labels=ids).loss.backward()
         else:
             engine(ids)
+        if method == "hf_ckpt":
+            model.activation_checkpointing_disable()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return step
+
+
+def run_timing(seq_len: int, chunk: int, rounds: int) -> dict:
+    """Fresh subprocess: every method in turn, `rounds` times after a warm-up round; best time of each.
+    Alternating the methods in one process keeps a shared machine's load from favouring one of them."""
+    model, opt, ids = _setup(seq_len)
+    steps = {m: _stepper(m, model, opt, ids, chunk) for m in METHODS}
+    best = {m: float("inf") for m in METHODS}
+    for r in range(rounds + 1):
+        for m in METHODS:
+            t0 = time.perf_counter()
+            steps[m]()
+            if r:
+                best[m] = min(best[m], time.perf_counter() - t0)
+    return {"seq_len": seq_len, "times": best}
+
+
+def run_case(method: str, seq_len: int, chunk: int, steps: int) -> dict:
+    """Runs in the fresh subprocess: builds the model, measures one method at one length."""
+    model, opt, ids = _setup(seq_len)
+    step = _stepper(method, model, opt, ids, chunk)
 
     import gc
 
     gc.collect()
     base = _rss_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    step()  # warm-up
     times = []
-    for _ in range(steps):
+    for _ in range(steps + 1):  # the first step includes warm-up work
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
     return {"method": method, "seq_len": seq_len, "peak_mb": _rss_mb("VmHWM") - base, "base_mb": base,
-            "step_s": min(times), "chunks": -(-seq_len // chunk)}
+            "step_s": min(times[1:] or times), "chunks": -(-seq_len // chunk)}
+
+
+def _subprocess(*args, memory: bool = False) -> dict | str:
+    """Runs this file with args in a fresh interpreter; its last JSON line, or the error text."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    if memory:  # glibc: large blocks always mmapped and returned on free, so the resident set follows
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # live memory (slower: not for timing runs)
+    proc = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True, cwd=root,
+                          env=env)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return (proc.stderr.strip().splitlines() or ["?"])[-1]
+    return json.loads(lines[-1])
 
 
 def measure(method: str, seq_len: int, chunk: int, steps: int) -> dict:
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    # glibc: large blocks always mmapped and returned on free, so the resident set follows live memory
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    cmd = [sys.executable, __file__, method, str(seq_len), str(chunk), str(steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"method": method, "seq_len": seq_len, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(lines[-1])
+    r = _subprocess(method, seq_len, chunk, steps, memory=True)
+    return r if isinstance(r, dict) else {"method": method, "seq_len": seq_len, "error": r}
 
 
 def report(results: list[dict], chunk: int, out_dir: Path) -> str:
@@ -109,8 +144,9 @@ def report(results: list[dict], chunk: int, out_dir: Path) -> str:
     lines = ["# SeCO / SpaCO vs Hugging Face backprop (CPU)", "",
              f"torch {torch.__version__}, {os.cpu_count()} CPU cores (shared machine); small Llama (hidden 256, "
              f"2 layers, vocab 32000), float32, AdamW, batch 1, chunk {chunk}. Cell: peak memory above the model "
-             "and optimizer footprint / time per optimizer step (best of the timed steps, after a warm-up). "
-             "AdamW(foreach=False); MALLOC_MMAP_THRESHOLD_=131072.", "",
+             "and optimizer footprint (fresh process per case) / time per optimizer step (best of the timed rounds; "
+             "the methods alternate in one process per length). "
+             "AdamW(foreach=False); memory runs with MALLOC_MMAP_THRESHOLD_=131072.", "",
              "| tokens | chunks | " + " | ".join(LABELS[m] for m in METHODS) + " |",
              "|---:|---:|" + "---:|" * len(METHODS)]
     for n in lengths:
@@ -172,14 +208,21 @@ def test_seco_memory_and_time(results_dir):
     steps = int(os.environ.get("SEQWRAP_BENCH_STEPS", "3"))
     results = []
     for n in lengths:
-        for m in METHODS:
-            r = measure(m, n, chunk, steps)
+        for m in METHODS:  # memory: one fresh process per case
+            r = measure(m, n, chunk, 0)
             print(r, flush=True)
             results.append(r)
+        t = _subprocess("timing", n, chunk, steps)  # time: the methods alternate in one fresh process
+        print(t, flush=True)
+        for r in results:
+            if r["seq_len"] == n and "error" not in r:
+                r["step_s"] = t["times"][r["method"]] if isinstance(t, dict) else float("nan")
     print(report(results, chunk, results_dir))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5:
+    if len(sys.argv) == 5 and sys.argv[1] == "timing":
+        print(json.dumps(run_timing(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))), flush=True)
+    elif len(sys.argv) == 5:
         method, n, c, s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
         print(json.dumps(run_case(method, n, c, s)), flush=True)
