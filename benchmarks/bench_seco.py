@@ -3,7 +3,7 @@ SeCO and SpaCO (rate 1/8). One fresh subprocess per case.
 
 Writes benchmarks/results/seco.md and seco.png. Run: `pytest benchmarks/bench_seco.py -s`.
 Environment: SEQWRAP_BENCH_LENGTHS="1024,2048,4096,8192", SEQWRAP_BENCH_CHUNK=256,
-SEQWRAP_BENCH_STEPS=3 (timed rounds after one warm-up round), SEQWRAP_BENCH_THREADS (torch threads).
+SEQWRAP_BENCH_STEPS=3 (timed rounds after one warm-up round), SEQWRAP_BENCH_THREADS=1 (torch threads).
 Memory: one fresh subprocess per (method, length), one step. Time: one fresh subprocess per length
 in which the methods take turns, round after round; the best round of each method is reported.
 
@@ -37,8 +37,9 @@ def _setup(seq_len: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if os.environ.get("SEQWRAP_BENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["SEQWRAP_BENCH_THREADS"]))
+    # One thread by default: on a shared machine every multi-threaded op waits for its slowest
+    # thread, which penalises whichever method issues more (smaller) ops, not the one doing more work.
+    torch.set_num_threads(int(os.environ.get("SEQWRAP_BENCH_THREADS", "1")))
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(seq_len, 2048))
@@ -142,7 +143,8 @@ def report(results: list[dict], chunk: int, out_dir: Path) -> str:
     import torch
 
     lines = ["# SeCO / SpaCO vs Hugging Face backprop (CPU)", "",
-             f"torch {torch.__version__}, {os.cpu_count()} CPU cores (shared machine); small Llama (hidden 256, "
+             f"torch {torch.__version__}, {os.cpu_count()} CPU cores (shared machine), "
+             f"{os.environ.get('SEQWRAP_BENCH_THREADS', '1')} torch thread(s); small Llama (hidden 256, "
              f"2 layers, vocab 32000), float32, AdamW, batch 1, chunk {chunk}. Cell: peak memory above the model "
              "and optimizer footprint (fresh process per case) / time per optimizer step (best of the timed rounds; "
              "the methods alternate in one process per length). "
