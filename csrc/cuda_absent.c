@@ -40,3 +40,8 @@ sw_code sw_lse_merge_cuda(const sw_lse_merge_job *job, int device, void *stream,
     (void)job; (void)device; (void)stream;
     return no_cuda(err);
 }
+
+sw_code sw_sample_chunks_cuda(const sw_sampler_params *params, int device, void *stream, sw_error *err) {
+    (void)params; (void)device; (void)stream;
+    return no_cuda(err);
+}

@@ -118,6 +118,8 @@ static PyMethodDef methods[] = {
      "lse_merge(acc_out, acc_lse, blk_out, blk_lse, stream): online-softmax merge of a partial attention result."},
     {"_round_to_half", sw_py_round_to_half, METH_VARARGS,
      "_round_to_half(src float32, dst bfloat16/float16): the core's float->half rounding (tests)."},
+    {"sample_chunks", (PyCFunction)(void (*)(void))sw_py_sample_chunks, METH_VARARGS | METH_KEYWORDS,
+     "sample_chunks(weights, probs, seed, step, mode, budget, cap, stream): SpaCO chunk factors, in place."},
     {"build_info", py_build_info, METH_NOARGS, "Facts about how this extension was built."},
     {"cuda_info", py_cuda_info, METH_NOARGS, "What the linked CUDA runtime sees (devices, driver)."},
     {"_set_bridge_mode", py_set_bridge_mode, METH_O, "'auto' (DLPack C exchange API when present) or 'capsule'."},

@@ -9,5 +9,6 @@ PyObject *sw_py_kahan_accumulate(PyObject *self, PyObject *args, PyObject *kwarg
 PyObject *sw_py_cross_entropy_chunk(PyObject *self, PyObject *args, PyObject *kwargs);
 PyObject *sw_py_round_to_half(PyObject *self, PyObject *args);
 PyObject *sw_py_lse_merge(PyObject *self, PyObject *args, PyObject *kwargs);
+PyObject *sw_py_sample_chunks(PyObject *self, PyObject *args, PyObject *kwargs);
 
 #endif /* SEQWRAP_PY_OPS_H */

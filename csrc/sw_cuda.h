@@ -9,6 +9,7 @@
 #define SEQWRAP_CUDA_H
 
 #include "sw_kahan.h"
+#include "sw_sampler.h"
 #include "sw_status.h"
 #include "sw_lse_merge.h"
 #include "sw_xent.h"
@@ -39,6 +40,9 @@ sw_code sw_kahan_accumulate_cuda(const sw_kahan_job *jobs, int njobs, float scal
 sw_code sw_xent_cuda(const sw_xent_job *job, int *error_flag, int device, void *stream, sw_error *err);
 
 sw_code sw_lse_merge_cuda(const sw_lse_merge_job *job, int device, void *stream, sw_error *err);
+
+/* Writes params->weights (device memory; probs too) on `stream`. */
+sw_code sw_sample_chunks_cuda(const sw_sampler_params *params, int device, void *stream, sw_error *err);
 
 #ifdef __cplusplus
 }

@@ -2,12 +2,23 @@
 
 Importing seqwrap never needs a GPU: the CUDA kernels, when built in, are
 only launched for CUDA tensors. `seqwrap.cuda_status()` says whether they
-were built and whether a device here can run them.
+were built and whether a device here can run them. Nor does it need
+transformers: the engines (SeCO, SpaCO), which build on its Cache API, are
+imported on first use.
 """
 from ._version import __version__
 from .cuda import CudaStatus, cuda_status
-from .ops import KahanAccumulator, kahan_accumulate_, linear_cross_entropy
+from .ops import KahanAccumulator, kahan_accumulate_, linear_cross_entropy, sample_chunks
 
-__all__ = [
-    "__version__", "CudaStatus", "cuda_status", "KahanAccumulator", "kahan_accumulate_", "linear_cross_entropy",
-]
+_ENGINES = ("SeCO", "SpaCO", "StepResult")
+
+__all__ = ["__version__", "CudaStatus", "cuda_status", "KahanAccumulator", "kahan_accumulate_", "linear_cross_entropy",
+           "sample_chunks", *_ENGINES]
+
+
+def __getattr__(name):
+    if name in _ENGINES:  # needs transformers: imported lazily
+        from . import engines
+
+        return getattr(engines, name)
+    raise AttributeError(f"module 'seqwrap' has no attribute {name!r}")

@@ -1,0 +1,82 @@
+"""Hugging Face Trainer whose training step runs a SeCO / SpaCO engine.
+
+    from seqwrap.integrations import SeqwrapTrainer
+    trainer = SeqwrapTrainer(model=model, args=TrainingArguments(...), train_dataset=ds,
+                             seqwrap_engine="seco", seqwrap_chunk_size=4096)
+    trainer.train()
+
+Everything else is the stock Trainer: TrainingArguments keep their meaning
+(gradient accumulation through num_items_in_batch, logging, bf16 autocast,
+fp16 loss scaling, DDP with one gradient all-reduce per optimizer step).
+Or mix SeqwrapTrainerMixin into your own Trainer subclass, before Trainer.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from ..engines import SeCO, SpaCO
+
+_ENGINES = {"seco": SeCO, "spaco": SpaCO}
+_KNOWN_INPUTS = {"input_ids", "labels", "attention_mask"}
+_IGNORED_INPUTS = {"token_type_ids", "num_items_in_batch"}
+
+
+class SeqwrapTrainerMixin:
+    """training_step = one chunked forward + backward (the engine) instead of compute_loss + backward.
+
+    seqwrap_engine: "seco" (exact) or "spaco" (sparse, unbiased); seqwrap_chunk_size: tokens per chunk;
+    seqwrap_options: extra engine options (e.g. {"rate": 0.125, "seed": 0} for SpaCO).
+    """
+
+    def __init__(self, *args, seqwrap_engine: str = "seco", seqwrap_chunk_size: int = 2048,
+                 seqwrap_options: dict | None = None, **kwargs):
+        if seqwrap_engine not in _ENGINES:
+            raise ValueError(f"seqwrap: seqwrap_engine must be one of {sorted(_ENGINES)}, not {seqwrap_engine!r}")
+        self.seqwrap_engine = seqwrap_engine
+        self.seqwrap_chunk_size = seqwrap_chunk_size
+        self.seqwrap_options = dict(seqwrap_options or {})
+        self._seqwrap_engines: dict[int, SeCO] = {}
+        super().__init__(*args, **kwargs)
+
+    def _seqwrap_engine_for(self, model: torch.nn.Module) -> SeCO:
+        engine = self._seqwrap_engines.get(id(model))
+        if engine is None or engine.model is not model:
+            engine = _ENGINES[self.seqwrap_engine](model, self.seqwrap_chunk_size, **self.seqwrap_options)
+            self._seqwrap_engines[id(model)] = engine
+        return engine
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        unknown = sorted(k for k in inputs if k not in _KNOWN_INPUTS | _IGNORED_INPUTS)
+        if unknown:
+            raise ValueError(f"seqwrap: the chunked training step takes input_ids, labels and attention_mask; "
+                             f"the batch also has {unknown}")
+        # Same scaling as Trainer.compute_loss + training_step: a loss normalised by the global
+        # label count is multiplied by the number of processes (DDP averages); otherwise each
+        # micro-batch's mean loss is divided by the accumulation steps.
+        scale = 1.0
+        if num_items_in_batch is None:
+            scale /= self.current_gradient_accumulation_steps
+        elif self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            scale *= self.accelerator.num_processes
+        grad_scale = scale
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():  # fp16: gradients carry the loss scale, as in backward()
+            grad_scale *= float(scaler.get_scale())
+        engine = self._seqwrap_engine_for(model)
+        with self.compute_loss_context_manager():  # bf16/fp16 autocast
+            out = engine(inputs["input_ids"], labels=inputs.get("labels"),
+                         attention_mask=inputs.get("attention_mask"), num_items=num_items_in_batch,
+                         loss_scale=grad_scale)
+        return (out.loss * scale).detach().to(self.args.device)
+
+
+class SeqwrapTrainer(SeqwrapTrainerMixin, Trainer):
+    """transformers.Trainer with a SeCO / SpaCO training step (see SeqwrapTrainerMixin)."""

@@ -1,0 +1,51 @@
+"""The chunk K/V cache pieces: gradient routing of _CatWithPast and the relay accumulators."""
+import torch
+
+from seqwrap.engines.kv_cache import ChunkKVCache, RelaySink, _CatWithPast
+
+
+def test_cat_with_past_routes_gradients():
+    g = torch.Generator().manual_seed(0)
+    past = [torch.randn(2, 3, n, 4, generator=g, dtype=torch.float64) for n in (5, 2)]
+    fresh = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    sinks = [RelaySink(), None]
+    out = _CatWithPast.apply(fresh, sinks, *past)
+    assert torch.equal(out.detach(), torch.cat([*past, fresh.detach()], dim=-2))
+    up = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    out.backward(up)
+    assert torch.equal(fresh.grad, up[..., 7:, :])
+    assert torch.equal(sinks[0].acc, up[..., :5, :])
+    out2 = _CatWithPast.apply(fresh, sinks, *past)
+    out2.backward(up)
+    assert torch.equal(sinks[0].acc, 2 * up[..., :5, :])  # accumulates across chunks
+
+
+def test_relay_sink_half_precision_is_compensated():
+    # 4000 bf16 gradients of ~1e-3 on top of 1: float32 Kahan keeps the float64 sum; naive bf16 does not.
+    g = torch.Generator().manual_seed(1)
+    grads = [(torch.rand(64, generator=g) * 1e-3).to(torch.bfloat16) for _ in range(4000)]
+    sink = RelaySink()
+    sink.add_(torch.ones(64, dtype=torch.bfloat16))
+    naive32 = torch.ones(64)
+    for x in grads:
+        sink.add_(x)
+        naive32 += x.float()
+    exact = 1 + torch.stack([x.double() for x in grads]).sum(0)
+    assert sink.acc.dtype == torch.float32 and sink.comp is not None
+    kahan_err = (sink.acc.double() - exact).abs().max().item()
+    naive_err = (naive32.double() - exact).abs().max().item()
+    assert kahan_err <= 1e-6 and kahan_err < naive_err / 4
+
+
+def test_sliding_visibility_and_mask_sizes():
+    bounds = [(0, 4), (4, 8), (8, 12), (12, 14)]
+    cache = ChunkKVCache(bounds, [False, True], window=5)
+    cache.begin(3, "replay")
+    assert cache._visible(0) == [0, 1, 2]
+    assert cache._visible(1) == [2]  # a query at 12 sees keys >= 8
+    assert cache.get_seq_length() == 12
+    assert cache.get_mask_sizes(2, 0) == (14, 0)
+    assert cache.get_mask_sizes(2, 1) == (6, 8)
+    cache.begin(2, "replay")
+    assert cache._visible(1) == [1]  # a query at 8 sees keys >= 4
+    assert cache.is_sliding == [False, True]
