@@ -30,3 +30,13 @@ sw_code sw_kahan_accumulate_cuda(const sw_kahan_job *jobs, int njobs, float scal
     (void)jobs; (void)njobs; (void)scale; (void)device; (void)stream;
     return no_cuda(err);
 }
+
+sw_code sw_scan_fwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err) {
+    (void)p; (void)device; (void)stream;
+    return no_cuda(err);
+}
+
+sw_code sw_scan_bwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err) {
+    (void)p; (void)device; (void)stream;
+    return no_cuda(err);
+}

@@ -111,6 +111,10 @@ static PyObject *py_bridge_import(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"kahan_accumulate", (PyCFunction)(void (*)(void))sw_py_kahan_accumulate, METH_VARARGS | METH_KEYWORDS,
      "kahan_accumulate(accs, comps, grads, scale, stream): acc += scale*g with Kahan compensation, in place."},
+    {"selective_scan_fwd", (PyCFunction)(void (*)(void))sw_py_selective_scan_fwd, METH_VARARGS | METH_KEYWORDS,
+     "selective_scan_fwd(u, dt, A, B, C, D, z, h0, y, hlast, ckpt, block, work, stream): Mamba scan forward."},
+    {"selective_scan_bwd", (PyCFunction)(void (*)(void))sw_py_selective_scan_bwd, METH_VARARGS | METH_KEYWORDS,
+     "selective_scan_bwd(...): adjoint backward of the scan (see csrc/py_scan.c)."},
     {"build_info", py_build_info, METH_NOARGS, "Facts about how this extension was built."},
     {"cuda_info", py_cuda_info, METH_NOARGS, "What the linked CUDA runtime sees (devices, driver)."},
     {"_set_bridge_mode", py_set_bridge_mode, METH_O, "'auto' (DLPack C exchange API when present) or 'capsule'."},

@@ -6,5 +6,7 @@
 #include <Python.h>
 
 PyObject *sw_py_kahan_accumulate(PyObject *self, PyObject *args, PyObject *kwargs);
+PyObject *sw_py_selective_scan_fwd(PyObject *self, PyObject *args, PyObject *kwargs);
+PyObject *sw_py_selective_scan_bwd(PyObject *self, PyObject *args, PyObject *kwargs);
 
 #endif /* SEQWRAP_PY_OPS_H */

@@ -9,6 +9,7 @@
 #define SEQWRAP_CUDA_H
 
 #include "sw_kahan.h"
+#include "sw_scan.h"
 #include "sw_status.h"
 
 #ifdef __cplusplus
@@ -32,6 +33,10 @@ int sw_cuda_device_capability(int dev);
 
 sw_code sw_kahan_accumulate_cuda(const sw_kahan_job *jobs, int njobs, float scale,
                                  int device, void *stream, sw_error *err);
+
+/* Selective scan (sw_scan.h); p->work must hold (batch*dim)*(block+2)*dstate values. */
+sw_code sw_scan_fwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err);
+sw_code sw_scan_bwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err);
 
 #ifdef __cplusplus
 }
