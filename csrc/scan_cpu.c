@@ -6,6 +6,10 @@
 
 #include "sw_scan.h"
 
+/* Below this much work (rows * len * dstate) one thread runs everything: waking a team (and
+ * leaving it spinning next to torch's own OpenMP work) costs more than it saves. */
+#define SW_SCAN_PARALLEL_MIN (1 << 18)
+
 static sw_code oom(sw_error *err, const char *what) {
     err->code = SW_ERR_INTERNAL;
     snprintf(err->message, sizeof err->message, "out of host memory for the %s scratch", what);
@@ -16,8 +20,10 @@ sw_code sw_scan_fwd_cpu(const sw_scan_params *p, sw_error *err) {
     const int64_t rows = p->batch * p->dim;
     const size_t tsize = p->f64 ? sizeof(double) : sizeof(float);
     int failed = 0;
+    const int par = rows * p->len * p->dstate >= SW_SCAN_PARALLEL_MIN && rows > 1;
+    (void)par;
 #ifdef _OPENMP
-#pragma omp parallel reduction(| : failed)
+#pragma omp parallel reduction(| : failed) if (par)
 #endif
     {
         void *h = malloc((size_t)p->dstate * tsize);
@@ -40,8 +46,10 @@ sw_code sw_scan_bwd_cpu(const sw_scan_params *p, sw_error *err) {
     const size_t tsize = p->f64 ? sizeof(double) : sizeof(float);
     const size_t nl = (size_t)(N * L);   /* one batch's dB or dC */
     int failed = 0;
+    const int par = rows * L * N >= SW_SCAN_PARALLEL_MIN && rows > 1;
+    (void)par;
 #ifdef _OPENMP
-#pragma omp parallel reduction(| : failed)
+#pragma omp parallel reduction(| : failed) if (par)
 #endif
     {
         char *mu = (char *)malloc((size_t)N * tsize);

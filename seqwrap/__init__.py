@@ -6,6 +6,7 @@ were built and whether a device here can run them.
 """
 from ._version import __version__
 from .cuda import CudaStatus, cuda_status
+from .engines import AdjointOutput, AdjointSharding
 from .ops import KahanAccumulator, kahan_accumulate_
 
-__all__ = ["__version__", "CudaStatus", "cuda_status", "KahanAccumulator", "kahan_accumulate_"]
+__all__ = ["__version__", "AdjointOutput", "AdjointSharding", "CudaStatus", "cuda_status", "KahanAccumulator", "kahan_accumulate_"]
