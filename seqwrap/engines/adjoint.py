@@ -221,7 +221,8 @@ class AdjointSharding:
                 xs_own, xs_la = self._layer_inputs(ids[:, s:e], boundary[i]), None
                 if la_end > e:
                     xs_la = self._layer_inputs(ids[:, e:la_end], boundary[i + 1])
-            v_la = torch.cat(v[i + 1:], 1)[:, :la_end - e] if la_end > e else None
+            reach = -(-(T - 1) // self.chunk_size) if T else 0   # later chunks a look-ahead window touches
+            v_la = torch.cat(v[i + 1:i + 1 + reach], 1)[:, :la_end - e] if la_end > e else None
             start = [tuple(_leaf(t) for t in st) for st in boundary[i]] if i > 0 else boundary[i]
             outs, grads = [], []
             for k, block in enumerate(ad.layers):
@@ -249,7 +250,8 @@ class AdjointSharding:
             # the look-ahead window already holds every loss a step may reach)
             adjoint = [(st[0].grad, None if T else st[1].grad) for st in start] if i > 0 else None
             boundary[i + 1] = None
-            v[i] = None if i == 0 or not T else v[i]
+            for j in range(i + reach, len(v)):   # v of chunks no earlier window reaches
+                v[j] = None
         return total.to(torch.float32)
 
     def _layer_inputs(self, ids, states):

@@ -73,7 +73,7 @@ class MambaAdapter:
         outs, grads = [], []
         for vals, leaves in self._casts.values():
             for v, leaf in zip(vals, leaves):
-                if leaf.grad is not None:
+                if leaf.grad is not None and v.requires_grad:   # frozen parameters (e.g. under PEFT) are skipped
                     outs.append(v)
                     grads.append(leaf.grad.to(v.dtype))
         self._casts = None
