@@ -8,6 +8,16 @@ from seqwrap.models.mamba import MambaAdapter
 from .mamba_utils import full_backprop, grads_of, max_rel_err, tiny_mamba, total_rel_err
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and idle OpenMP threads spinning on a shared 2-core machine
+    can slow a step down a hundredfold."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def run(model, ids, labels=None, num_items=None, zero=True, **kw):
     if zero:
         model.zero_grad(set_to_none=True)

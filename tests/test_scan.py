@@ -111,3 +111,13 @@ def test_truncated_and_lookahead(T, grad_len):
     for name, a, b in zip("u dt A B C D z h0".split(), got, ref):
         b = torch.zeros_like(a) if b is None else b
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), name
+
+
+def test_parallel_path_matches_reference():
+    """Large enough (batch*dim*len*dstate >= 2^18) for the OpenMP team and its private dB/dC buffers."""
+    x = random_inputs(batch=2, dim=64, dstate=16, length=128, seed=13)
+    y, h = _scan(*x, block=32)
+    yr, hr = scan_ref(*x)
+    assert torch.allclose(y, yr, rtol=1e-11, atol=1e-11) and torch.allclose(h, hr, rtol=1e-11, atol=1e-11)
+    for a, b in zip(grads(y, h, x), grads(yr, hr, x)):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-10)
