@@ -20,10 +20,11 @@ notes). truncation=T keeps, for the loss of step t, only steps t-T+1..t of every
 (truncated adjoint sharding): each chunk then runs its scan over a window of T-1 look-ahead tokens
 and needs no SSM adjoint from later chunks.
 
-group (exact mode): the chunks are split into contiguous ranges across the ranks of a
-torch.distributed process group. Every rank calls the engine with the same full input_ids; boundary
-states travel forward rank to rank in pass 1, adjoints travel back in pass 2, and the parameter
-gradients of the step are all-reduced once (one flat buffer).
+group: the chunks are split into contiguous ranges across the ranks of a torch.distributed process
+group. Every rank calls the engine with the same full input_ids; boundary states travel forward rank to
+rank in pass 1, adjoints travel back in pass 2 (sharded + truncation: the look-ahead cotangents of the
+next rank's first chunks travel back too), and the parameter gradients of the step are all-reduced
+once (one flat buffer).
 
 Loss semantics follow HF causal-LM training: labels aligned with input_ids (default: input_ids),
 shifted inside, -100 ignored; the loss is the sum of token losses divided by the number of counted
@@ -63,9 +64,6 @@ class AdjointSharding:
                 raise ValueError("seqwrap.AdjointSharding: truncation applies to mode='sharded' only")
             if not isinstance(truncation, int) or truncation < 1:
                 raise ValueError(f"seqwrap.AdjointSharding: truncation must be a positive int, got {truncation!r}")
-        if group is not None and mode != "exact":
-            raise NotImplementedError("seqwrap.AdjointSharding: group (distributed) is implemented for "
-                                      "mode='exact' only")
         self.chunk_size, self.mode, self.truncation, self.group = chunk_size, mode, truncation, group
 
     # ---------------------------------------------------------------------------------------------
@@ -99,12 +97,8 @@ class AdjointSharding:
 
     def _exact(self, ids, targets, divisor, bounds):
         ad = self.adapter
-        rank, world = (0, 1) if self.group is None else (dist.get_rank(self.group), dist.get_world_size(self.group))
-        n = len(bounds)
-        if n < world:
-            raise ValueError(f"seqwrap.AdjointSharding: {n} chunks cannot be split over {world} ranks; use a "
-                             "smaller chunk_size or a longer sequence")
-        mine = bounds[rank * n // world:(rank + 1) * n // world]   # this rank's contiguous chunks
+        rank, world, lo, hi = self._split(bounds)
+        mine = bounds[lo:hi]   # this rank's contiguous chunks
         first_rank, last_rank = rank == 0, rank == world - 1
         states = ad.zero_states(ids.shape[0], ids.device)
         stash = self._stash_grads() if self.group is not None else None
@@ -148,6 +142,17 @@ class AdjointSharding:
         return total.to(torch.float32)
 
     # ---- distributed helpers ---------------------------------------------------------------------
+    def _split(self, bounds, rank=None):
+        """(rank, world, lo, hi): `rank` (default: this process) owns chunks bounds[lo:hi]."""
+        world = 1 if self.group is None else dist.get_world_size(self.group)
+        if rank is None:
+            rank = 0 if self.group is None else dist.get_rank(self.group)
+        n = len(bounds)
+        if n < world:
+            raise ValueError(f"seqwrap.AdjointSharding: {n} chunks cannot be split over {world} ranks; use a "
+                             "smaller chunk_size or a longer sequence")
+        return rank, world, rank * n // world, (rank + 1) * n // world
+
     def _send_states(self, states, dst):
         for st in states:
             for t in st:
@@ -197,11 +202,22 @@ class AdjointSharding:
         ad = self.adapter
         T = self.truncation or 0
         length = ids.shape[1]
+        reach = -(-(T - 1) // self.chunk_size) if T else 0   # later chunks a look-ahead window touches
+        rank, world, lo, hi = self._split(bounds)
+        first_rank, last_rank = rank == 0, rank == world - 1
+        mine = bounds[lo:hi]
+        if world > 1 and reach > 0 and any(self._split(bounds, r)[3] - self._split(bounds, r)[2] < reach
+                                           for r in range(1, world)):
+            raise ValueError(f"seqwrap.AdjointSharding: truncation={T} reaches {reach} chunks ahead; every rank "
+                             f"but the first must hold at least {reach} chunks of {self.chunk_size} tokens")
+        stash = self._stash_grads() if self.group is not None else None
         states = ad.zero_states(ids.shape[0], ids.device)
+        if not first_rank:
+            self._recv_states(states, rank - 1)
         boundary, v = [], []
         total = torch.zeros((), dtype=torch.float64)
         # pass 1: boundary states, and v = dLoss/d(top hidden state) per chunk (+ head gradients)
-        for s, e in bounds:
+        for s, e in mine:
             boundary.append(states)
             with torch.no_grad():
                 x, states = ad.stack(ad.embeddings(ids[:, s:e]), states)
@@ -211,19 +227,33 @@ class AdjointSharding:
             total += loss.detach().double().cpu()
             v.append(top.grad)
         boundary.append(states)
+        if not last_rank:
+            self._send_states([(states[k][0], states[k][1]) for k in range(len(states))], rank + 1)
+        # look-ahead cotangents of the next rank's first chunks travel one rank back
+        if reach and not first_rank:
+            self._send_states([tuple(v[:reach])], rank - 1)
+        if reach and not last_rank:
+            nlo, nhi = self._split(bounds, rank + 1)[2:]
+            nxt = [torch.empty(v[0].shape[0], e - s, v[0].shape[2], dtype=v[0].dtype, device=v[0].device)
+                   for s, e in bounds[nlo:min(nhi, nlo + reach)]]
+            self._recv_states([tuple(nxt)], rank + 1)
+            v += nxt
 
         # pass 2: per chunk in reverse, every layer's VJP with cotangent v (layers independent)
         adjoint = None    # per layer (d conv_state, d ssm_state or None) at the end of the chunk
-        for i in range(len(bounds) - 1, -1, -1):
-            s, e = bounds[i]
+        if not last_rank:
+            adjoint = [(torch.empty_like(c), None if T else torch.empty_like(h)) for c, h in states]
+            self._recv_states([tuple(t for t in a if t is not None) for a in adjoint], rank + 1)
+        for i in range(len(mine) - 1, -1, -1):
+            s, e = mine[i]
             la_end = min(length, e + T - 1) if T else e
             with torch.no_grad():     # inputs of every layer over the chunk and its look-ahead
                 xs_own, xs_la = self._layer_inputs(ids[:, s:e], boundary[i]), None
                 if la_end > e:
                     xs_la = self._layer_inputs(ids[:, e:la_end], boundary[i + 1])
-            reach = -(-(T - 1) // self.chunk_size) if T else 0   # later chunks a look-ahead window touches
             v_la = torch.cat(v[i + 1:i + 1 + reach], 1)[:, :la_end - e] if la_end > e else None
-            start = [tuple(_leaf(t) for t in st) for st in boundary[i]] if i > 0 else boundary[i]
+            need_in = i > 0 or not first_rank
+            start = [tuple(_leaf(t) for t in st) for st in boundary[i]] if need_in else boundary[i]
             outs, grads = [], []
             for k, block in enumerate(ad.layers):
                 x_in = ad.embeddings(ids[:, s:e]) if k == 0 else xs_own[k]
@@ -248,10 +278,15 @@ class AdjointSharding:
             torch.autograd.backward(outs, grads)
             # relay: the conv-state adjoint always; the SSM adjoint only without truncation (with it,
             # the look-ahead window already holds every loss a step may reach)
-            adjoint = [(st[0].grad, None if T else st[1].grad) for st in start] if i > 0 else None
+            g = lambda t: t.grad if t.grad is not None else torch.zeros_like(t)  # noqa: E731
+            adjoint = [(g(st[0]), None if T else g(st[1])) for st in start] if need_in else None
             boundary[i + 1] = None
             for j in range(i + reach, len(v)):   # v of chunks no earlier window reaches
                 v[j] = None
+        if not first_rank:
+            self._send_states([tuple(t for t in a if t is not None) for a in adjoint], rank - 1)
+        if self.group is not None:
+            total = self._finish_distributed(stash, total)
         return total.to(torch.float32)
 
     def _layer_inputs(self, ids, states):
