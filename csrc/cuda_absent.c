@@ -45,3 +45,13 @@ sw_code sw_sample_chunks_cuda(const sw_sampler_params *params, int device, void 
     (void)params; (void)device; (void)stream;
     return no_cuda(err);
 }
+
+sw_code sw_scan_fwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err) {
+    (void)p; (void)device; (void)stream;
+    return no_cuda(err);
+}
+
+sw_code sw_scan_bwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err) {
+    (void)p; (void)device; (void)stream;
+    return no_cuda(err);
+}

@@ -10,5 +10,7 @@ PyObject *sw_py_cross_entropy_chunk(PyObject *self, PyObject *args, PyObject *kw
 PyObject *sw_py_round_to_half(PyObject *self, PyObject *args);
 PyObject *sw_py_lse_merge(PyObject *self, PyObject *args, PyObject *kwargs);
 PyObject *sw_py_sample_chunks(PyObject *self, PyObject *args, PyObject *kwargs);
+PyObject *sw_py_selective_scan_fwd(PyObject *self, PyObject *args, PyObject *kwargs);
+PyObject *sw_py_selective_scan_bwd(PyObject *self, PyObject *args, PyObject *kwargs);
 
 #endif /* SEQWRAP_PY_OPS_H */

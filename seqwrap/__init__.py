@@ -10,7 +10,7 @@ from ._version import __version__
 from .cuda import CudaStatus, cuda_status
 from .ops import KahanAccumulator, kahan_accumulate_, linear_cross_entropy, sample_chunks
 
-_ENGINES = ("SeCO", "SpaCO", "StepResult")
+_ENGINES = ("SeCO", "SpaCO", "StepResult", "AdjointSharding", "AdjointOutput")
 
 __all__ = ["__version__", "CudaStatus", "cuda_status", "KahanAccumulator", "kahan_accumulate_", "linear_cross_entropy",
            "sample_chunks", *_ENGINES]

@@ -1,0 +1,300 @@
+"""Adjoint sharding for HF Mamba (Xu et al. 2025), exact and truncated, on one process or many.
+
+    engine = seqwrap.AdjointSharding(model, chunk_size=2048)
+    out = engine(input_ids, labels=None, num_items=None)   # forward + backward; .grad filled
+    optimizer.step()
+
+mode="exact" (the default). Pass 1, no grad: run chunk after chunk, keeping each layer's state (conv
+state + SSM state) at every chunk boundary. Pass 2, chunks in reverse: recompute a chunk from its
+boundary states with grad, backpropagate its own loss plus <final states, adjoint> where the adjoint is
+the gradient of the next chunk's boundary states, then hand the gradient of this chunk's boundary states
+to the chunk before. Gradients equal full backprop; memory is one chunk of activations plus the
+boundary states.
+
+mode="sharded": the paper's formulation. The gradient v_t of the loss w.r.t. the top of the residual
+stream is computed first (pass 1, with the final norm + LM head). Every layer k then gets v_t as the
+cotangent of its own output (paper, Prop. 3) and runs its own adjoint, independently of the other
+layers: the paths through the Jacobians of the layers above k are dropped (the residual path alone is
+kept). That is exact for one layer and an approximation for more (see the tests and the benchmark
+notes). truncation=T keeps, for the loss of step t, only steps t-T+1..t of every layer's adjoint
+(truncated adjoint sharding): each chunk then runs its scan over a window of T-1 look-ahead tokens
+and needs no SSM adjoint from later chunks.
+
+group: the chunks are split into contiguous ranges across the ranks of a torch.distributed process
+group. Every rank calls the engine with the same full input_ids; boundary states travel forward rank to
+rank in pass 1, adjoints travel back in pass 2 (sharded + truncation: the look-ahead cotangents of the
+next rank's first chunks travel back too), and the parameter gradients of the step are all-reduced
+once (one flat buffer).
+
+Loss semantics follow HF causal-LM training: labels aligned with input_ids (default: input_ids),
+shifted inside, -100 ignored; the loss is the sum of token losses divided by the number of counted
+labels of the whole sequence, or by num_items when given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..models.mamba import IGNORE_INDEX, MambaAdapter, shifted_targets
+
+
+@dataclass
+class AdjointOutput:
+    loss: torch.Tensor      # scalar, detached: the step's loss (HF normalisation)
+    num_tokens: int         # labels that counted (not -100) in the whole sequence
+    num_chunks: int         # chunks of the whole sequence (all ranks together)
+
+
+def _leaf(t):
+    return t.detach().requires_grad_()
+
+
+class AdjointSharding:
+    def __init__(self, model, chunk_size=2048, *, mode="exact", truncation=None, group=None):
+        self.adapter = MambaAdapter(model)
+        self.model = model
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"seqwrap.AdjointSharding: chunk_size must be a positive int, got {chunk_size!r}")
+        if mode not in ("exact", "sharded"):
+            raise ValueError(f"seqwrap.AdjointSharding: mode must be 'exact' or 'sharded', got {mode!r}")
+        if truncation is not None:
+            if mode != "sharded":
+                raise ValueError("seqwrap.AdjointSharding: truncation applies to mode='sharded' only")
+            if not isinstance(truncation, int) or truncation < 1:
+                raise ValueError(f"seqwrap.AdjointSharding: truncation must be a positive int, got {truncation!r}")
+        self.chunk_size, self.mode, self.truncation, self.group = chunk_size, mode, truncation, group
+
+    # ---------------------------------------------------------------------------------------------
+    def __call__(self, input_ids, labels=None, *, num_items=None):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("seqwrap.AdjointSharding: input_ids must be a (batch, length) tensor")
+        targets = shifted_targets(input_ids, labels)
+        num_tokens = int((targets != IGNORE_INDEX).sum())
+        divisor = num_items if num_items is not None else num_tokens
+        if isinstance(divisor, torch.Tensor):
+            divisor = divisor.item()
+        length = input_ids.shape[1]
+        bounds = [(s, min(s + self.chunk_size, length)) for s in range(0, length, self.chunk_size)]
+        self.adapter.begin_step()
+        try:
+            if self.mode == "exact":
+                loss = self._exact(input_ids, targets, divisor, bounds)
+            else:
+                loss = self._sharded(input_ids, targets, divisor, bounds)
+            self.adapter.end_step()
+        finally:
+            self.adapter._casts = None
+        return AdjointOutput(loss=loss, num_tokens=num_tokens, num_chunks=len(bounds))
+
+    # ---- exact -----------------------------------------------------------------------------------
+    def _chunk_loss(self, ids, targets, states, divisor):
+        """Forward of one chunk with grad: (its loss / divisor, the states after it)."""
+        x = self.adapter.embeddings(ids)
+        x, new = self.adapter.stack(x, states)
+        return self.adapter.loss_sum(x, targets) / divisor, new
+
+    def _exact(self, ids, targets, divisor, bounds):
+        ad = self.adapter
+        rank, world, lo, hi = self._split(bounds)
+        mine = bounds[lo:hi]   # this rank's contiguous chunks
+        first_rank, last_rank = rank == 0, rank == world - 1
+        states = ad.zero_states(ids.shape[0], ids.device)
+        stash = self._stash_grads() if self.group is not None else None
+
+        # pass 1: boundary states of my chunks (the first ones arrive from the previous rank)
+        if not first_rank:
+            self._recv_states(states, rank - 1)
+        boundary = []
+        with torch.no_grad():
+            for s, e in mine:
+                boundary.append(states)
+                _, states = ad.stack(ad.embeddings(ids[:, s:e]), states)
+        if not last_rank:
+            self._send_states(states, rank + 1)
+
+        # pass 2: reverse, relaying the adjoint of the boundary states
+        adjoint = None
+        if not last_rank:
+            adjoint = [tuple(torch.empty_like(t) for t in st) for st in states]
+            self._recv_states(adjoint, rank + 1)
+        total = torch.zeros((), dtype=torch.float64)
+        for i in range(len(mine) - 1, -1, -1):
+            s, e = mine[i]
+            need_in = i > 0 or not first_rank
+            start = [tuple(_leaf(t) for t in st) for st in boundary[i]] if need_in else boundary[i]
+            loss, end = self._chunk_loss(ids[:, s:e], targets[:, s:e], start, divisor)
+            outs, grads = [loss], [torch.ones_like(loss)]
+            if adjoint is not None:
+                for st, adj in zip(end, adjoint):
+                    outs += list(st)
+                    grads += list(adj)
+            torch.autograd.backward(outs, grads)
+            total += loss.detach().double().cpu()
+            adjoint = [tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in st) for st in start] \
+                if need_in else None
+            boundary[i] = None
+        if not first_rank:
+            self._send_states(adjoint, rank - 1)
+        if self.group is not None:
+            total = self._finish_distributed(stash, total)
+        return total.to(torch.float32)
+
+    # ---- distributed helpers ---------------------------------------------------------------------
+    def _split(self, bounds, rank=None):
+        """(rank, world, lo, hi): `rank` (default: this process) owns chunks bounds[lo:hi]."""
+        world = 1 if self.group is None else dist.get_world_size(self.group)
+        if rank is None:
+            rank = 0 if self.group is None else dist.get_rank(self.group)
+        n = len(bounds)
+        if n < world:
+            raise ValueError(f"seqwrap.AdjointSharding: {n} chunks cannot be split over {world} ranks; use a "
+                             "smaller chunk_size or a longer sequence")
+        return rank, world, rank * n // world, (rank + 1) * n // world
+
+    def _send_states(self, states, dst):
+        for st in states:
+            for t in st:
+                dist.send(t.detach().contiguous(), group=self.group, group_dst=dst)
+
+    def _recv_states(self, states, src):
+        for st in states:
+            for t in st:
+                dist.recv(t, group=self.group, group_src=src)
+
+    def _params(self):
+        seen, out = set(), []
+        for p in self.model.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    def _stash_grads(self):
+        """Keeps gradients accumulated before this step aside, so only this step's are all-reduced."""
+        stash = []
+        for p in self._params():
+            stash.append(p.grad)
+            p.grad = None
+        return stash
+
+    def _finish_distributed(self, stash, total):
+        """One all-reduce (a flat float64 buffer) of this step's parameter gradients, the cast-leaf
+        gradients (see MambaAdapter.begin_step) and the loss."""
+        params = self._params()
+        leaves = self.adapter.cast_leaves()
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in params + leaves]
+        flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads] + [total.reshape(1)])
+        dist.all_reduce(flat, group=self.group)          # the step's one gradient all-reduce
+        off = 0
+        for t in params + leaves:
+            t.grad = flat[off:off + t.numel()].view_as(t).to(t.dtype)
+            off += t.numel()
+        self.adapter.end_step()                          # cast leaves -> A_log, D, dt_proj.bias
+        for p, old in zip(params, stash):
+            if old is not None:
+                p.grad = old + p.grad
+        return flat[-1]
+
+    # ---- sharded (the paper's formulation) -----------------------------------------------------
+    def _sharded(self, ids, targets, divisor, bounds):
+        ad = self.adapter
+        T = self.truncation or 0
+        length = ids.shape[1]
+        reach = -(-(T - 1) // self.chunk_size) if T else 0   # later chunks a look-ahead window touches
+        rank, world, lo, hi = self._split(bounds)
+        first_rank, last_rank = rank == 0, rank == world - 1
+        mine = bounds[lo:hi]
+        if world > 1 and reach > 0 and any(self._split(bounds, r)[3] - self._split(bounds, r)[2] < reach
+                                           for r in range(1, world)):
+            raise ValueError(f"seqwrap.AdjointSharding: truncation={T} reaches {reach} chunks ahead; every rank "
+                             f"but the first must hold at least {reach} chunks of {self.chunk_size} tokens")
+        stash = self._stash_grads() if self.group is not None else None
+        states = ad.zero_states(ids.shape[0], ids.device)
+        if not first_rank:
+            self._recv_states(states, rank - 1)
+        boundary, v = [], []
+        total = torch.zeros((), dtype=torch.float64)
+        # pass 1: boundary states, and v = dLoss/d(top hidden state) per chunk (+ head gradients)
+        for s, e in mine:
+            boundary.append(states)
+            with torch.no_grad():
+                x, states = ad.stack(ad.embeddings(ids[:, s:e]), states)
+            top = _leaf(x)
+            loss = ad.loss_sum(top, targets[:, s:e]) / divisor
+            loss.backward()
+            total += loss.detach().double().cpu()
+            v.append(top.grad)
+        boundary.append(states)
+        if not last_rank:
+            self._send_states([(states[k][0], states[k][1]) for k in range(len(states))], rank + 1)
+        # look-ahead cotangents of the next rank's first chunks travel one rank back
+        if reach and not first_rank:
+            self._send_states([tuple(v[:reach])], rank - 1)
+        if reach and not last_rank:
+            nlo, nhi = self._split(bounds, rank + 1)[2:]
+            nxt = [torch.empty(v[0].shape[0], e - s, v[0].shape[2], dtype=v[0].dtype, device=v[0].device)
+                   for s, e in bounds[nlo:min(nhi, nlo + reach)]]
+            self._recv_states([tuple(nxt)], rank + 1)
+            v += nxt
+
+        # pass 2: per chunk in reverse, every layer's VJP with cotangent v (layers independent)
+        adjoint = None    # per layer (d conv_state, d ssm_state or None) at the end of the chunk
+        if not last_rank:
+            adjoint = [(torch.empty_like(c), None if T else torch.empty_like(h)) for c, h in states]
+            self._recv_states([tuple(t for t in a if t is not None) for a in adjoint], rank + 1)
+        for i in range(len(mine) - 1, -1, -1):
+            s, e = mine[i]
+            la_end = min(length, e + T - 1) if T else e
+            with torch.no_grad():     # inputs of every layer over the chunk and its look-ahead
+                xs_own, xs_la = self._layer_inputs(ids[:, s:e], boundary[i]), None
+                if la_end > e:
+                    xs_la = self._layer_inputs(ids[:, e:la_end], boundary[i + 1])
+            v_la = torch.cat(v[i + 1:i + 1 + reach], 1)[:, :la_end - e] if la_end > e else None
+            need_in = i > 0 or not first_rank
+            start = [tuple(_leaf(t) for t in st) for st in boundary[i]] if need_in else boundary[i]
+            outs, grads = [], []
+            for k, block in enumerate(ad.layers):
+                x_in = ad.embeddings(ids[:, s:e]) if k == 0 else xs_own[k]
+                residual = x_in.to(torch.float32) if block.residual_in_fp32 else x_in
+                h = block.norm(x_in.to(dtype=block.norm.weight.dtype))
+                la = None
+                if xs_la is not None:
+                    la = block.norm(xs_la[k].to(dtype=block.norm.weight.dtype)).detach()
+                out, out_la, conv_end, ssm_end = ad.mixer(block.mixer, h, start[k][0], start[k][1],
+                                                          lookahead=la, truncation=T)
+                outs.append(residual + out)
+                grads.append(v[i].to(outs[-1].dtype))
+                if out_la is not None:
+                    outs.append(out_la)
+                    grads.append(v_la.to(out_la.dtype))
+                if adjoint is not None:
+                    outs.append(conv_end)
+                    grads.append(adjoint[k][0])
+                    if adjoint[k][1] is not None:
+                        outs.append(ssm_end)
+                        grads.append(adjoint[k][1])
+            torch.autograd.backward(outs, grads)
+            # relay: the conv-state adjoint always; the SSM adjoint only without truncation (with it,
+            # the look-ahead window already holds every loss a step may reach)
+            g = lambda t: t.grad if t.grad is not None else torch.zeros_like(t)  # noqa: E731
+            adjoint = [(g(st[0]), None if T else g(st[1])) for st in start] if need_in else None
+            boundary[i + 1] = None
+            for j in range(i + reach, len(v)):   # v of chunks no earlier window reaches
+                v[j] = None
+        if not first_rank:
+            self._send_states([tuple(t for t in a if t is not None) for a in adjoint], rank - 1)
+        if self.group is not None:
+            total = self._finish_distributed(stash, total)
+        return total.to(torch.float32)
+
+    def _layer_inputs(self, ids, states):
+        """No grad: the input of every layer for these tokens, starting from `states`."""
+        ad = self.adapter
+        x = ad.embeddings(ids)
+        xs = []
+        for block, st in zip(ad.layers, states):
+            xs.append(x)
+            x, _ = ad.block(block, x, st)
+        return xs

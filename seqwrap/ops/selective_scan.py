@@ -1,0 +1,128 @@
+"""Selective scan (the Mamba-1 SSM recurrence) as an autograd op on the C/CUDA core.
+
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t        h_{-1} = h0 (or 0)
+    y_t = (C_t . h_t + D * u_t) * silu(z_t)
+
+Shapes as in mamba-ssm: u, dt, z: (batch, dim, len); A: (dim, dstate); B, C: (batch, dstate, len);
+D: (dim,); h0 and the final state: (batch, dim, dstate).
+
+`dt` is the positive step, softplus already applied: this matches HF `MambaMixer`'s slow path, where
+`discrete_time_step = softplus(dt_proj(x) + bias)` is formed before the recurrence. Pass
+`softplus(dt_raw + dt_bias)` yourself.
+
+Precision: the state arithmetic runs in float64 for float64 inputs and in float32 otherwise
+(float32, float16, bfloat16 inputs). y comes back in u's dtype, the final state in the compute dtype.
+The forward stores the state only every `block` steps; the backward recomputes inside each block and
+runs the adjoint backwards, giving gradients for u, dt, A, B, C, D, z, h0 and accepting a gradient on
+the final state.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._ext import C as _C
+from ._stream import stream_for
+
+DEFAULT_BLOCK = 64
+_IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _compute_dtype(u: torch.Tensor) -> torch.dtype:
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _work(u: torch.Tensor, dstate: int, block: int, comp: torch.dtype):
+    if not u.is_cuda:
+        return None
+    return torch.empty(u.shape[0] * u.shape[1] * (block + 2) * dstate, dtype=comp, device=u.device)
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C, D, z, h0, block, trunc, grad_len):
+        comp = _compute_dtype(u)
+        batch, dim, length = u.shape
+        dstate = A.shape[1]
+        nblk = -(-length // block) if block > 0 else 1  # a bad block is reported by the C glue
+        y = torch.empty(batch, dim, length, dtype=comp, device=u.device)
+        hlast = torch.empty(batch, dim, dstate, dtype=comp, device=u.device)
+        ckpt = torch.empty(batch, dim, nblk, dstate, dtype=comp, device=u.device)
+        u, dt, A, B, C, D, z, h0 = (t.detach() if isinstance(t, torch.Tensor) else t for t in (u, dt, A, B, C, D, z, h0))
+        _C.selective_scan_fwd(u, dt, A, B, C, D, z, h0, y, hlast, ckpt, block,
+                              _work(u, dstate, block, comp), stream_for(u))
+        ctx.save_for_backward(u, dt, A, B, C, D, z, ckpt)
+        ctx.block, ctx.trunc = block, trunc
+        ctx.grad_len = length if grad_len is None else grad_len
+        ctx.has = (D is not None, z is not None, h0 is not None)
+        ctx.mark_non_differentiable(ckpt)
+        return y.to(u.dtype), hlast
+
+    @staticmethod
+    def backward(ctx, dy, dhlast):
+        u, dt, A, B, C, D, z, ckpt = ctx.saved_tensors
+        comp = _compute_dtype(u)
+        batch, dim, length = u.shape
+        dstate = A.shape[1]
+        dy = torch.zeros(u.shape, dtype=comp, device=u.device) if dy is None else dy.to(comp).contiguous()
+        dhlast = None if dhlast is None else dhlast.to(comp).contiguous()
+        new = lambda *s: torch.empty(*s, dtype=comp, device=u.device)  # noqa: E731
+        du, ddt = new(batch, dim, length), new(batch, dim, length)
+        dz = new(batch, dim, length) if z is not None else None
+        dB = torch.zeros(batch, dstate, length, dtype=comp, device=u.device)
+        dC = torch.zeros_like(dB)
+        dA, dD, dh0 = new(batch, dim, dstate), new(batch, dim), new(batch, dim, dstate)
+        _C.selective_scan_bwd(u, dt, A, B, C, D, z, ckpt, dy, dhlast, du, ddt, dz, dB, dC, dA, dD, dh0,
+                              ctx.block, ctx.trunc, ctx.grad_len, _work(u, dstate, ctx.block, comp), stream_for(u))
+        has_D, has_z, has_h0 = ctx.has
+        io = u.dtype
+        return (du.to(io), ddt.to(io), dA.sum(0), dB.to(io), dC.to(io),
+                dD.sum(0) if has_D else None, dz.to(io) if has_z else None, dh0 if has_h0 else None,
+                None, None, None)
+
+
+def _prepare(name, t, comp, required=False):
+    """A / D / h0: floating tensors, cast (differentiably) to the compute dtype, made contiguous."""
+    if t is None:
+        if required:
+            raise TypeError(f"seqwrap.selective_scan: argument '{name}' must be a tensor, not None")
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"seqwrap.selective_scan: argument '{name}' must be a torch.Tensor, not {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"seqwrap.selective_scan: argument '{name}' has dtype {t.dtype}; expected a floating dtype")
+    return t.to(comp).contiguous()
+
+
+def _scan(u, dt, A, B, C, D=None, z=None, h0=None, *, block=DEFAULT_BLOCK, truncation=0, grad_len=None):
+    """Shared by the public op and the adjoint-sharding engine (truncation / grad_len: see csrc/sw_scan.h)."""
+    if not isinstance(u, torch.Tensor):
+        raise TypeError(f"seqwrap.selective_scan: argument 'u' must be a torch.Tensor, not {type(u).__name__}")
+    if u.dtype not in _IO_DTYPES:
+        raise TypeError(f"seqwrap.selective_scan: argument 'u' has dtype {u.dtype}; expected float32, float16, "
+                        "bfloat16 or float64")
+    # the output sizes come from u and A: check those two here, the C glue checks the rest
+    if u.dim() != 3:
+        raise ValueError(f"seqwrap.selective_scan: argument 'u' must have 3 dimensions (batch, dim, len); got {u.dim()}")
+    comp = _compute_dtype(u)
+    A = _prepare("A", A, comp, required=True)
+    if A.dim() != 2 or A.shape[0] != u.shape[1]:
+        raise ValueError(f"seqwrap.selective_scan: argument 'A' must have shape (dim, dstate) with dim = "
+                         f"{u.shape[1]} (u.shape[1]); got {tuple(A.shape)}")
+    D = _prepare("D", D, comp)
+    h0 = _prepare("h0", h0, comp)
+    ct = lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return _SelectiveScanFn.apply(ct(u), ct(dt), A, ct(B), ct(C), D, ct(z), h0, int(block), int(truncation),
+                                  grad_len)
+
+
+def selective_scan(u, dt, A, B, C, D=None, z=None, h0=None, return_final_state=False):
+    """y = selective scan of u (see the module docstring); with return_final_state, (y, h_last).
+
+    u, dt: (batch, dim, len), dt > 0 (softplus already applied); A: (dim, dstate) (negative for a
+    decaying state); B, C: (batch, dstate, len); D: (dim,) or None; z: (batch, dim, len) or None (gate
+    y * silu(z)); h0: (batch, dim, dstate) or None (zeros). u, dt, B, C, z share one dtype (float32,
+    float16, bfloat16 or float64); A, D, h0 are cast to the compute dtype (float64 for float64 inputs,
+    float32 otherwise). Differentiable in every tensor argument, including h0 and the final state.
+    """
+    y, hlast = _scan(u, dt, A, B, C, D, z, h0)
+    return (y, hlast) if return_final_state else y
