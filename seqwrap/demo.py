@@ -1,12 +1,15 @@
-"""The main job: train a small byte-level Llama on long windows of real text.
+"""The main job: train a small byte-level Llama on long windows of real text with SeCO.
 
-    python -m seqwrap.demo [--seq-len 4096] [--steps 30] ...
+    python -m seqwrap.demo [--seq-len 8192] [--chunk-size 1024] [--engine seco|spaco|full] ...
 
 The model is built from a transformers LlamaConfig with random weights (no
 download); the text is the Python standard library's sources. Each optimizer
-step accumulates the gradients of several long micro-batches in float32 with
-Kahan compensation (seqwrap.KahanAccumulator), then steps AdamW. Prints loss,
-tokens/s and peak memory (RSS on CPU, allocator peak on GPU).
+step runs --micro-batches sequences of --seq-len tokens through the engine:
+SeCO (exact gradients, one chunk's activations at a time; default), SpaCO
+(backprop through a sample of chunks, unbiased) or plain full backprop (for
+comparison). The micro-batch gradients accumulate in .grad with the step's
+global token count as the normaliser, then AdamW steps. Prints loss, tokens/s
+and peak memory (RSS on CPU, allocator peak on GPU).
 """
 from __future__ import annotations
 
@@ -40,8 +43,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--engine", choices=["seco", "spaco", "full"], default="seco")
+    p.add_argument("--rate", type=float, default=0.25, help="SpaCO: probability of backpropagating a chunk")
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--micro-batches", type=int, default=2, help="long sequences per optimizer step")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
@@ -58,29 +64,33 @@ def main(argv=None):
     model = build_model(args).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    accum = seqwrap.KahanAccumulator(params)
+    if args.engine == "seco":
+        engine = seqwrap.SeCO(model, chunk_size=args.chunk_size)
+    elif args.engine == "spaco":
+        engine = seqwrap.SpaCO(model, chunk_size=args.chunk_size, rate=args.rate, seed=args.seed)
+    else:
+        engine = None
     n_params = sum(p.numel() for p in params)
     print(f"seqwrap {seqwrap.__version__} | {seqwrap.cuda_status()}")
     print(f"byte-level Llama, {n_params / 1e6:.2f}M parameters, {args.layers} layers, "
-          f"sequence {args.seq_len} tokens x {args.micro_batches} per step, "
-          f"corpus {corpus.numel() / 2**20:.1f} MiB of stdlib sources, device {device}")
+          f"sequence {args.seq_len} tokens x {args.micro_batches} per step, engine {args.engine}"
+          + (f" (chunks of {args.chunk_size})" if engine else "")
+          + f", corpus {corpus.numel() / 2**20:.1f} MiB of stdlib sources, device {device}")
 
     first_loss = last_loss = None
     t_start = time.perf_counter()
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
-        accum.zero_()
+        batch = [random_windows(corpus, 1, args.seq_len, gen).to(device) for _ in range(args.micro_batches)]
+        num_items = (args.seq_len - 1) * args.micro_batches  # labels = input_ids, shifted: one fewer per sequence
         step_loss = 0.0
-        for _ in range(args.micro_batches):
-            ids = random_windows(corpus, 1, args.seq_len, gen).to(device)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            # fp32 Kahan accumulation of the micro-batch mean gradients, then free them
-            accum.add_([p.grad for p in params], scale=1.0 / args.micro_batches)
-            model.zero_grad(set_to_none=True)
-            step_loss += loss.item() / args.micro_batches
-        for p, g in zip(params, accum.values()):
-            p.grad = g.to(p.dtype)
+        for ids in batch:
+            if engine is not None:  # forward + backward, chunk by chunk; .grad accumulates
+                step_loss += engine(ids, num_items=num_items).loss.item()
+            else:
+                loss = model(input_ids=ids, labels=ids).loss / args.micro_batches
+                loss.backward()
+                step_loss += loss.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
