@@ -368,6 +368,13 @@ int sw_check_same_device(const char *fn, const char *arg, const sw_tensor *t, co
     return -1;
 }
 
+int sw_parse_stream(PyObject *obj, void **stream) {
+    *stream = NULL;
+    if (obj == Py_None) return 0;
+    *stream = PyLong_AsVoidPtr(obj);
+    return (*stream == NULL && PyErr_Occurred()) ? -1 : 0;
+}
+
 PyObject *sw_raise_status(const char *fn, sw_code code, const sw_error *err) {
     PyObject *type = code == SW_ERR_VALUE ? PyExc_ValueError : PyExc_RuntimeError;
     PyErr_Format(type, "%s: %s", fn, err->message[0] ? err->message : "the C core reported an error");

@@ -57,6 +57,10 @@ int sw_check_same_device(const char *fn, const char *arg, const sw_tensor *t,
 
 const char *sw_dtype_name(sw_dtype d);
 
+/* The `stream` argument of a glue function: None (CPU, or the default stream) or an int
+ * holding a cudaStream_t (torch.cuda.current_stream().cuda_stream). 0 on success. */
+int sw_parse_stream(PyObject *obj, void **stream);
+
 /* Raises the Python exception matching a failed core status. Returns NULL. */
 PyObject *sw_raise_status(const char *fn, sw_code code, const sw_error *err);
 

@@ -84,11 +84,8 @@ PyObject *sw_py_kahan_accumulate(PyObject *self, PyObject *args, PyObject *kwarg
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOdO:kahan_accumulate", kwlist, &accs_o, &comps_o,
                                      &grads_o, &scale, &stream_o))
         return NULL;
-    void *stream = NULL;
-    if (stream_o != Py_None) {
-        stream = PyLong_AsVoidPtr(stream_o);
-        if (!stream && PyErr_Occurred()) return NULL;
-    }
+    void *stream;
+    if (sw_parse_stream(stream_o, &stream) < 0) return NULL;
 
     PyObject *const lists[3] = {accs_o, comps_o, grads_o};
     const char *const list_names[3] = {"accs", "comps", "grads"};

@@ -22,11 +22,8 @@ PyObject *sw_py_lse_merge(PyObject *self, PyObject *args, PyObject *kwargs) {
     PyObject *ao, *al, *bo, *bl, *stream_o;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO:lse_merge", kwlist, &ao, &al, &bo, &bl, &stream_o))
         return NULL;
-    void *stream = NULL;
-    if (stream_o != Py_None) {
-        stream = PyLong_AsVoidPtr(stream_o);
-        if (!stream && PyErr_Occurred()) return NULL;
-    }
+    void *stream;
+    if (sw_parse_stream(stream_o, &stream) < 0) return NULL;
     PyObject *result = NULL;
     sw_import_scope scope;
     sw_scope_init(&scope);

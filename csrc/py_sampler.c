@@ -53,11 +53,8 @@ PyObject *sw_py_sample_chunks(PyObject *self, PyObject *args, PyObject *kwargs) 
         return NULL;
     }
     if (parse_u64(seed_o, "seed", &params.seed) < 0 || parse_u64(step_o, "step", &params.step) < 0) return NULL;
-    void *stream = NULL;
-    if (stream_o != Py_None) {
-        stream = PyLong_AsVoidPtr(stream_o);
-        if (!stream && PyErr_Occurred()) return NULL;
-    }
+    void *stream;
+    if (sw_parse_stream(stream_o, &stream) < 0) return NULL;
 
     PyObject *result = NULL;
     sw_import_scope scope;

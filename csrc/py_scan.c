@@ -149,14 +149,6 @@ static int take_work(const char *fn, PyObject *work_o, const scan_dims *dims, in
     return 0;
 }
 
-static void *stream_of(PyObject *o, int *bad) {
-    *bad = 0;
-    if (o == Py_None) return NULL;
-    void *s = PyLong_AsVoidPtr(o);
-    if (!s && PyErr_Occurred()) *bad = 1;
-    return s;
-}
-
 PyObject *sw_py_selective_scan_fwd(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
     static char *kwlist[] = {"u", "dt", "A", "B", "C", "D", "z", "h0", "y", "hlast", "ckpt", "block", "work",
@@ -166,9 +158,8 @@ PyObject *sw_py_selective_scan_fwd(PyObject *self, PyObject *args, PyObject *kwa
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOOOOLOO:selective_scan_fwd", kwlist, &u, &dt, &A, &B,
                                      &C, &D, &z, &h0, &y, &hlast, &ckpt, &block, &work, &stream_o))
         return NULL;
-    int bad;
-    void *stream = stream_of(stream_o, &bad);
-    if (bad) return NULL;
+    void *stream;
+    if (sw_parse_stream(stream_o, &stream) < 0) return NULL;
     PyObject *result = NULL;
     sw_import_scope scope;
     sw_scope_init(&scope);
@@ -231,9 +222,8 @@ PyObject *sw_py_selective_scan_bwd(PyObject *self, PyObject *args, PyObject *kwa
                                      &A, &B, &C, &D, &z, &ckpt, &dy, &dhlast, &du, &ddt, &dz, &dB, &dC, &dA, &dD,
                                      &dh0, &block, &trunc, &grad_len, &work, &stream_o))
         return NULL;
-    int bad;
-    void *stream = stream_of(stream_o, &bad);
-    if (bad) return NULL;
+    void *stream;
+    if (sw_parse_stream(stream_o, &stream) < 0) return NULL;
     PyObject *result = NULL;
     sw_import_scope scope;
     sw_scope_init(&scope);

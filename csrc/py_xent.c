@@ -64,11 +64,8 @@ PyObject *sw_py_cross_entropy_chunk(PyObject *self, PyObject *args, PyObject *kw
                                      &labels_o, &loss_o, &lse_o, &scale_o, &ignore_index, &eps, &z, &softcap,
                                      &compute_grad, &flag_o, &stream_o, &row_offset))
         return NULL;
-    void *stream = NULL;
-    if (stream_o != Py_None) {
-        stream = PyLong_AsVoidPtr(stream_o);
-        if (!stream && PyErr_Occurred()) return NULL;
-    }
+    void *stream;
+    if (sw_parse_stream(stream_o, &stream) < 0) return NULL;
     sw_xent_params params = {(int64_t)ignore_index, eps, z, softcap};
     if (check_params(&params) < 0) return NULL;
 
