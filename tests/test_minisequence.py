@@ -10,7 +10,7 @@ import torch
 import seqwrap
 from seqwrap.models.mst_mlp import MiniSequenceMLP
 
-from .hf_tiny import FAMILIES, batch, grads, max_rel_error, pair
+from .hf_tiny import DEFAULT_LORA_TARGETS, FAMILIES, batch, causal_lm_loss_exact, grads, max_rel_error, pair, tiny_model
 
 RTOL = 1e-10
 
@@ -106,3 +106,39 @@ def test_chunk_counts(chunks, count_mlp_calls):
     assert max_rel_error(grads(ref), grads(twin)) < RTOL
     expected = set() if chunks is None else {min(chunks, 13)}
     assert set(count_mlp_calls) == expected
+
+
+def test_auto_chunks_at_length(count_mlp_calls):
+    """mlp_chunks=None: ceil(I / H) = 3 mini-sequences for this config, at most tokens // 1024."""
+    ref, twin = pair("llama")
+    seqwrap.apply_minisequence(twin)
+    mlp_ref, mlp = ref.model.layers[0].mlp, twin.model.layers[0].mlp
+    for tokens, chunks in ((1000, None), (2100, 2), (5000, 3)):
+        count_mlp_calls.clear()
+        x = torch.randn(1, tokens, 32, dtype=torch.float64, requires_grad=True)
+        y = mlp(x)
+        assert count_mlp_calls == ([] if chunks is None else [chunks])
+        g = torch.autograd.grad(y.sum(), [x, *mlp.parameters()])
+        want = torch.autograd.grad(mlp_ref(x).sum(), [x, *mlp_ref.parameters()])
+        for a, b in zip(g, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_applied_before_peft():
+    """apply_minisequence first, get_peft_model after: LoRA layers inside the MLP are found at call time."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model("qwen2")
+    twin_base = tiny_model("qwen2")
+    seqwrap.apply_minisequence(twin_base, mlp_chunks=3)
+    cfg = dict(r=4, target_modules=DEFAULT_LORA_TARGETS, init_lora_weights=False)
+    torch.manual_seed(3)
+    ref = get_peft_model(base, LoraConfig(**cfg)).double()
+    torch.manual_seed(3)
+    twin = get_peft_model(twin_base, LoraConfig(**cfg)).double()
+    ref.get_base_model().loss_function = causal_lm_loss_exact
+    inputs = batch(12)
+    want, got = _step(ref, inputs), _step(twin, inputs)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=0)
+    assert max_rel_error(grads(ref), grads(twin)) < RTOL
