@@ -142,3 +142,21 @@ def test_applied_before_peft():
     assert got.logits is None
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=0)
     assert max_rel_error(grads(ref), grads(twin)) < RTOL
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_float32_and_cpu_autocast_against_transformers(autocast):
+    """Float32 model against transformers' own loss; under bfloat16 autocast within bfloat16 rounding."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    ref, twin = pair("llama", dtype=torch.float32)
+    ref.loss_function = ForCausalLMLoss
+    seqwrap.apply_minisequence(twin, mlp_chunks=3)
+    inputs = batch(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        want, got = ref(**inputs), twin(**inputs)
+    want.loss.backward(), got.loss.backward()
+    assert got.loss.dtype == torch.float32
+    tol = 5e-2 if autocast else 1e-5
+    torch.testing.assert_close(got.loss, want.loss, rtol=tol / 10, atol=0)
+    assert max_rel_error(grads(ref), grads(twin)) < tol

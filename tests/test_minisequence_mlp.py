@@ -120,3 +120,18 @@ def test_bfloat16_gradients_accumulate_in_float32():
         assert g.dtype == torch.bfloat16
         err = (g.double() - w).abs().max() / w.abs().max()
         assert err < 3e-2, err
+
+
+def test_autocast_state_replayed_in_backward():
+    """Under torch.autocast the recomputation in backward runs in the forward's autocast dtype."""
+    torch.manual_seed(3)
+    mlp = GatedMLP(dtype=torch.float32)
+    seen = []
+    mlp.gate.register_forward_hook(lambda _m, _i, out: seen.append((torch.is_grad_enabled(), out.dtype)))
+    x = torch.randn(1, 12, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mst(mlp, x, 3)
+    y.float().sum().backward()  # outside autocast
+    assert seen[:3] == [(False, torch.bfloat16)] * 3  # forward, no grad
+    assert seen[3:] == [(True, torch.bfloat16)] * 3  # recomputation, grad enabled, same dtype
+    assert x.grad.dtype == torch.float32 and mlp.gate.weight.grad.dtype == torch.float32
