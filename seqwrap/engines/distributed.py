@@ -1,4 +1,4 @@
-"""Gradient synchronisation for chunked engines under DistributedDataParallel.
+"""Gradient synchronisation for chunked engines (DistributedDataParallel, Ulysses groups).
 
 A chunked step runs many backward passes (one per recomputed chunk). The
 engine runs them all on the wrapped module, outside DDP's forward, so DDP's
@@ -43,3 +43,27 @@ def sync_gradients(ddp: nn.Module) -> None:
                 n = g.numel()
                 g.copy_(flat[offset: offset + n].view_as(g))
                 offset += n
+
+
+def stash_grads(params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Takes the gradients accumulated before a step aside (p.grad = None), so that only the
+    step's own gradients are reduced afterwards (sum_step_grads puts them back)."""
+    stash = []
+    for p in params:
+        stash.append(p.grad)
+        p.grad = None
+    return stash
+
+
+def sum_step_grads(params: list[torch.Tensor], stash: list, group, loss_sum: torch.Tensor) -> torch.Tensor:
+    """Sums the step's parameter gradients and `loss_sum` (0-d) over `group` in one flat float64
+    all-reduce, then adds back the stashed gradients. Returns the summed loss_sum."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads] + [loss_sum.reshape(1).to(torch.float64)])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for p, old in zip(params, stash):
+        g = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+        p.grad = g if old is None else old + g
+        offset += p.numel()
+    return flat[-1].to(loss_sum.device)

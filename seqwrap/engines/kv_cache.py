@@ -21,32 +21,52 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..ops.attention_blocks import EMPTY, block_mask
 from ..ops.kahan import kahan_accumulate_
+from .offload import HostAccumulator, prefetched
 
 
 class RelaySink:
     """Accumulates dL/dK (or dL/dV) of one chunk and one layer, shape (B, heads_kv, L, head_dim).
 
-    float64 models accumulate in float64, everything else in float32; float16 /
-    bfloat16 gradients go through the core's compensated (Kahan) accumulation.
+    float64 models accumulate in float64, everything else in float32; float16 / bfloat16
+    gradients (or every gradient, with compensate=True: a half-precision model whose block
+    gradients arrive in float32) go through the core's compensated (Kahan) accumulation.
+    host: a HostAccumulator when the sums live in host memory (offload), else None.
     """
 
-    __slots__ = ("acc", "comp")
+    __slots__ = ("acc", "comp", "compensate", "host")
 
-    def __init__(self):
+    def __init__(self, compensate: bool = False, host=None):
         self.acc = None
         self.comp = None
+        self.compensate = compensate
+        self.host = host
 
     def add_(self, g: torch.Tensor) -> None:
+        half = self.compensate or g.dtype in (torch.float16, torch.bfloat16)
         if self.acc is None:
             dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-            self.acc = torch.zeros(g.shape, dtype=dtype, device=g.device)
-        if g.dtype in (torch.float16, torch.bfloat16):
-            if self.comp is None:
-                self.comp = torch.zeros_like(self.acc)
+            if self.host is None:
+                self.acc = torch.zeros(g.shape, dtype=dtype, device=g.device)
+                self.comp = torch.zeros_like(self.acc) if half else None
+            else:
+                self.acc = self.host.xfer.pool.zeros(g.shape, dtype)
+                self.comp = self.host.xfer.pool.zeros(g.shape, dtype) if half else None
+        if self.host is not None:
+            self.host.add(self.acc, self.comp, g)
+        elif half:
             kahan_accumulate_([self.acc], [self.comp], [g.detach().contiguous()], 1.0)
         else:
             self.acc.add_(g.detach())
+
+    def release(self) -> None:
+        """Hands host buffers back to the pool (device sums are simply dropped)."""
+        if self.host is not None:
+            for t in (self.acc, self.comp):
+                if t is not None:
+                    self.host.xfer.release(t)
+        self.acc = self.comp = None
 
 
 class _CatWithPast(torch.autograd.Function):
@@ -100,15 +120,34 @@ class _ChunkLayer(CacheLayerMixin):
 class ChunkKVCache(Cache):
     """Per-layer, per-chunk K/V store driven by a chunked engine (see module docstring).
 
-    bounds: [(start, end)] of each chunk along the sequence
+    bounds: [(start, end)] of each chunk along the (local) sequence
     sliding: per layer, whether it is a sliding-window layer; window: its size
+    attention: "concat" (update returns [past ; fresh]) or "chunked" (update returns fresh only;
+        the engine's attention function calls `attend`, which reads the past block by block)
+    key_padding: (B, T) bool, the padding mask of the keys ("chunked"; None: no padding)
+    offload: a Transfers object: past K/V and their relayed gradients live in host buffers
+    positions_scale: chunk positions as attention sees them are bounds * positions_scale
+        (Ulysses: each rank holds 1/P of every chunk, attention sees whole chunks)
+    compensate: Kahan-compensated relay sums (half-precision models)
     """
 
-    def __init__(self, bounds: list[tuple[int, int]], sliding: list[bool], window: int | None):
+    def __init__(self, bounds: list[tuple[int, int]], sliding: list[bool], window: int | None, *,
+                 attention: str = "concat", key_padding: torch.Tensor | None = None, offload=None,
+                 positions_scale: int = 1, compensate: bool = False):
         super().__init__(layers=[_ChunkLayer(s) for s in sliding])
+        if attention not in ("concat", "chunked"):
+            raise ValueError(f"attention must be 'concat' or 'chunked', got {attention!r}")
+        if offload is not None and attention != "chunked":
+            raise ValueError("offload needs attention='chunked'")
         self.bounds = bounds
+        self.attn_bounds = [(s * positions_scale, e * positions_scale) for s, e in bounds]
         self.sliding = sliding
         self.window = window
+        self.attention = attention
+        self.key_padding = key_padding
+        self.xfer = offload
+        self.host_sums = HostAccumulator(offload) if offload is not None else None
+        self.compensate = compensate
         n = len(sliding)
         self.keys: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]    # layer -> chunk -> (B,H,L,D)
         self.values: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]
@@ -118,7 +157,8 @@ class ChunkKVCache(Cache):
         self.mode = "record"
         self.store = True
         self.grad_chunks: set[int] = set()
-        self.updated: set[int] = set()
+        self.updated: set[int] = set()    # layers that called update() in the current chunk
+        self.attended: set[int] = set()   # layers whose attention went through attend()
 
     # -- engine side -------------------------------------------------------
     def begin(self, chunk: int, mode: str, store: bool = True, grad_chunks=()) -> None:
@@ -128,48 +168,123 @@ class ChunkKVCache(Cache):
         self.grad_chunks = set(grad_chunks)
         self.fresh = {}
         self.updated = set()
+        self.attended = set()
         if mode == "replay":  # its own stored K/V are recomputed fresh: drop them now
-            for layer in range(len(self.sliding)):
-                self.keys[layer].pop(chunk, None)
-                self.values[layer].pop(chunk, None)
+            self._drop_kv(chunk)
 
     def relay_pairs(self, chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(fresh K or V of the replayed chunk, gradient relayed to it by later chunks), float32/64."""
+        """(fresh K or V of the replayed chunk, gradient relayed to it by later chunks), float32/64,
+        on the device of the fresh tensor."""
         sinks = self.sinks.get(chunk)
         pairs = []
         if sinks is None:
             return pairs
+        self.flush()
         for layer, (k, v) in self.fresh.items():
             for t, sink in zip((k, v), sinks[layer]):
                 if sink.acc is not None and t.requires_grad:
-                    pairs.append((t, sink.acc))
+                    acc = sink.acc
+                    if self.xfer is not None:
+                        acc = self.xfer.finish(*self.xfer.start_to_device(acc))
+                    pairs.append((t, acc))
         return pairs
+
+    def flush(self) -> None:
+        """Completes pending host-side gradient additions (offload)."""
+        if self.host_sums is not None:
+            self.host_sums.flush()
 
     def free(self, chunk: int) -> None:
         """Drops the stored K/V of `chunk` and its relayed gradients."""
-        for layer in range(len(self.sliding)):
-            self.keys[layer].pop(chunk, None)
-            self.values[layer].pop(chunk, None)
-        self.sinks.pop(chunk, None)
+        self._drop_kv(chunk)
+        for pair in self.sinks.pop(chunk, []):
+            for sink in pair:
+                sink.release()
         self.fresh = {}
+
+    def release_all(self) -> None:
+        """Returns every host buffer still held to the pool (end of a step, or an error)."""
+        self.flush()
+        for chunk in list(self.sinks):
+            self.free(chunk)
+        for layer in range(len(self.sliding)):
+            for chunk in list(self.keys[layer]):
+                self._drop_kv(chunk)
+
+    def _drop_kv(self, chunk: int) -> None:
+        for layer in range(len(self.sliding)):
+            for store in (self.keys[layer], self.values[layer]):
+                t = store.pop(chunk, None)
+                if t is not None and self.xfer is not None:
+                    self.xfer.release(t)
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        return self.xfer.to_host(t)[0] if self.xfer is not None else t.detach()
+
+    def kv_bytes(self) -> tuple[int, int]:
+        """(bytes of stored K/V, bytes of relay sums) currently held."""
+        kv = sum(t.numel() * t.element_size() for per in self.keys + self.values for t in per.values())
+        relay = sum(t.numel() * t.element_size() for per in self.sinks.values() for pair in per for s in pair
+                    for t in (s.acc, s.comp) if t is not None)
+        return kv, relay
 
     # -- visibility --------------------------------------------------------
     def _visible(self, layer: int) -> list[int]:
         """Past chunks that layer `layer` attends to from the current chunk."""
-        start = self.bounds[self.chunk][0]
+        start = self.attn_bounds[self.chunk][0]
         if not self.sliding[layer]:
             return list(range(self.chunk))
         first_key = start - self.window + 1  # a query at `start` sees keys >= start - window + 1
-        return [j for j in range(self.chunk) if self.bounds[j][1] > first_key]
+        return [j for j in range(self.chunk) if self.attn_bounds[j][1] > first_key]
 
     def _sink(self, chunk: int, layer: int) -> tuple[RelaySink, RelaySink]:
         per_layer = self.sinks.get(chunk)
         if per_layer is None:
-            per_layer = self.sinks[chunk] = [(RelaySink(), RelaySink()) for _ in self.sliding]
+            per_layer = self.sinks[chunk] = [(RelaySink(self.compensate, self.host_sums),
+                                              RelaySink(self.compensate, self.host_sums)) for _ in self.sliding]
         return per_layer[layer]
+
+    # -- chunked attention (called by the engine's attention function) -------
+    def layer_window(self, layer: int) -> int | None:
+        return self.window if self.sliding[layer] else None
+
+    def mask(self, layer: int, chunk: int, dtype, device):
+        """block_mask of the current chunk's queries over chunk `chunk`'s keys for `layer`."""
+        q0, q1 = self.attn_bounds[self.chunk]
+        k0, k1 = self.attn_bounds[chunk]
+        # key_padding is over local positions, which are the attention positions (no Ulysses with padding)
+        return block_mask(q0, q1, k0, k1, causal=True, window=self.layer_window(layer), key_padding=self.key_padding,
+                          dtype=dtype, device=device)
+
+    def past_blocks(self, layer: int, dtype, device):
+        """Yields (chunk, k, v, mask) for the past chunks `layer` attends to, on the device, in
+        order; with offload the next chunk's copy is in flight while one is used."""
+        items = []
+        for j in self._visible(layer):
+            mask = self.mask(layer, j, dtype, device)
+            if mask is not EMPTY:
+                items.append(((j, mask), (self.keys[layer][j], self.values[layer][j]), self.xfer is not None))
+        if self.xfer is None:
+            for (j, mask), (k, v), _ in items:
+                yield j, k, v, mask
+            return
+        for (j, mask), (k, v) in prefetched(items, self.xfer):
+            yield j, k, v, mask
+
+    def record(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Pass 1: keeps the current chunk's K/V of `layer` (if this chunk stores)."""
+        self.attended.add(layer)
+        if self.mode == "record" and self.store:
+            self.keys[layer][self.chunk] = self._keep(k)
+            self.values[layer][self.chunk] = self._keep(v)
+        elif self.mode == "replay" and layer not in self.fresh:  # a second call is a checkpoint recompute
+            self.fresh[layer] = (k, v)
 
     # -- HF Cache API --------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.attention == "chunked":  # the attention function reads the past itself
+            self.updated.add(layer_idx)
+            return key_states, value_states
         visible = self._visible(layer_idx)
         past_k = [self.keys[layer_idx][j] for j in visible]
         past_v = [self.values[layer_idx][j] for j in visible]

@@ -17,16 +17,20 @@ SpaCO (spaco.py) is this engine with a chunk sampler: it overrides
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..models.hf import HFDecoderAdapter, UnsupportedModelError, unwrap_ddp
 from .chunk_loss import chunk_loss_sum
-from .distributed import sync_gradients
+from .distributed import stash_grads, sum_step_grads, sync_gradients
 from .kv_cache import ChunkKVCache
+from .offload import Transfers, default_pool, park_activations
+from .seco_attention import chunked_attention_impl
 
 
 @dataclass
@@ -50,26 +54,51 @@ class StepResult:
 class SeCO:
     """Exact chunk-wise forward + backward for a HF decoder-only causal LM.
 
-    model: a *ForCausalLM (or a peft PeftModel of one, or a DDP wrapper of either).
-    chunk_size: tokens per chunk (> 0); the last chunk may be shorter.
-    options: ignore_index (default -100).
+    model: a *ForCausalLM (or a peft PeftModel of one, or a DDP wrapper of either), optionally
+        patched by seqwrap.parallel.apply_ulysses (sequence parallelism: see __call__).
+    chunk_size: tokens per chunk (> 0); the last chunk may be shorter. Under Ulysses, tokens
+        of the whole sequence per chunk (each of the P ranks holds chunk_size / P of them).
+    attention: "chunked" (default): the recompute reads the past K/V block by block through
+        the LSE-merging attention (seco_attention.py), never concatenating it; "concat": the
+        cache hands HF's own attention [past ; fresh] K/V (models whose attention does not go
+        through transformers' attention-function registry).
+    offload: keep past K/V and their relayed gradients in (pinned) host memory, prefetched one
+        chunk ahead on a side CUDA stream, and park the tensors the recompute saves for backward
+        (with HF gradient checkpointing: the checkpointed layers' inputs) on the host too.
+        offload_min_bytes: smaller saved tensors stay on the device.
+    ignore_index: label value that does not count (default -100).
     """
 
     name = "SeCO"
     exact_loss = True  # SpaCO(exact_loss=False) reports the unbiased estimate instead
 
-    def __init__(self, model: nn.Module, chunk_size: int = 2048, *, ignore_index: int = -100, **options):
+    def __init__(self, model: nn.Module, chunk_size: int = 2048, *, ignore_index: int = -100,
+                 attention: str = "chunked", offload: bool = False, offload_min_bytes: int = 1 << 20, **options):
         if options:
             raise TypeError(f"seqwrap.{self.name}: unknown option(s) {sorted(options)}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
             raise TypeError(f"seqwrap.{self.name}: chunk_size must be an int, not {type(chunk_size).__name__}")
         if chunk_size <= 0:
             raise ValueError(f"seqwrap.{self.name}: chunk_size must be > 0, got {chunk_size}")
+        if attention not in ("chunked", "concat"):
+            raise ValueError(f"seqwrap.{self.name}: attention must be 'chunked' or 'concat', got {attention!r}")
+        if offload and attention != "chunked":
+            raise ValueError(f"seqwrap.{self.name}: offload=True needs attention='chunked'")
+        if isinstance(offload_min_bytes, bool) or not isinstance(offload_min_bytes, int) or offload_min_bytes < 0:
+            raise ValueError(f"seqwrap.{self.name}: offload_min_bytes must be an int >= 0, got {offload_min_bytes!r}")
         self.model = model
         self.chunk_size = chunk_size
         self.ignore_index = ignore_index
+        self.attention = attention
+        self.offload = bool(offload)
+        self.offload_min_bytes = offload_min_bytes
         self.adapter = HFDecoderAdapter.from_model(model, self.name)
         self._ddp = unwrap_ddp(model)[1]
+        self.group = self.adapter.ulysses_group()
+        if self.group is not None and attention != "chunked":
+            raise ValueError(f"seqwrap.{self.name}: a model patched for Ulysses needs attention='chunked'")
+        self.pool = default_pool() if self.offload else None
+        self.offload_stats: dict = {}
         self.step = 0
 
     # -- what SpaCO overrides ------------------------------------------------
@@ -79,90 +108,170 @@ class SeCO:
 
     # -- one step --------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, *, num_items=None,
-                 loss_scale: float = 1.0) -> StepResult:
+                 attention_mask: torch.Tensor | None = None, *, num_items=None, loss_scale: float = 1.0,
+                 position_ids: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None,
+                 num_items_in_batch=None) -> StepResult:
         """Forward and backward of the whole sequence; parameter .grad accumulates as
         `model(input_ids, labels=labels, attention_mask=attention_mask).loss.backward()` would.
 
         input_ids, labels, attention_mask: (B, T) (or (T,)); labels=None means labels=input_ids.
-        num_items: normaliser of the summed token losses (HF's num_items_in_batch); default the
-                   number of non-ignored labels of the step.
+        num_items: normaliser of the summed token losses (HF's num_items_in_batch, also accepted
+                   under that name); default the number of non-ignored labels of the step.
         loss_scale: extra factor on the gradients (not on the returned loss), e.g. 1/accumulation.
+        position_ids: (B, T) positions for the rotary embeddings (default 0..T-1).
+        shift_labels: (B, T) labels already shifted (shift_labels[b, t] is the target of position t);
+                   replaces labels.
+        Under Ulysses, pass this rank's part from seqwrap.parallel.shard_batch(batch, group,
+        chunk_size=chunk_size) (`engine(**shard)`): loss and gradients are those of the whole
+        sequence on every rank (parameter gradients are summed over the group once per step).
         """
-        ids, labels, mask = self._check_inputs(input_ids, labels, attention_mask)
+        if num_items_in_batch is not None:
+            if num_items is not None:
+                raise TypeError(f"seqwrap.{self.name}: pass num_items or num_items_in_batch, not both")
+            num_items = num_items_in_batch
+        ids, shift, mask, pos = self._check_inputs(input_ids, labels, attention_mask, position_ids, shift_labels)
         B, T = ids.shape
-        shift = F.pad(labels[:, 1:], (0, 1), value=self.ignore_index)  # shift[b, t]: target of position t
+        group, world = self.group, self._world()
         valid = shift != self.ignore_index
         if num_items is None:
-            norm = float(valid.sum())
+            norm = float(self._group_sum(valid.sum()))
         else:
             norm = float(num_items.item() if torch.is_tensor(num_items) else num_items)
             if not norm > 0:
                 raise ValueError(f"seqwrap.{self.name}: num_items must be > 0, got {num_items}")
         norm = norm or 1.0  # no label at all: loss 0, no gradient (HF would give nan)
-        C = self.chunk_size
+        C = self.chunk_size // world  # tokens of each chunk on this rank
         bounds = [(s, min(s + C, T)) for s in range(0, T, C)]
-        counts = [int(valid[:, s:e].sum()) for s, e in bounds]
-        weights = [float(w) for w in self.chunk_weights(counts)]
+        counts = self._group_sum(torch.stack([valid[:, s:e].sum() for s, e in bounds])).tolist()
+        weights = self._same_on_all_ranks([float(w) for w in self.chunk_weights([int(c) for c in counts])])
         selected = [i for i, w in enumerate(weights) if w != 0.0]
         self.step += 1
 
         adapter = self.adapter
-        cache = ChunkKVCache(bounds, [k == "sliding_attention" for k in adapter.layer_kinds], adapter.sliding_window)
-        cuda_dev = ids.device if ids.device.type == "cuda" else None
-        rng = {}
-        total = torch.zeros((), dtype=torch.float64, device=ids.device)
-        last = len(bounds) - 1
-        ckpt = _CheckpointWithCache(adapter, self.name)
-        with ckpt:
-            # pass 1: no grad, in order; keeps K/V; losses of the chunks pass 2 will not recompute
-            # (the K/V of chunks after the last recomputed one serve only the loss report)
-            stop = len(bounds) if self.exact_loss else max(selected, default=-1)
-            with torch.no_grad():
-                for i, (s, e) in enumerate(bounds):
-                    if i >= stop or (i == last and i in selected):
-                        break  # its K/V serve nobody; pass 2 starts with it
-                    rng[i] = _rng_state(cuda_dev)
-                    cache.begin(i, "record", store=i < last)
-                    h = adapter.hidden(ids[:, s:e], None if mask is None else mask[:, :e], cache)
-                    self._check_updates(cache, i)
-                    if i not in selected and self.exact_loss:
-                        total += chunk_loss_sum(adapter.causal_lm, adapter.lm_head, h, shift[:, s:e],
-                                                self.ignore_index).double()
-                    del h
-            # pass 2: with grad, in reverse, only the selected chunks
-            grad_chunks = set(selected)
-            for i in reversed(selected):
-                s, e = bounds[i]
-                if i in rng:  # same dropout masks as in pass 1
-                    _set_rng_state(rng.pop(i), cuda_dev)
-                cache.begin(i, "replay", grad_chunks=grad_chunks)
-                with torch.enable_grad():
-                    h = adapter.hidden(ids[:, s:e], None if mask is None else mask[:, :e], cache)
-                    self._check_updates(cache, i)
-                    loss_i = chunk_loss_sum(adapter.causal_lm, adapter.lm_head, h, shift[:, s:e], self.ignore_index)
-                del h
-                w = weights[i]
-                roots, grads = [], []
-                if loss_i.requires_grad:
-                    roots.append(loss_i)
-                    grads.append(torch.tensor(w * loss_scale / norm, dtype=loss_i.dtype, device=loss_i.device))
-                for t, g in cache.relay_pairs(i):
-                    roots.append(t)
-                    grads.append((g * w).to(t.dtype) if w != 1.0 else g.to(t.dtype))
-                if roots:
-                    torch.autograd.backward(roots, grads)
-                total += loss_i.detach().double() * (1.0 if self.exact_loss else w)
-                del loss_i, roots, grads
-                cache.free(i)
+        xfer = Transfers(ids.device, self.pool) if self.offload else None
+        cache = ChunkKVCache(bounds, [k == "sliding_attention" for k in adapter.layer_kinds], adapter.sliding_window,
+                             attention=self.attention, key_padding=None if mask is None else mask.bool(),
+                             offload=xfer, positions_scale=world,
+                             compensate=adapter.lm_head.weight.dtype in (torch.float16, torch.bfloat16))
+        stash = stash_grads(self._params()) if group is not None else None
+        if self.pool is not None:
+            self.pool.reset_peak()
+        try:
+            with self._attention_context(cache), _CheckpointWithCache(adapter, self.name):
+                total = self._passes(ids, shift, mask, pos, cache, bounds, weights, selected, norm, loss_scale, xfer)
+        finally:
+            cache.release_all()
+        if group is not None:
+            total = sum_step_grads(self._params(), stash, group, total)
         if self._ddp is not None:
             sync_gradients(self._ddp)
+        if self.pool is not None:
+            self.offload_stats = {"host_peak_bytes": self.pool.peak_in_use, "host_reserved_bytes": self.pool.reserved,
+                                  "parked_bytes": self.offload_stats.get("parked_bytes", 0)}
         num_tokens = int(mask.sum()) if mask is not None else B * T
         loss_dtype = torch.float64 if adapter.lm_head.weight.dtype == torch.float64 else torch.float32
         return StepResult((total / norm).to(loss_dtype), num_tokens, norm, len(bounds), len(selected))
 
+    def _passes(self, ids, shift, mask, pos, cache, bounds, weights, selected, norm, loss_scale, xfer):
+        """Pass 1 and pass 2 of one step; returns the summed token losses (float64, 0-d)."""
+        adapter = self.adapter
+        cuda_dev = ids.device if ids.device.type == "cuda" else None
+        rng = {}
+        total = torch.zeros((), dtype=torch.float64, device=ids.device)
+        last = len(bounds) - 1
+        self.offload_stats = {}
+
+        def run(i):
+            s, e = bounds[i]
+            h = adapter.hidden(ids[:, s:e], None if mask is None else mask[:, :e], cache,
+                               None if pos is None else pos[:, s:e])
+            self._check_updates(cache, i)
+            return h
+
+        # pass 1: no grad, in order; keeps K/V; losses of the chunks pass 2 will not recompute
+        # (the K/V of chunks after the last recomputed one serve only the loss report)
+        stop = len(bounds) if self.exact_loss else max(selected, default=-1)
+        with torch.no_grad():
+            for i, (s, e) in enumerate(bounds):
+                if i >= stop or (i == last and i in selected):
+                    break  # its K/V serve nobody; pass 2 starts with it
+                rng[i] = _rng_state(cuda_dev)
+                cache.begin(i, "record", store=i < last)
+                h = run(i)
+                if i not in selected and self.exact_loss:
+                    total += chunk_loss_sum(adapter.causal_lm, adapter.lm_head, h, shift[:, s:e],
+                                            self.ignore_index).double()
+                del h
+        # pass 2: with grad, in reverse, only the selected chunks
+        grad_chunks = set(selected)
+        skip = self._param_storages() if xfer is not None else None
+        for i in reversed(selected):
+            s, e = bounds[i]
+            if i in rng:  # same dropout masks as in pass 1
+                _set_rng_state(rng.pop(i), cuda_dev)
+            cache.begin(i, "replay", grad_chunks=grad_chunks)
+            with torch.enable_grad(), self._parking(xfer, skip):
+                h = run(i)
+                loss_i = chunk_loss_sum(adapter.causal_lm, adapter.lm_head, h, shift[:, s:e], self.ignore_index)
+            del h
+            w = weights[i]
+            roots, grads = [], []
+            if loss_i.requires_grad:
+                roots.append(loss_i)
+                grads.append(torch.tensor(w * loss_scale / norm, dtype=loss_i.dtype, device=loss_i.device))
+            for t, g in cache.relay_pairs(i):
+                roots.append(t)
+                grads.append((g * w).to(t.dtype) if w != 1.0 else g.to(t.dtype))
+            if roots:
+                torch.autograd.backward(roots, grads)
+            cache.flush()
+            total += loss_i.detach().double() * (1.0 if self.exact_loss else w)
+            del loss_i, roots, grads
+            cache.free(i)
+        return total
+
+    # -- helpers -----------------------------------------------------------------
+    def _attention_context(self, cache):
+        if self.attention == "chunked":
+            return chunked_attention_impl(self.adapter.causal_lm, cache)
+        return nullcontext()
+
+    def _parking(self, xfer, skip):
+        if xfer is None:
+            return nullcontext()
+        return park_activations(xfer, skip, self.offload_min_bytes, self.offload_stats)
+
+    def _param_storages(self) -> set[int]:
+        """Storages of the model's parameters and buffers (never parked on the host)."""
+        lm = self.adapter.causal_lm
+        return {t.untyped_storage().data_ptr() for t in list(lm.parameters()) + list(lm.buffers())}
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for p in self.adapter.causal_lm.parameters() if p.requires_grad]
+
+    def _world(self) -> int:
+        return 1 if self.group is None else dist.get_world_size(self.group)
+
+    def _group_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the Ulysses group (identity without one)."""
+        if self.group is None:
+            return t
+        t = t.to(torch.float64).clone()
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def _same_on_all_ranks(self, weights: list[float]) -> list[float]:
+        """Under Ulysses every rank must run the same chunks: rank 0's draw is used."""
+        if self.group is None:
+            return weights
+        t = torch.tensor(weights, dtype=torch.float64)
+        dist.broadcast(t, group=self.group, group_src=0)
+        return t.tolist()
+
     # -- checks ----------------------------------------------------------------
-    def _check_inputs(self, input_ids, labels, attention_mask):
+    def _check_inputs(self, input_ids, labels, attention_mask, position_ids=None, shift_labels=None):
+        """(input_ids, shifted labels, attention_mask or None, position_ids or None), (B, T) each, on the
+        model's device; shifted[b, t] is the target of position t (ignore_index where there is none)."""
         name = self.name
         if not torch.is_tensor(input_ids):
             raise TypeError(f"seqwrap.{name}: input_ids must be a tensor, not {type(input_ids).__name__}")
@@ -170,24 +279,23 @@ class SeCO:
             raise TypeError(f"seqwrap.{name}: input_ids must hold integer token ids, not {input_ids.dtype}")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
-            labels = labels.unsqueeze(0) if torch.is_tensor(labels) and labels.dim() == 1 else labels
-            if torch.is_tensor(attention_mask) and attention_mask.dim() == 1:
-                attention_mask = attention_mask.unsqueeze(0)
+            labels, attention_mask, position_ids, shift_labels = (
+                t.unsqueeze(0) if torch.is_tensor(t) and t.dim() == 1 else t
+                for t in (labels, attention_mask, position_ids, shift_labels))
         if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
             raise ValueError(f"seqwrap.{name}: input_ids must be (batch, seq_len) and non-empty, "
                              f"got shape {tuple(input_ids.shape)}")
-        if labels is None:
-            labels = input_ids
-        if not torch.is_tensor(labels) or labels.shape != input_ids.shape:
-            got = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
-            raise ValueError(f"seqwrap.{name}: labels shape {got} does not match input_ids shape "
-                             f"{tuple(input_ids.shape)} (labels are aligned with input_ids and shifted inside)")
-        if attention_mask is not None and (not torch.is_tensor(attention_mask)
-                                           or attention_mask.shape != input_ids.shape):
-            got = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
-            raise ValueError(f"seqwrap.{name}: attention_mask shape {got} does not match input_ids shape "
-                             f"{tuple(input_ids.shape)}")
-        T = input_ids.shape[1]
+        shape = tuple(input_ids.shape)
+        if shift_labels is not None:
+            what, labels = "shift_labels", shift_labels
+        else:
+            what, labels = "labels", input_ids if labels is None else labels
+        for arg, t in ((what, labels), ("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if t is not None and (not torch.is_tensor(t) or tuple(t.shape) != shape):
+                got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+                hint = " (labels are aligned with input_ids and shifted inside)" if arg == "labels" else ""
+                raise ValueError(f"seqwrap.{name}: {arg} shape {got} does not match input_ids shape {shape}{hint}")
+        T = shape[1] * self._world()
         limit = self.adapter.max_positions
         if limit is not None and T > limit:
             raise ValueError(f"seqwrap.{name}: input of {T} tokens is longer than the model's limit "
@@ -195,11 +303,26 @@ class SeCO:
         device = self.adapter.lm_head.weight.device
         input_ids = input_ids.to(device)
         labels = labels.to(device=device, dtype=torch.long)
+        if shift_labels is None:
+            labels = F.pad(labels[:, 1:], (0, 1), value=self.ignore_index)
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
             if bool(attention_mask.all()):
                 attention_mask = None  # no padding: same result, and the causal fast path
-        return input_ids, labels, attention_mask
+        if position_ids is not None:
+            position_ids = position_ids.to(device=device, dtype=torch.long)
+        if self.group is not None:
+            world = self._world()
+            if attention_mask is not None:
+                raise ValueError(f"seqwrap.{name}: padded batches are not supported under Ulysses; pack sequences")
+            if position_ids is None or shift_labels is None:
+                raise ValueError(f"seqwrap.{name}: under Ulysses pass this rank's shard from "
+                                 "seqwrap.parallel.shard_batch(batch, group, chunk_size=...), with its position_ids "
+                                 "and shift_labels")
+            if self.chunk_size % world:
+                raise ValueError(f"seqwrap.{name}: chunk_size {self.chunk_size} is not a multiple of the {world} "
+                                 "Ulysses ranks")
+        return input_ids, labels, attention_mask, position_ids
 
     def _check_updates(self, cache: ChunkKVCache, chunk: int) -> None:
         n = len(cache.updated)
@@ -208,6 +331,12 @@ class SeCO:
                 f"seqwrap.{self.name} does not support model_type '{self.adapter.model_type}': only {n} of its "
                 f"{self.adapter.num_layers} layers passed their keys/values through the HF Cache API "
                 f"(past_key_values.update) in chunk {chunk}"
+            )
+        if self.attention == "chunked" and len(cache.attended) != n:
+            raise UnsupportedModelError(
+                f"seqwrap.{self.name}: model_type '{self.adapter.model_type}' ran attention outside transformers' "
+                f"attention-function registry in {n - len(cache.attended)} of its {n} layers; use "
+                f"seqwrap.{self.name}(model, attention='concat')"
             )
 
 

@@ -118,9 +118,20 @@ class HFDecoderAdapter:
                 return list(layers)
         return []
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor:
+    def ulysses_group(self):
+        """The process group of seqwrap.parallel.apply_ulysses, if the model was patched, else None."""
+        for m in self.causal_lm.modules():
+            state = getattr(m, "_seqwrap_ulysses", None)
+            if state is not None:
+                return state[0]
+        return None
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden states (B, L, hidden) of one chunk, its past held by `cache`."""
-        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        kwargs = {} if position_ids is None else {"position_ids": position_ids}
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                           **kwargs)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 

@@ -20,81 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .._ext import C
-from ._stream import stream_for
-
-
-def _expand_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, Hkv, T, D) -> (B, Hkv * groups, T, D), each kv head repeated for its group of q heads."""
-    if groups == 1:
-        return t
-    b, h, n, d = t.shape
-    return t[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
-
-
-def _reduce_kv_grad(g: torch.Tensor, groups: int) -> torch.Tensor:
-    if groups == 1:
-        return g
-    b, h, n, d = g.shape
-    return g.reshape(b, h // groups, groups, n, d).sum(2)
-
-
-def _block_mask(q0, q1, k0, k1, causal, window, dtype, device):
-    """None if every (q, k) pair of the block is allowed, "empty" if none is, else an additive
-    (q1-q0, k1-k0) mask (0 allowed, -inf masked). Allowed: k <= q (causal) and q - k < window."""
-    lo_gap, hi_gap = q0 - (k1 - 1), (q1 - 1) - k0  # smallest and largest q - k in the block
-    if (causal and hi_gap < 0) or (window is not None and lo_gap >= window):
-        return "empty"
-    if (not causal or lo_gap >= 0) and (window is None or hi_gap < window):
-        return None
-    qi = torch.arange(q0, q1, device=device)[:, None]
-    ki = torch.arange(k0, k1, device=device)[None, :]
-    allowed = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=device)
-    if causal:
-        allowed &= ki <= qi
-    if window is not None:
-        allowed &= (qi - ki) < window
-    zero = torch.zeros((), dtype=dtype, device=device)
-    return torch.where(allowed, zero, torch.full((), float("-inf"), dtype=dtype, device=device))
-
-
-def _fused_available(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
-
-
-def _block_forward(q, k, v, mask, scale):
-    """Attention of q over one k/v block: (out (B,H,Tq,D) in q.dtype, lse (B,H,Tq) real)."""
-    if _fused_available(q):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
-        if mask is not None:  # the fused kernel reports lse 0 (not -inf) for a row with every key masked
-            lse = lse.masked_fill(torch.isneginf(mask).all(-1), float("-inf"))
-        return out, lse
-    real = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = torch.matmul(q.to(real), k.to(real).transpose(-1, -2)) * scale
-    if mask is not None:
-        s = s + mask.to(real)
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
-    return torch.matmul(p, v.to(real)).to(q.dtype), lse
-
-
-def _block_backward(dout, q, k, v, out, lse, mask, scale):
-    """Gradients of one block's contribution, from the final output and the global lse."""
-    if _fused_available(q):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32), 0.0, False,
-            attn_mask=mask, scale=scale)
-    real = lse.dtype
-    qr, kr, vr, dor = q.to(real), k.to(real), v.to(real), dout.to(real)
-    s = torch.matmul(qr, kr.transpose(-1, -2)) * scale
-    if mask is not None:
-        s = s + mask.to(real)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)                 # (B,H,Tq,Tk) block probabilities
-    dv = torch.matmul(p.transpose(-1, -2), dor)
-    dp = torch.matmul(dor, vr.transpose(-1, -2))
-    delta = (dor * out.to(real)).sum(-1, keepdim=True)                # rowsum(dO * O), global O
-    ds = p * (dp - delta) * scale
-    return torch.matmul(ds, kr).to(q.dtype), torch.matmul(ds.transpose(-1, -2), qr).to(k.dtype), dv.to(v.dtype)
+from .attention_blocks import EMPTY, attend, attend_block_backward, backward_lse, block_mask
 
 
 def _blocks(t, chunk, causal, window, dtype, device):
@@ -104,8 +30,8 @@ def _blocks(t, chunk, causal, window, dtype, device):
         kv = []
         for k0 in range(0, t, chunk):
             k1 = min(t, k0 + chunk)
-            mask = _block_mask(q0, q1, k0, k1, causal, window, dtype, device)
-            if not (isinstance(mask, str) and mask == "empty"):
+            mask = block_mask(q0, q1, k0, k1, causal=causal, window=window, dtype=dtype, device=device)
+            if mask is not EMPTY:
                 kv.append((k0, k1, mask))
         yield q0, q1, kv
 
@@ -113,42 +39,35 @@ def _blocks(t, chunk, causal, window, dtype, device):
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, chunk, causal, window, scale):
-        b, hq, t, d = q.shape
-        groups = hq // k.shape[1]
-        real = torch.float64 if q.dtype == torch.float64 else torch.float32
+        t = q.shape[2]
         out = torch.empty_like(q)
-        lse = torch.empty(b, hq, t, dtype=real, device=q.device)
-        stream = stream_for(q)
+        lse = None
         for q0, q1, kv in _blocks(t, chunk, causal, window, q.dtype, q.device):
-            acc = torch.zeros(b, hq, q1 - q0, d, dtype=real, device=q.device)
-            acc_lse = torch.full((b, hq, q1 - q0), float("-inf"), dtype=real, device=q.device)
-            qc = q[:, :, q0:q1]
-            for k0, k1, mask in kv:
-                bo, bl = _block_forward(qc, _expand_kv(k[:, :, k0:k1], groups), _expand_kv(v[:, :, k0:k1], groups), mask, scale)
-                C.lse_merge(acc, acc_lse, bo.contiguous(), bl.to(real).contiguous(), stream)
-            out[:, :, q0:q1] = acc.to(q.dtype)
-            lse[:, :, q0:q1] = acc_lse
+            o, l = attend(q[:, :, q0:q1], ((k[:, :, k0:k1], v[:, :, k0:k1], m) for k0, k1, m in kv), scale)
+            if lse is None:
+                lse = torch.empty(*q.shape[:3], dtype=l.dtype, device=q.device)
+            out[:, :, q0:q1] = o
+            lse[:, :, q0:q1] = l
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.config = (chunk, causal, window, scale, groups)
+        ctx.config = (chunk, causal, window, scale)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        chunk, causal, window, scale, groups = ctx.config
-        t = q.shape[2]
+        chunk, causal, window, scale = ctx.config
+        lse = backward_lse(lse)
         dq = torch.zeros_like(q, dtype=lse.dtype)
         dk = torch.zeros(k.shape, dtype=lse.dtype, device=k.device)
         dv = torch.zeros(v.shape, dtype=lse.dtype, device=v.device)
         dout = dout.contiguous()
-        for q0, q1, kv in _blocks(t, chunk, causal, window, q.dtype, q.device):
+        for q0, q1, kv in _blocks(q.shape[2], chunk, causal, window, q.dtype, q.device):
             qc, oc, lc, gc = q[:, :, q0:q1], out[:, :, q0:q1], lse[:, :, q0:q1], dout[:, :, q0:q1]
             for k0, k1, mask in kv:
-                gq, gk, gv = _block_backward(gc, qc, _expand_kv(k[:, :, k0:k1], groups),
-                                             _expand_kv(v[:, :, k0:k1], groups), oc, lc, mask, scale)
+                gq, gk, gv = attend_block_backward(gc, qc, k[:, :, k0:k1], v[:, :, k0:k1], oc, lc, mask, scale)
                 dq[:, :, q0:q1] += gq
-                dk[:, :, k0:k1] += _reduce_kv_grad(gk, groups)
-                dv[:, :, k0:k1] += _reduce_kv_grad(gv, groups)
+                dk[:, :, k0:k1] += gk
+                dv[:, :, k0:k1] += gv
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 

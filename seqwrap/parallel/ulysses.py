@@ -35,6 +35,24 @@ def _repeat_heads(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)
 
 
+def to_head_shards(query, key, value, group):
+    """Sequence shards -> head shards: query (B, Hq, s, D), key/value (B, Hkv, s, D) of this rank's
+    part of the sequence become (B, Hq/P, S, D) and (B, Hkv'/P, S, D) over the whole sequence, K/V
+    heads replicated first when Hkv is not a multiple of P (differentiable)."""
+    p = dist.get_world_size(group)
+    hq, hkv = query.shape[1], key.shape[1]
+    if hq % p:
+        raise ValueError(f"seqwrap.parallel: {hq} query heads cannot be split over {p} ranks")
+    if hkv % p:  # replicate K/V heads so they split like the query heads
+        key, value = _repeat_heads(key, hq // hkv), _repeat_heads(value, hq // hkv)
+    return SeqToHeads.apply(query, group), SeqToHeads.apply(key, group), SeqToHeads.apply(value, group)
+
+
+def from_head_shards(out, group):
+    """Head shards -> sequence shards: (B, Hq/P, S, D) -> (B, Hq, s, D) (differentiable)."""
+    return HeadsToSeq.apply(out, group)
+
+
 def ulysses_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
                       **kwargs):
     """transformers attention-function signature; query (B, Hq, s, D), key/value (B, Hkv, s, D) for the local shard.
@@ -47,20 +65,12 @@ def ulysses_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         raise ValueError("seqwrap.parallel: attention dropout is not supported under Ulysses")
     if attention_mask is not None:
         raise ValueError("seqwrap.parallel: padding masks are not supported under Ulysses; pack sequences instead")
-    p = dist.get_world_size(group)
-    hq, hkv = query.shape[1], key.shape[1]
-    if hq % p:
-        raise ValueError(f"seqwrap.parallel: {hq} query heads cannot be split over {p} ranks")
-    if hkv % p:  # replicate K/V heads so they split like the query heads
-        key, value = _repeat_heads(key, hq // hkv), _repeat_heads(value, hq // hkv)
-    q = SeqToHeads.apply(query, group)
-    k = SeqToHeads.apply(key, group)
-    v = SeqToHeads.apply(value, group)
+    q, k, v = to_head_shards(query, key, value, group)
     if sliding_window is not None or chunk_size is not None:
         out = chunked_attention(q, k, v, chunk_size=chunk_size or q.shape[2], window=sliding_window, scale=scaling)
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
-    out = HeadsToSeq.apply(out, group)                        # (B, Hq, s, D)
+    out = from_head_shards(out, group)                        # (B, Hq, s, D)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,0 +1,247 @@
+"""Host offload for the chunked engines: pinned buffer pool, side-stream copies with prefetch,
+host-side gradient accumulation and activation parking (FPDT, Yao et al. 2024).
+
+On a CUDA device every host buffer is pinned and comes from a `HostPool` that keeps freed
+buffers for the next chunk and the next step (pinning memory is slow). Device -> host and
+host -> device copies run on one side stream (`Transfers`), so they overlap compute on torch's
+current stream; the two streams meet only through events. Copies on one side stream stay in
+issue order, so a host buffer written by a device -> host copy is complete before a later
+host -> device copy of it starts. `prefetched` hands out device copies of a list of host
+tensors with the copy of the next item already in flight (double buffering).
+
+On a CPU device there is nothing to overlap: the same code runs with synchronous copies into
+pool buffers, so the bookkeeping is exercised (and tested) on any machine.
+"""
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+
+import torch
+
+from ..ops.kahan import kahan_accumulate_
+
+
+class HostPool:
+    """Host buffers by byte size, reused across chunks and steps.
+
+    get(shape, dtype) hands out a buffer (contents undefined); release(t, event) returns it,
+    `event` (a CUDA event or None) marking the last device-side use: a later get() of the same
+    size waits for it. Pinned when CUDA is available (unless pin=False).
+    """
+
+    def __init__(self, pin: bool | None = None):
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self._free: dict[int, list[tuple[torch.Tensor, object]]] = {}
+        self._lent: dict[int, torch.Tensor] = {}   # data_ptr -> buffer handed out
+        self.reserved = 0      # bytes allocated by the pool
+        self.in_use = 0        # bytes handed out and not yet released
+        self.peak_in_use = 0
+
+    def get(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        shape = tuple(shape)
+        numel = 1
+        for n in shape:
+            numel *= n
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        free = self._free.get(nbytes)
+        if free:
+            buf, event = free.pop()
+            if event is not None:
+                event.synchronize()
+        else:
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+            self.reserved += nbytes
+        self.in_use += nbytes
+        self.peak_in_use = max(self.peak_in_use, self.in_use)
+        self._lent[buf.data_ptr()] = buf
+        return buf.view(dtype).view(shape)
+
+    def zeros(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        return self.get(shape, dtype).zero_()
+
+    def release(self, t: torch.Tensor, event=None) -> None:
+        buf = self._lent.pop(t.data_ptr(), None)
+        if buf is None:
+            raise ValueError("HostPool.release: not a buffer handed out by this pool (or released twice)")
+        self.in_use -= buf.numel()
+        self._free.setdefault(buf.numel(), []).append((buf, event))
+
+    def reset_peak(self) -> None:
+        self.peak_in_use = self.in_use
+
+
+_DEFAULT_POOL: HostPool | None = None
+
+
+def default_pool() -> HostPool:
+    """The process-wide pool the engines share (so buffers survive from one step to the next)."""
+    global _DEFAULT_POOL
+    if _DEFAULT_POOL is None:
+        _DEFAULT_POOL = HostPool()
+    return _DEFAULT_POOL
+
+
+class Transfers:
+    """Copies between the compute device and host pool buffers, on one side stream for CUDA."""
+
+    def __init__(self, device: torch.device, pool: HostPool):
+        self.device = torch.device(device)
+        self.pool = pool
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+
+    def to_host(self, t: torch.Tensor):
+        """Copy of t (detached) into a pool buffer: (host tensor, event marking the copy's end)."""
+        t = t.detach()
+        host = self.pool.get(t.shape, t.dtype)
+        if not self.cuda:
+            host.copy_(t)
+            return host, None
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # t is produced on the current stream
+        with torch.cuda.stream(self.stream):
+            host.copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        t.record_stream(self.stream)  # the allocator must not reuse t before the copy has read it
+        return host, event
+
+    def start_to_device(self, host: torch.Tensor):
+        """Starts a host -> device copy on the side stream: (device tensor, event). CPU: (host, None)."""
+        if not self.cuda:
+            return host, None
+        with torch.cuda.stream(self.stream):
+            dev = host.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return dev, event
+
+    def finish(self, dev: torch.Tensor, event) -> torch.Tensor:
+        """Makes the current stream wait for a copy started by start_to_device; returns the tensor."""
+        if event is None:
+            return dev
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        dev.record_stream(current)
+        return dev
+
+    def release(self, host: torch.Tensor) -> None:
+        """Returns a pool buffer; on CUDA its reuse waits for the side-stream copies issued so far."""
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.pool.release(host, event)
+
+
+def prefetched(items, xfer: Transfers):
+    """items: iterable of (key, tensors, on_host). Yields (key, tensors on the device) in order;
+    host tensors are copied, and the copies of the next item are already in flight while the
+    current one is used (double buffering). Device tensors pass through as they are."""
+    def start(item):
+        if item is None:
+            return None
+        key, tensors, on_host = item
+        return key, [xfer.start_to_device(t) if on_host else (t, None) for t in tensors]
+
+    it = iter(items)
+    current = start(next(it, None))
+    while current is not None:
+        following = start(next(it, None))
+        key, copies = current
+        yield key, tuple(xfer.finish(d, e) for d, e in copies)
+        current = following
+
+
+class HostAccumulator:
+    """Host-side sums of gradients that arrive on the device (relayed dK/dV of offloaded chunks).
+
+    add(acc, comp, g): acc (float32/64 pool buffer) += g, Kahan-compensated through comp for
+    half-precision g. On CUDA g goes to a pinned staging buffer on the side stream and is added
+    on the host once the copy is done (flush(), or when too many copies are pending).
+    """
+
+    def __init__(self, xfer: Transfers, max_pending: int = 16):
+        self.xfer = xfer
+        self.max_pending = max_pending
+        self._pending: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, object]] = []
+
+    def add(self, acc: torch.Tensor, comp: torch.Tensor | None, g: torch.Tensor) -> None:
+        if not self.xfer.cuda:
+            _host_add(acc, comp, g.detach())
+            return
+        staging, event = self.xfer.to_host(g)
+        self._pending.append((acc, comp, staging, event))
+        if len(self._pending) > self.max_pending:
+            self.flush()
+
+    def flush(self) -> None:
+        for acc, comp, staging, event in self._pending:
+            event.synchronize()
+            _host_add(acc, comp, staging)
+            self.xfer.pool.release(staging)  # its copy is done (synchronized above)
+        self._pending.clear()
+
+
+def _host_add(acc, comp, g):
+    if comp is not None:
+        kahan_accumulate_([acc], [comp], [g.contiguous()], 1.0)
+    else:
+        acc.add_(g)
+
+
+class _Parked:
+    """A saved activation parked on the host (see park_activations)."""
+
+    __slots__ = ("host", "event", "device_copy", "index", "__weakref__")
+
+    def __init__(self, host, event, index):
+        self.host, self.event, self.device_copy, self.index = host, event, None, index
+
+
+@contextmanager
+def park_activations(xfer: Transfers, skip_storages: set[int], min_bytes: int, stats: dict):
+    """Saved-tensor hooks: every tensor autograd saves inside the block (outside checkpointed
+    regions: with HF gradient checkpointing, the inputs of the checkpointed layers) is copied to
+    the host and brought back when the backward needs it, the previous one (in save order)
+    prefetched at the same time. Parameters (storages in skip_storages), tensors on another
+    device and tensors under min_bytes stay where they are. stats["parked_bytes"] counts."""
+    order: list[weakref.ref] = []
+    device_type = xfer.device.type
+
+    def pack(t):
+        nbytes = t.numel() * t.element_size()
+        if (t.device.type != device_type or nbytes < min_bytes or t.layout != torch.strided
+                or t.untyped_storage().data_ptr() in skip_storages):
+            return t
+        if not xfer.cuda:  # CPU: a synchronous copy, handed back as it is
+            parked = _Parked(t.detach().clone(), None, len(order))
+        else:
+            host, event = xfer.to_host(t)
+            parked = _Parked(host, event, len(order))
+            weakref.finalize(parked, xfer.release, host)
+        order.append(weakref.ref(parked))
+        stats["parked_bytes"] = stats.get("parked_bytes", 0) + nbytes
+        return parked
+
+    def fetch(parked):
+        if parked.device_copy is None:
+            parked.device_copy = xfer.start_to_device(parked.host)
+        return parked.device_copy
+
+    def unpack(packed):
+        if not isinstance(packed, _Parked):
+            return packed
+        if not xfer.cuda:
+            return packed.host
+        dev, event = fetch(packed)
+        i = packed.index
+        if i > 0:  # backward runs roughly in reverse save order: prefetch the previous one
+            prev = order[i - 1]()
+            if prev is not None:
+                fetch(prev)
+        packed.device_copy = None
+        return xfer.finish(dev, event)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
