@@ -44,6 +44,17 @@ def single_process(kind):
     return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def full_backprop_f64(kind):
+    """Full backprop with the loss formed in float64 (HF's own loss upcasts logits to float32)."""
+    model = tiny_model(kind)
+    data = batch()
+    logits = model(data["input_ids"]).logits
+    shift = torch.nn.functional.pad(data["labels"][:, 1:], (0, 1), value=-100)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), shift.flatten(), reduction="sum") / (shift != -100).sum()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 CASES = [("llama", None), ("mistral", None), ("qwen2_mqa", 5)]
 
 
@@ -61,6 +72,29 @@ def ulysses_step(kind, chunk_size):
     return total.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def engine_step(kind, world, engine="seco", offload=False, single=False):
+    """SeCO / SpaCO over a Ulysses-patched model on this rank's interleaved shard (single=True: the same
+    engine in one process over the whole sequence, the reference)."""
+    import seqwrap
+    import seqwrap.parallel as sp
+
+    chunk = 20 if world == 4 else 10  # chunks of 20+4 / 10+10+4 tokens: the last one shorter
+    model = tiny_model(kind)
+    kw = dict(rate=0.5, seed=3) if engine == "spaco" else {}
+    cls = seqwrap.SpaCO if engine == "spaco" else seqwrap.SeCO
+    if single:
+        out = cls(model, chunk_size=chunk, **kw)(**batch())
+    else:
+        sp.apply_ulysses(model)
+        out = cls(model, chunk_size=chunk, offload=offload, offload_min_bytes=0, **kw)(
+            **sp.shard_batch(batch(), None, chunk_size=chunk))
+    return out.loss.item(), out.backward_chunks, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+ENGINE_CASES = [("llama", "seco", False), ("mistral", "seco", True), ("qwen2_mqa", "seco", False),
+                ("llama", "spaco", False)]
+
+
 def bad_calls():
     import seqwrap.parallel as sp
 
@@ -69,7 +103,8 @@ def bad_calls():
     for call in (lambda: sp.shard_batch({"input_ids": torch.zeros(1, 7, dtype=torch.long)}),
                  lambda: sp.shard_batch({"input_ids": torch.zeros(1, 8, dtype=torch.long),
                                          "attention_mask": torch.tensor([[1] * 7 + [0]])}),
-                 lambda: sp.apply_ulysses(model, chunk_size=0)):
+                 lambda: sp.apply_ulysses(model, chunk_size=0),
+                 lambda: sp.shard_batch({"input_ids": torch.zeros(1, 8, dtype=torch.long)}, chunk_size=3)):
         try:
             call()
             errors.append(None)
@@ -80,7 +115,8 @@ def bad_calls():
 
 def worker(rank, world):
     """Everything a rank does, in one spawn per world size (starting processes is the slow part)."""
-    return {"steps": {kind: ulysses_step(kind, chunk) for kind, chunk in CASES}, "errors": bad_calls()}
+    return {"steps": {kind: ulysses_step(kind, chunk) for kind, chunk in CASES}, "errors": bad_calls(),
+            "engines": [engine_step(kind, world, engine, offload) for kind, engine, offload in ENGINE_CASES]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,11 +138,34 @@ def test_matches_single_process(world):
                                            msg=lambda m: f"{kind} rank {rank} {name}: {m}")
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_seco_and_spaco_over_ulysses(world):
+    """Each rank chunks its interleaved shard; every rank ends with the whole sequence's loss and
+    gradients: those of full backprop (SeCO) or of the same SpaCO draw in one process."""
+    results = distributed_results(world)
+    for n, (kind, engine, offload) in enumerate(ENGINE_CASES):
+        if engine == "seco":
+            ref_loss, ref_grads = full_backprop_f64(kind)
+            ref_chunks = None
+        else:
+            ref_loss, ref_chunks, ref_grads = engine_step(kind, world, engine, single=True)
+            assert 0 < ref_chunks < 3  # the draw skips a chunk: a real sparse step
+        for rank, res in enumerate(results):
+            loss, chunks, grads = res["engines"][n]
+            assert abs(loss - ref_loss) <= 1e-10 * abs(ref_loss), (kind, engine, rank, loss, ref_loss)
+            if ref_chunks is not None:
+                assert chunks == ref_chunks
+            for name, g in grads.items():
+                torch.testing.assert_close(g, ref_grads[name], rtol=1e-10, atol=1e-12,
+                                           msg=lambda m: f"{kind} {engine} rank {rank} {name}: {m}")
+
+
 def test_bad_inputs():
     errors = distributed_results(2)[0]["errors"]
     assert "not a multiple of the 2 ranks" in errors[0]
     assert "padded batches are not supported" in errors[1]
     assert "chunk_size must be a positive int" in errors[2]
+    assert "chunk_size must be a positive multiple of the 2 ranks" in errors[3]
 
 
 def test_requires_distributed():
