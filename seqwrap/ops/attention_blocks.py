@@ -10,9 +10,11 @@ Masks are additive float tensors broadcastable to (B, Hq, Lq, Lk) (0 allowed, -i
 None when every pair of the block is allowed; `block_mask` builds them from positions (causal,
 sliding window, key padding) and says when a block is empty so it can be skipped.
 
-Blocks run on torch's fused CPU attention kernel that returns the LSE
-(aten::_scaled_dot_product_flash_attention_for_cpu and its backward); elsewhere, and with a
-logit soft-cap (Gemma2: cap * tanh(s / cap)), on a plain-torch block (matmul + logsumexp).
+Blocks run on torch's fused attention kernels that return the LSE: on CPU
+aten::_scaled_dot_product_flash_attention_for_cpu (any float dtype), on CUDA
+aten::_scaled_dot_product_efficient_attention (float32/16, bfloat16; additive bias), each with its
+backward. float64 on CUDA and a logit soft-cap (Gemma2: cap * tanh(s / cap)) use a plain-torch
+block (matmul + logsumexp), exact but slower.
 """
 from __future__ import annotations
 
@@ -82,6 +84,60 @@ def _fused_available(q: torch.Tensor, softcap) -> bool:
     return q.device.type == "cpu" and softcap is None
 
 
+# CUDA: torch's memory-efficient attention kernel returns the lse and takes an additive bias.
+# It runs float32/float16/bfloat16 with head_dim a multiple of 8 (4 for float32); float64, a
+# soft-cap or a failing call (an older or newer torch with another signature: warned once)
+# fall back to the plain-torch block.
+_CUDA_FUSED = {"ok": True}
+
+
+def _cuda_fused_available(q: torch.Tensor, softcap) -> bool:
+    if not (_CUDA_FUSED["ok"] and q.is_cuda and softcap is None):
+        return False
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return q.shape[-1] % 8 == 0
+    return q.dtype == torch.float32 and q.shape[-1] % 4 == 0
+
+
+def _cuda_fused_failed(err: Exception) -> None:
+    import warnings
+
+    _CUDA_FUSED["ok"] = False
+    warnings.warn(f"seqwrap: torch's fused CUDA attention block failed ({err}); using the plain-torch block",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _cuda_bias(mask, q, k):
+    """The efficient kernel's bias: (B, H, Lq, Lk) in q's dtype, last dim stored padded to 16."""
+    if mask is None:
+        return None
+    m = mask.to(q.dtype)
+    lk = m.shape[-1]
+    buf = m.new_empty(*m.shape[:-1], (lk + 15) // 16 * 16)
+    buf[..., :lk] = m
+    return buf[..., :lk].expand(q.shape[0], q.shape[1], q.shape[2], lk)
+
+
+def _cuda_block_forward(q, k, v, mask, scale):
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, _cuda_bias(mask, q, k), True, 0.0, False, scale=scale)
+    lse = lse[..., :q.shape[2]]  # stored padded to a multiple of 32 rows
+    if mask is not None:  # a row with every key masked reports lse 0: make it -inf
+        lse = lse.masked_fill(torch.isneginf(mask).all(-1), float("-inf"))
+    return out, lse
+
+
+def _cuda_block_backward(dout, q, k, v, out, lse, mask, scale):
+    lq = q.shape[2]
+    padded = torch.full((*lse.shape[:2], (lq + 31) // 32 * 32), float("inf"), dtype=torch.float32, device=q.device)
+    padded[..., :lq] = lse
+    no_rng = torch.zeros((), dtype=torch.int64)
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dout.to(q.dtype), q, k, v, _cuda_bias(mask, q, k), out.to(q.dtype), padded, no_rng, no_rng, 0.0,
+        [True, True, True, False], False, scale=scale)
+    return dq, dk, dv
+
+
 def _scores(q, k, mask, scale, softcap, real):
     """Block scores in `real`: (scale * q k^T, soft-capped), plus the mask; and tanh(.) for the cap's backward."""
     s = torch.matmul(q.to(real), k.to(real).transpose(-1, -2)) * scale
@@ -97,6 +153,11 @@ def _scores(q, k, mask, scale, softcap, real):
 def block_forward(q, k, v, mask, scale: float, softcap: float | None = None):
     """Attention of q (B,H,Lq,D) over one k/v block (B,H,Lk,D) (already expanded to H heads).
     Returns (out (B,H,Lq,D) in q.dtype, lse (B,H,Lq) real); rows with every key masked: lse -inf."""
+    if _cuda_fused_available(q, softcap):
+        try:
+            return _cuda_block_forward(q, k, v, mask, scale)
+        except RuntimeError as err:
+            _cuda_fused_failed(err)
     if _fused_available(q, softcap):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
                                                                             scale=scale)
@@ -113,6 +174,11 @@ def block_forward(q, k, v, mask, scale: float, softcap: float | None = None):
 def block_backward(dout, q, k, v, out, lse, mask, scale: float, softcap: float | None = None):
     """One block's share of (dq, dk, dv), from the final output `out` and the global `lse`
     (prepared by backward_lse). Heads already expanded; dk, dv per expanded head."""
+    if _cuda_fused_available(q, softcap):
+        try:
+            return _cuda_block_backward(dout, q, k, v, out, lse, mask, scale)
+        except RuntimeError as err:
+            _cuda_fused_failed(err)
     if _fused_available(q, softcap):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
