@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj")
     p.add_argument("--gradient-checkpointing", action="store_true", help="also checkpoint layers inside a chunk")
+    p.add_argument("--offload", action="store_true",
+                   help="keep past K/V, their gradients and parked activations in pinned host memory")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -105,9 +107,10 @@ def main(argv=None):
             activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     if args.engine == "seco":
-        engine = seqwrap.SeCO(model, chunk_size=args.chunk_size)
+        engine = seqwrap.SeCO(model, chunk_size=args.chunk_size, offload=args.offload)
     else:
-        engine = seqwrap.SpaCO(model, chunk_size=args.chunk_size, rate=args.rate, seed=args.seed)
+        engine = seqwrap.SpaCO(model, chunk_size=args.chunk_size, rate=args.rate, seed=args.seed,
+                               offload=args.offload)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)

@@ -15,8 +15,9 @@ def load_example():
     return mod
 
 
-@pytest.mark.parametrize("engine", ["seco", "spaco"])
-def test_lora_finetune_example(tmp_path, engine):
+@pytest.mark.parametrize("engine, extra", [("seco", []), ("spaco", []), ("seco", ["--offload", "--gradient-checkpointing"])],
+                         ids=["seco", "spaco", "seco-offload-ckpt"])
+def test_lora_finetune_example(tmp_path, engine, extra):
     pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -27,7 +28,7 @@ def test_lora_finetune_example(tmp_path, engine):
     out = tmp_path / "adapter"
     loss = load_example().main(["--model", str(tmp_path / "cfg" / "config.json"), "--text", str(text),
                                 "--engine", engine, "--chunk-size", "16", "--seq-len", "64", "--steps", "2",
-                                "--grad-accum", "2", "--lr", "1e-3", "--output", str(out)])
+                                "--grad-accum", "2", "--lr", "1e-3", "--output", str(out), *extra])
     assert loss > 0
     assert (out / "adapter_config.json").exists()
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8

@@ -145,6 +145,9 @@ class ChunkKVCache(Cache):
         self.window = window
         self.attention = attention
         self.key_padding = key_padding
+        # chunks without any padded key need no padding mask (decided once, not per block)
+        self.padded_chunks = set() if key_padding is None else {
+            j for j, (s, e) in enumerate(bounds) if not bool(key_padding[:, s:e].all())}
         self.xfer = offload
         self.host_sums = HostAccumulator(offload) if offload is not None else None
         self.compensate = compensate
@@ -253,7 +256,8 @@ class ChunkKVCache(Cache):
         q0, q1 = self.attn_bounds[self.chunk]
         k0, k1 = self.attn_bounds[chunk]
         # key_padding is over local positions, which are the attention positions (no Ulysses with padding)
-        return block_mask(q0, q1, k0, k1, causal=True, window=self.layer_window(layer), key_padding=self.key_padding,
+        pad = self.key_padding if chunk in self.padded_chunks else None
+        return block_mask(q0, q1, k0, k1, causal=True, window=self.layer_window(layer), key_padding=pad,
                           dtype=dtype, device=device)
 
     def past_blocks(self, layer: int, dtype, device):

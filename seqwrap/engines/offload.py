@@ -199,13 +199,19 @@ class _Parked:
         self.host, self.event, self.device_copy, self.index = host, event, None, index
 
 
+def _count_live(stats: dict, nbytes: int) -> None:
+    live = stats["parked_live_bytes"] = stats.get("parked_live_bytes", 0) + nbytes
+    stats["parked_peak_bytes"] = max(stats.get("parked_peak_bytes", 0), live)
+
+
 @contextmanager
 def park_activations(xfer: Transfers, skip_storages: set[int], min_bytes: int, stats: dict):
     """Saved-tensor hooks: every tensor autograd saves inside the block (outside checkpointed
     regions: with HF gradient checkpointing, the inputs of the checkpointed layers) is copied to
     the host and brought back when the backward needs it, the previous one (in save order)
     prefetched at the same time. Parameters (storages in skip_storages), tensors on another
-    device and tensors under min_bytes stay where they are. stats["parked_bytes"] counts."""
+    device and tensors under min_bytes stay where they are. stats: "parked_bytes" (all parked),
+    "parked_live_bytes" (parked and not yet freed), "parked_peak_bytes" (its peak)."""
     order: list[weakref.ref] = []
     device_type = xfer.device.type
 
@@ -220,8 +226,10 @@ def park_activations(xfer: Transfers, skip_storages: set[int], min_bytes: int, s
             host, event = xfer.to_host(t)
             parked = _Parked(host, event, len(order))
             weakref.finalize(parked, xfer.release, host)
+        weakref.finalize(parked, _count_live, stats, -nbytes)
         order.append(weakref.ref(parked))
         stats["parked_bytes"] = stats.get("parked_bytes", 0) + nbytes
+        _count_live(stats, nbytes)
         return parked
 
     def fetch(parked):

@@ -98,6 +98,8 @@ class SeCO:
         if self.group is not None and attention != "chunked":
             raise ValueError(f"seqwrap.{self.name}: a model patched for Ulysses needs attention='chunked'")
         self.pool = default_pool() if self.offload else None
+        # with offload, per step: host_peak_bytes / host_reserved_bytes (the pool), parked_bytes,
+        # parked_live_bytes, parked_peak_bytes (activations parked on the host, see park_activations)
         self.offload_stats: dict = {}
         self.step = 0
 
@@ -166,8 +168,7 @@ class SeCO:
         if self._ddp is not None:
             sync_gradients(self._ddp)
         if self.pool is not None:
-            self.offload_stats = {"host_peak_bytes": self.pool.peak_in_use, "host_reserved_bytes": self.pool.reserved,
-                                  "parked_bytes": self.offload_stats.get("parked_bytes", 0)}
+            self.offload_stats.update(host_peak_bytes=self.pool.peak_in_use, host_reserved_bytes=self.pool.reserved)
         num_tokens = int(mask.sum()) if mask is not None else B * T
         loss_dtype = torch.float64 if adapter.lm_head.weight.dtype == torch.float64 else torch.float32
         return StepResult((total / norm).to(loss_dtype), num_tokens, norm, len(bounds), len(selected))

@@ -72,10 +72,10 @@ def block_mask(q0: int, q1: int, k0: int, k1: int, *, causal: bool = True, windo
             allowed = allowed & (ki <= qi)
         if window is not None:
             allowed = allowed & ((qi - ki) < window)
-    if pad is not None:
+    if pad is not None:  # (positional emptiness was decided above, without a device sync)
         allowed = allowed & pad[:, None, None, :]
-    if not bool(allowed.any()):
-        return EMPTY
+        if not bool(allowed.any()):
+            return EMPTY
     zero = torch.zeros((), dtype=dtype, device=device)
     return torch.where(allowed, zero, torch.full((), float("-inf"), dtype=dtype, device=device))
 
