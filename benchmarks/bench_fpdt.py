@@ -1,7 +1,8 @@
 """FPDT pieces inside SeCO: block-by-block attention over the past (no K/V concatenation) and host
 offload, measured against the memory model; and the longest sequence it predicts for Llama-3.1-8B.
 
-Writes benchmarks/results/fpdt.md and fpdt.png. Run: `pytest benchmarks/bench_fpdt.py -s`.
+Writes benchmarks/results/fpdt.md, fpdt.png and fpdt.json (the raw measurements; `python
+benchmarks/bench_fpdt.py report` rebuilds the tables from it). Run: `pytest benchmarks/bench_fpdt.py -s`.
 Environment: SEQWRAP_BENCH_LENGTHS="2048,4096,8192,16384", SEQWRAP_BENCH_CHUNK=512,
 SEQWRAP_BENCH_THREADS=2, SEQWRAP_BENCH_DEVICE=cpu (or cuda).
 
@@ -190,7 +191,10 @@ def report(results: list[dict], chunk: int, out_dir: Path) -> str:
         c, k = by[("concat", top)], by[("chunked", top)]
         lines.append(f"- No O(T) K/V copy per chunk: at {top} tokens the block-by-block past needs "
                      f"{k['total_mb']:.0f} MiB against {c['total_mb']:.0f} MiB with the concatenation "
-                     f"({k['total_mb'] / c['total_mb']:.2f}x), at {k['step_s'] / c['step_s']:.2f}x its step time.")
+                     f"({k['total_mb'] / c['total_mb']:.2f}x), at {k['step_s'] / c['step_s']:.2f}x its step time"
+                     + (f" (one timed step per case on a shared machine: SeCO + offload, the same attention work "
+                        f"plus the copies, took {by[('offload', top)]['step_s'] / c['step_s']:.2f}x)"
+                        if ("offload", top) in by else "") + ".")
     off = [n for n in lengths if ("offload", n) in by]
     if off:
         d = [by[("offload", n)]["device_mb"] for n in off]
@@ -245,8 +249,14 @@ def test_fpdt_memory_and_time(results_dir):
             r = _subprocess(m, n, chunk)
             print(r, flush=True)
             results.append(r)
+    (results_dir / "fpdt.json").write_text(json.dumps({"chunk": chunk, "results": results}, indent=1))
     print(report(results, chunk, results_dir))
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_case(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))), flush=True)
+    if sys.argv[1:] == ["report"]:  # the tables again from the last run's measurements (fpdt.json)
+        out = Path(__file__).resolve().parent / "results"
+        saved = json.loads((out / "fpdt.json").read_text())
+        print(report(saved["results"], saved["chunk"], out))
+    else:
+        print(json.dumps(run_case(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))), flush=True)

@@ -32,7 +32,8 @@ Hq / Hkv heads of size D, V vocabulary, b bytes per model element, r = 4 bytes (
               embedding and LM-head weight gradients (V H b each) before adding them into .grad.
   concat      attention="concat" only: each layer's [past ; fresh] K/V copy, saved for the
               backward of the replayed chunk, 2 L T Hkv' D b (Hkv' = Hq when the model's
-              attention repeats K/V heads for grouped-query attention).
+              attention repeats K/V heads for grouped-query attention), and the (C x T) mask HF
+              builds for the chunk, which SDPA saves per layer as a float tensor: L C T b.
 
 With offload the sequence terms and the checkpointed layer inputs live in host memory; what is
 left on the device no longer grows with T. Not counted: allocator fragmentation and CUDA
@@ -153,6 +154,7 @@ def seco_peak(shape: DecoderShape, seq_len: int, chunk: int, *, batch: int = 1, 
     if attention == "concat":
         heads = concat_kv_heads or s.kv_heads
         dev["concatenated past K/V (attention='concat')"] = 2 * s.layers * batch * seq_len * heads * s.head_dim * b
+        dev["(C x T) attention masks (attention='concat')"] = s.layers * batch * C * seq_len * b
     return est
 
 

@@ -188,3 +188,32 @@ def test_cuda_label_out_of_range_raises():
     labels[3] = 20
     with pytest.raises(ValueError, match=r"outside \[0, 20\)"):
         seqwrap.linear_cross_entropy(hidden.cuda(), weight.cuda(), labels.cuda(), bias.cuda())
+
+
+def test_no_grad_forms_no_gradients(monkeypatch):
+    """Under no_grad (or with inputs that need none) only the loss is computed: the same value, and
+    none of the gradient products (the chunk loop is asked for no gradient)."""
+    from seqwrap.ops import cross_entropy as ce
+
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(37, 16, dtype=torch.float64, generator=g)
+    weight = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    labels[3] = -100
+    asked = []
+    real = ce._chunked_pass
+
+    def spy(*args, need, **kw):
+        asked.append(need)
+        return real(*args, need=need, **kw)
+
+    monkeypatch.setattr(ce, "_chunked_pass", spy)
+    for reduction in ("mean", "sum", "none"):
+        with torch.no_grad():
+            got = seqwrap.linear_cross_entropy(hidden, weight, labels, reduction=reduction, chunk_size=8)
+        want = torch.nn.functional.cross_entropy(hidden @ weight.detach().t(), labels, reduction=reduction)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert not got.requires_grad
+    assert asked == [(False, False, False)] * 3
+    seqwrap.linear_cross_entropy(hidden, weight, labels)  # with grad: the weight gradient is formed
+    assert asked[-1] == (False, True, False)

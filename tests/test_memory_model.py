@@ -52,4 +52,4 @@ def test_concat_adds_an_o_t_copy():
     s = DecoderShape.llama_3_1_8b()
     a = seco_peak(s, 1 << 16, 4096, attention="concat")
     b = seco_peak(s, 1 << 16, 4096)
-    assert a.device_total - b.device_total == 2 * 32 * (1 << 16) * 8 * 128 * 2
+    assert a.device_total - b.device_total == 2 * 32 * (1 << 16) * 8 * 128 * 2 + 32 * 4096 * (1 << 16) * 2

@@ -3,18 +3,24 @@
 Every HF decoder LM calls `past_key_values.update(k, v, layer_idx)` once per
 layer, after RoPE, with k and v of shape (B, heads_kv, L, head_dim) for the
 L tokens of the current chunk; the attention then uses what update returns.
-This cache has two modes:
+The cache runs in one of two attention modes:
 
-  record (pass 1, no grad): keep k, v of chunk i as detached tensors; return
-      [past chunks ; k] so the chunk attends to everything before it.
-  replay (pass 2, with grad): return [past chunks ; fresh k] through
-      _CatWithPast, whose backward sends dL/d(past chunk j) into a RelaySink
-      of chunk j (float32, Kahan-compensated for half-precision models), and
-      remember the fresh k, v so the engine can add chunk i's own relayed
-      gradient to them in its backward.
+  "chunked" (the engines' default): update hands back the fresh k, v as they
+      are; the engines' attention function (seco_attention.py) calls `record`
+      (pass 1: keep k, v of chunk i; pass 2: remember the fresh k, v) and reads
+      the past through `past_blocks`, one chunk at a time (prefetched from the
+      host with offload); its backward adds dL/d(past chunk j) into the
+      RelaySinks of chunk j.
+  "concat": in record mode (pass 1, no grad) keep k, v of chunk i and return
+      [past chunks ; k]; in replay (pass 2, with grad) return [past ; fresh k]
+      through _CatWithPast, whose backward sends dL/d(past chunk j) into a
+      RelaySink of chunk j, and remember the fresh k, v.
 
-Sliding-window layers (Gemma2, Mistral with a window) only see the past chunks
-that overlap the window; the mask sizes they report say so (kv_offset).
+Relay sums are float32 (float64 for float64 models), Kahan-compensated for
+half-precision models; the engine adds chunk i's relayed gradient to its fresh
+K/V in chunk i's backward (relay_pairs). Sliding-window layers (Gemma2,
+Mistral with a window) only see the past chunks that overlap the window; the
+mask sizes they report say so (kv_offset).
 """
 from __future__ import annotations
 

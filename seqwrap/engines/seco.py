@@ -98,6 +98,7 @@ class SeCO:
         if self.group is not None and attention != "chunked":
             raise ValueError(f"seqwrap.{self.name}: a model patched for Ulysses needs attention='chunked'")
         self.pool = default_pool() if self.offload else None
+        self._xfer = None
         # with offload, per step: host_peak_bytes / host_reserved_bytes (the pool), parked_bytes,
         # parked_live_bytes, parked_peak_bytes (activations parked on the host, see park_activations)
         self.offload_stats: dict = {}
@@ -150,7 +151,7 @@ class SeCO:
         self.step += 1
 
         adapter = self.adapter
-        xfer = Transfers(ids.device, self.pool) if self.offload else None
+        xfer = self._transfers(ids.device) if self.offload else None
         cache = ChunkKVCache(bounds, [k == "sliding_attention" for k in adapter.layer_kinds], adapter.sliding_window,
                              attention=self.attention, key_padding=None if mask is None else mask.bool(),
                              offload=xfer, positions_scale=world,
@@ -161,6 +162,11 @@ class SeCO:
         try:
             with self._attention_context(cache), _CheckpointWithCache(adapter, self.name):
                 total = self._passes(ids, shift, mask, pos, cache, bounds, weights, selected, norm, loss_scale, xfer)
+        except BaseException:
+            if stash is not None:  # a failed step leaves the gradients as they were before it
+                for p, old in zip(self._params(), stash):
+                    p.grad = old
+            raise
         finally:
             cache.release_all()
         if group is not None:
@@ -236,6 +242,12 @@ class SeCO:
         if self.attention == "chunked":
             return chunked_attention_impl(self.adapter.causal_lm, cache)
         return nullcontext()
+
+    def _transfers(self, device: torch.device) -> Transfers:
+        """One Transfers (side stream) per device, kept across steps."""
+        if self._xfer is None or self._xfer.device != device:
+            self._xfer = Transfers(device, self.pool)
+        return self._xfer
 
     def _parking(self, xfer, skip):
         if xfer is None:

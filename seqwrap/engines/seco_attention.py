@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..ops.attention_blocks import EMPTY, attend, attend_block_backward, backward_lse
+from ..ops.attention_blocks import EMPTY, BlockBackward, attend
 
 IMPL = "seqwrap_chunked"
 _ACTIVE: dict = {"cache": None}
@@ -46,12 +46,9 @@ class _AttendWithPast(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         cache, layer, scale, softcap, fresh_mask, grad_chunks = ctx.args
-        lse = backward_lse(lse)
-        dout = dout.contiguous()
-        dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
+        grads = BlockBackward(dout, q, out, lse, k.shape[1], scale, softcap)
         for j, kj, vj, mask in cache.past_blocks(layer, q.dtype, q.device):
-            gq, gk, gv = attend_block_backward(dout, q, kj, vj, out, lse, mask, scale, softcap)
-            dq += gq
+            gk, gv = grads.block(kj, vj, mask)
             if j in grad_chunks:
                 sink_k, sink_v = cache._sink(j, layer)
                 sink_k.add_(gk)
@@ -59,9 +56,8 @@ class _AttendWithPast(torch.autograd.Function):
         if fresh_mask is EMPTY:  # every key of the chunk is padding
             dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         else:
-            gq, dk, dv = attend_block_backward(dout, q, k, v, out, lse, fresh_mask, scale, softcap)
-            dq += gq
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+            dk, dv = grads.block(k, v, fresh_mask)
+        return grads.dq().to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def _blocks(cache, layer, q, k, v, fresh_mask):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention_blocks import EMPTY, attend, attend_block_backward, backward_lse, block_mask
+from .attention_blocks import EMPTY, BlockBackward, attend, block_mask
 
 
 def _blocks(t, chunk, causal, window, dtype, device):
@@ -56,18 +56,17 @@ class _ChunkedAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         chunk, causal, window, scale = ctx.config
-        lse = backward_lse(lse)
         dq = torch.zeros_like(q, dtype=lse.dtype)
         dk = torch.zeros(k.shape, dtype=lse.dtype, device=k.device)
         dv = torch.zeros(v.shape, dtype=lse.dtype, device=v.device)
-        dout = dout.contiguous()
         for q0, q1, kv in _blocks(q.shape[2], chunk, causal, window, q.dtype, q.device):
-            qc, oc, lc, gc = q[:, :, q0:q1], out[:, :, q0:q1], lse[:, :, q0:q1], dout[:, :, q0:q1]
+            grads = BlockBackward(dout[:, :, q0:q1], q[:, :, q0:q1], out[:, :, q0:q1], lse[:, :, q0:q1], k.shape[1],
+                                  scale)
             for k0, k1, mask in kv:
-                gq, gk, gv = attend_block_backward(gc, qc, k[:, :, k0:k1], v[:, :, k0:k1], oc, lc, mask, scale)
-                dq[:, :, q0:q1] += gq
+                gk, gv = grads.block(k[:, :, k0:k1], v[:, :, k0:k1], mask)
                 dk[:, :, k0:k1] += gk
                 dv[:, :, k0:k1] += gv
+            dq[:, :, q0:q1] = grads.dq()
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 

@@ -1,9 +1,10 @@
 """Block primitives of exact attention computed block by block with online-softmax (LSE) merging.
 
 A query chunk q (B, Hq, Lq, D) attends to a list of key/value blocks k, v (B, Hkv, Lk, D)
-(Hq a multiple of Hkv: grouped-query attention). `attend` runs one block at a time and merges
-the blocks' (output, log-sum-exp) pairs with the C/CUDA LSE merge kernel into a float32 (float64
-for float64 input) accumulator; `attend_block_backward` gives one block's share of dq, dk, dv
+(Hq a multiple of Hkv: grouped-query attention, run with the query heads that share a K/V head
+stacked as rows, so no block's K/V is ever expanded). `attend` runs one block at a time and
+merges the blocks' (output, log-sum-exp) pairs with the C/CUDA LSE merge kernel into a float32
+(float64 for float64 input) accumulator; `BlockBackward` gives each block's share of dq, dk, dv
 from the *final* output and the *global* lse, so no block's probabilities are ever kept.
 
 Masks are additive float tensors broadcastable to (B, Hq, Lq, Lk) (0 allowed, -inf masked), or
@@ -29,22 +30,6 @@ EMPTY = "empty"  # block_mask's answer for a block in which no (q, k) pair is al
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of attention in `dtype`: float64 stays float64, the rest float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def expand_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, Hkv, L, D) -> (B, Hkv * groups, L, D), each kv head repeated for its group of q heads."""
-    if groups == 1:
-        return t
-    b, h, n, d = t.shape
-    return t[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
-
-
-def reduce_kv_grad(g: torch.Tensor, groups: int) -> torch.Tensor:
-    """Inverse of expand_kv for gradients: (B, Hkv * groups, L, D) -> (B, Hkv, L, D), summed per group."""
-    if groups == 1:
-        return g
-    b, h, n, d = g.shape
-    return g.reshape(b, h // groups, groups, n, d).sum(2)
 
 
 def block_mask(q0: int, q1: int, k0: int, k1: int, *, causal: bool = True, window: int | None = None,
@@ -151,7 +136,7 @@ def _scores(q, k, mask, scale, softcap, real):
 
 
 def block_forward(q, k, v, mask, scale: float, softcap: float | None = None):
-    """Attention of q (B,H,Lq,D) over one k/v block (B,H,Lk,D) (already expanded to H heads).
+    """Attention of q (B,H,Lq,D) over one k/v block (B,H,Lk,D) (same head count).
     Returns (out (B,H,Lq,D) in q.dtype, lse (B,H,Lq) real); rows with every key masked: lse -inf."""
     if _cuda_fused_available(q, softcap):
         try:
@@ -173,7 +158,7 @@ def block_forward(q, k, v, mask, scale: float, softcap: float | None = None):
 
 def block_backward(dout, q, k, v, out, lse, mask, scale: float, softcap: float | None = None):
     """One block's share of (dq, dk, dv), from the final output `out` and the global `lse`
-    (prepared by backward_lse). Heads already expanded; dk, dv per expanded head."""
+    (prepared by backward_lse). q, k, v with the same head count."""
     if _cuda_fused_available(q, softcap):
         try:
             return _cuda_block_backward(dout, q, k, v, out, lse, mask, scale)
@@ -202,25 +187,70 @@ def backward_lse(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(torch.isneginf(lse), float("inf"))
 
 
+def group_queries(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, Hq, L, ...) -> (B, Hkv, G * L, ...), G = Hq / Hkv: the G query heads that share a K/V
+    head become extra rows of it (q head h uses K/V head h // G, as HF's repeat_kv), so a block
+    needs no expanded copy of its K/V."""
+    b, hq, n = x.shape[:3]
+    return x.reshape(b, kv_heads, (hq // kv_heads) * n, *x.shape[3:])
+
+
+def ungroup_queries(x: torch.Tensor, q_heads: int) -> torch.Tensor:
+    """Inverse of group_queries: (B, Hkv, G * L, ...) -> (B, Hq, L, ...)."""
+    b, hkv, gn = x.shape[:3]
+    return x.reshape(b, q_heads, gn // (q_heads // hkv), *x.shape[3:])
+
+
+def _group_mask(mask, groups: int):
+    """A block mask (b, 1, Lq, Lk) for grouped query rows: (b, 1, G * Lq, Lk)."""
+    if mask is None or groups == 1:
+        return mask
+    return mask.repeat(1, 1, groups, 1)
+
+
 def attend(q: torch.Tensor, blocks, scale: float, softcap: float | None = None):
     """Exact attention of q (B, Hq, Lq, D) over `blocks`, an iterable of (k, v, mask) with k, v
     (B, Hkv, Lk, D) and mask as block_mask gives it (EMPTY blocks must not be passed).
     Returns (out (B, Hq, Lq, D) in q.dtype, lse (B, Hq, Lq) real)."""
     b, hq, lq, d = q.shape
     real = real_dtype(q.dtype)
-    acc = torch.zeros(b, hq, lq, d, dtype=real, device=q.device)
-    acc_lse = torch.full((b, hq, lq), float("-inf"), dtype=real, device=q.device)
+    qg = acc = acc_lse = None
     stream = stream_for(q)
     for k, v, mask in blocks:
-        groups = hq // k.shape[1]
-        bo, bl = block_forward(q, expand_kv(k, groups), expand_kv(v, groups), mask, scale, softcap)
+        if qg is None:
+            qg = group_queries(q, k.shape[1])
+            acc = torch.zeros(qg.shape, dtype=real, device=q.device)
+            acc_lse = torch.full(qg.shape[:3], float("-inf"), dtype=real, device=q.device)
+        bo, bl = block_forward(qg, k, v, _group_mask(mask, qg.shape[2] // lq), scale, softcap)
         C.lse_merge(acc, acc_lse, bo.contiguous(), bl.to(real).contiguous(), stream)
-    return acc.to(q.dtype), acc_lse
+    if qg is None:  # no key at all
+        return torch.zeros_like(q), torch.full((b, hq, lq), float("-inf"), dtype=real, device=q.device)
+    return ungroup_queries(acc, hq).to(q.dtype), ungroup_queries(acc_lse, hq)
 
 
-def attend_block_backward(dout, q, k, v, out, lse_b, mask, scale: float, softcap: float | None = None):
-    """block_backward for unexpanded k, v (B, Hkv, Lk, D): returns (dq real, dk, dv (B, Hkv, Lk, D) real)."""
-    groups = q.shape[1] // k.shape[1]
-    gq, gk, gv = block_backward(dout, q, expand_kv(k, groups), expand_kv(v, groups), out, lse_b, mask, scale, softcap)
-    real = lse_b.dtype
-    return gq.to(real), reduce_kv_grad(gk.to(real), groups), reduce_kv_grad(gv.to(real), groups)
+class BlockBackward:
+    """Block-by-block backward of `attend` for one query chunk, from its final output and lse.
+
+    dout, q, out: (B, Hq, Lq, D); lse: (B, Hq, Lq) as attend returned it; kv_heads: Hkv.
+    block(k, v, mask) returns that block's (dk, dv) (B, Hkv, Lk, D) in the real dtype and adds
+    its share of dq, which dq() returns (B, Hq, Lq, D) in the real dtype.
+    """
+
+    def __init__(self, dout, q, out, lse, kv_heads: int, scale: float, softcap: float | None = None):
+        self.hq, self.lq = q.shape[1], q.shape[2]
+        self.groups = self.hq // kv_heads
+        self.q, self.out = group_queries(q, kv_heads), group_queries(out, kv_heads)
+        self.dout = group_queries(dout.contiguous(), kv_heads)
+        self.lse = group_queries(backward_lse(lse), kv_heads)
+        self.scale, self.softcap = scale, softcap
+        self._dq = torch.zeros(self.q.shape, dtype=lse.dtype, device=q.device)
+
+    def block(self, k, v, mask):
+        gq, gk, gv = block_backward(self.dout, self.q, k, v, self.out, self.lse, _group_mask(mask, self.groups),
+                                    self.scale, self.softcap)
+        real = self._dq.dtype
+        self._dq += gq.to(real)
+        return gk.to(real), gv.to(real)
+
+    def dq(self) -> torch.Tensor:
+        return ungroup_queries(self._dq, self.hq)

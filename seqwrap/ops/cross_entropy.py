@@ -103,6 +103,16 @@ def _chunked_pass(hidden, weight, bias, labels, opt, *, row_scale, need):
     return loss_rows, lse, grad_hidden, grad_weight, grad_bias
 
 
+def _reduce(loss_rows, labels, opt):
+    """(the loss of `opt.reduction` from per-row losses, the count of non-ignored labels (>= 1))."""
+    n_valid = (labels != opt.ignore_index).sum().clamp(min=1).to(loss_rows.dtype)
+    if opt.reduction == "mean":
+        return loss_rows.sum() / n_valid, n_valid
+    if opt.reduction == "sum":
+        return loss_rows.sum(), n_valid
+    return loss_rows, n_valid
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, opt):
@@ -111,13 +121,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss_rows, lse, gh, gw, gb = _chunked_pass(
             hidden, weight, bias, labels, opt, row_scale=None, need=need if grads_now else (False,) * 3
         )
-        n_valid = (labels != opt.ignore_index).sum().clamp(min=1).to(loss_rows.dtype)
-        if opt.reduction == "mean":
-            loss = loss_rows.sum() / n_valid
-        elif opt.reduction == "sum":
-            loss = loss_rows.sum()
-        else:
-            loss = loss_rows
+        loss, n_valid = _reduce(loss_rows, labels, opt)
         ctx.opt = opt
         ctx.need = need
         ctx.grads_now = grads_now
@@ -229,7 +233,11 @@ def linear_cross_entropy(
         raise ValueError("seqwrap.linear_cross_entropy: 'hidden' holds no tokens")
     rows = chunk_size if chunk_size is not None else default_chunk_rows(n, w.shape[1], w.shape[0])
     opt = _Options(int(ignore_index), reduction, float(label_smoothing), float(z_loss), softcap, rows)
-    loss, lse = _LinearCrossEntropy.apply(h2, w, bias, y, opt)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h2, w, bias)):
+        loss, lse = _LinearCrossEntropy.apply(h2, w, bias, y, opt)
+    else:  # no graph (no_grad, inference): the loss alone, no gradient products
+        loss_rows, lse, _, _, _ = _chunked_pass(h2, w, bias, y, opt, row_scale=None, need=(False,) * 3)
+        loss = _reduce(loss_rows, y, opt)[0]
     if reduction == "none":
         loss = loss.reshape(lead_shape)
     lse = lse.reshape(lead_shape)
