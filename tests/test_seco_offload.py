@@ -174,6 +174,8 @@ def test_host_pool_reuses_and_checks():
     with pytest.raises(ValueError, match="released twice"):
         pool.release(b)
     assert pool.in_use == 0 and pool.peak_in_use == 48
+    pool.clear()
+    assert pool.reserved == 0 and pool.get((2,), torch.float64).numel() == 2 and pool.reserved == 16
 
 
 def test_prefetched_keeps_order_and_passes_device_tensors():

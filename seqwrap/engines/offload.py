@@ -70,6 +70,15 @@ class HostPool:
     def reset_peak(self) -> None:
         self.peak_in_use = self.in_use
 
+    def clear(self) -> None:
+        """Frees the buffers kept for reuse (those handed out stay valid)."""
+        for free in self._free.values():
+            for buf, event in free:
+                if event is not None:
+                    event.synchronize()
+                self.reserved -= buf.numel()
+        self._free.clear()
+
 
 _DEFAULT_POOL: HostPool | None = None
 
