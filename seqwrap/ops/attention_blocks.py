@@ -92,7 +92,7 @@ def _cuda_fused_failed(err: Exception) -> None:
                   RuntimeWarning, stacklevel=3)
 
 
-def _cuda_bias(mask, q, k):
+def _cuda_bias(mask, q):
     """The efficient kernel's bias: (B, H, Lq, Lk) in q's dtype, last dim stored padded to 16."""
     if mask is None:
         return None
@@ -105,7 +105,7 @@ def _cuda_bias(mask, q, k):
 
 def _cuda_block_forward(q, k, v, mask, scale):
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, k, v, _cuda_bias(mask, q, k), True, 0.0, False, scale=scale)
+        q, k, v, _cuda_bias(mask, q), True, 0.0, False, scale=scale)
     lse = lse[..., :q.shape[2]]  # stored padded to a multiple of 32 rows
     if mask is not None:  # a row with every key masked reports lse 0: make it -inf
         lse = lse.masked_fill(torch.isneginf(mask).all(-1), float("-inf"))
@@ -118,7 +118,7 @@ def _cuda_block_backward(dout, q, k, v, out, lse, mask, scale):
     padded[..., :lq] = lse
     no_rng = torch.zeros((), dtype=torch.int64)
     dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-        dout.to(q.dtype), q, k, v, _cuda_bias(mask, q, k), out.to(q.dtype), padded, no_rng, no_rng, 0.0,
+        dout.to(q.dtype), q, k, v, _cuda_bias(mask, q), out.to(q.dtype), padded, no_rng, no_rng, 0.0,
         [True, True, True, False], False, scale=scale)
     return dq, dk, dv
 
