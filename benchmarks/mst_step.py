@@ -34,7 +34,7 @@ def main():
     import transformers
 
     import seqwrap
-    from seqwrap.models.mst_mlp import auto_mlp_chunks
+    from seqwrap.hf.mst_mlp import auto_mlp_chunks
 
     transformers.logging.set_verbosity_error()
     dev = torch.device(a.device)
@@ -50,7 +50,7 @@ def main():
     if a.mode != "hf":
         seqwrap.apply_minisequence(model, loss=a.mode != "mst-mlp")
     if a.mode == "mst-loss":
-        from seqwrap.models.minisequence import _unpatch
+        from seqwrap.hf.minisequence import _unpatch
 
         for layer in model.model.layers:
             _unpatch(layer.mlp)

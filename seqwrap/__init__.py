@@ -8,13 +8,14 @@ imported on first use.
 """
 from ._version import __version__
 from .cuda import CudaStatus, cuda_status
-from .models import apply_minisequence, remove_minisequence
+from .hf import UnsupportedModelError, UnsupportedVersionError, apply_minisequence, remove_minisequence
 from .ops import KahanAccumulator, kahan_accumulate_, linear_cross_entropy, sample_chunks
 
 _ENGINES = ("SeCO", "SpaCO", "StepResult", "AdjointSharding", "AdjointOutput")
 
 __all__ = ["__version__", "CudaStatus", "cuda_status", "KahanAccumulator", "kahan_accumulate_", "linear_cross_entropy",
-           "sample_chunks", "apply_minisequence", "remove_minisequence", *_ENGINES]
+           "sample_chunks", "apply_minisequence", "remove_minisequence", "UnsupportedModelError",
+           "UnsupportedVersionError", *_ENGINES]
 
 
 def __getattr__(name):

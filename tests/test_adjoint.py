@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import seqwrap
-from seqwrap.models.mamba import MambaAdapter
+from seqwrap.hf.mamba import MambaAdapter
 
 from .mamba_utils import full_backprop, grads_of, max_rel_err, tiny_mamba, total_rel_err
 

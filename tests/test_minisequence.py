@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import seqwrap
-from seqwrap.models.mst_mlp import MiniSequenceMLP
+from seqwrap.hf.mst_mlp import MiniSequenceMLP
 
 from .mst_tiny import DEFAULT_LORA_TARGETS, FAMILIES, batch, causal_lm_loss_exact, grads, max_rel_error, pair, tiny_model
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import seqwrap
-from seqwrap.models import is_minisequence_applied
+from seqwrap.hf import is_minisequence_applied
 
 from .mst_tiny import batch, grads, max_rel_error, pair, tiny_model
 

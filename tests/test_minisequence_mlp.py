@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from seqwrap.models.minisequence import _swapped_parameters, _trainable
-from seqwrap.models.mst_mlp import MIN_TOKENS_PER_CHUNK, MiniSequenceMLP, auto_mlp_chunks, chunk_bounds
+from seqwrap.hf.minisequence import _swapped_parameters, _trainable
+from seqwrap.hf.mst_mlp import MIN_TOKENS_PER_CHUNK, MiniSequenceMLP, auto_mlp_chunks, chunk_bounds
 
 
 class GatedMLP(nn.Module):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import seqwrap
-from seqwrap.models import UnsupportedModelError
+from seqwrap.hf import UnsupportedModelError
 
 from .hf_tiny import FAMILIES, VOCAB, max_rel_err, reference, tiny_model
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import seqwrap
-from seqwrap.engines import kv_cache as kv_mod
+from seqwrap.engines import kv_store as kv_mod
 from seqwrap.engines.offload import HostPool, Transfers, park_activations, prefetched
-from seqwrap.models import UnsupportedModelError
+from seqwrap.hf import UnsupportedModelError
 
 from .hf_tiny import FAMILIES, max_rel_err, reference, tiny_model
 from .test_seco import TOL, batch, check

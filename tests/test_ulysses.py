@@ -25,7 +25,7 @@ def tiny_model(kind: str):
         model = transformers.Qwen2ForCausalLM(cfg)
     else:
         raise ValueError(kind)
-    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation("sdpa")
     return model.double()
 
 

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..models.mamba import IGNORE_INDEX, MambaAdapter, shifted_targets
+from ..hf.mamba import IGNORE_INDEX, MambaAdapter, shifted_targets
+from ..parallel.grad_sync import reduce_step, stash_grads, unstash_grads
 
 
 @dataclass
@@ -101,7 +102,7 @@ class AdjointSharding:
         mine = bounds[lo:hi]   # this rank's contiguous chunks
         first_rank, last_rank = rank == 0, rank == world - 1
         states = ad.zero_states(ids.shape[0], ids.device)
-        stash = self._stash_grads() if self.group is not None else None
+        stash = stash_grads(self._params()) if self.group is not None else None
 
         # pass 1: boundary states of my chunks (the first ones arrive from the previous rank)
         if not first_rank:
@@ -171,31 +172,14 @@ class AdjointSharding:
                 out.append(p)
         return out
 
-    def _stash_grads(self):
-        """Keeps gradients accumulated before this step aside, so only this step's are all-reduced."""
-        stash = []
-        for p in self._params():
-            stash.append(p.grad)
-            p.grad = None
-        return stash
-
     def _finish_distributed(self, stash, total):
         """One all-reduce (a flat float64 buffer) of this step's parameter gradients, the cast-leaf
         gradients (see MambaAdapter.begin_step) and the loss."""
         params = self._params()
-        leaves = self.adapter.cast_leaves()
-        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in params + leaves]
-        flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads] + [total.reshape(1)])
-        dist.all_reduce(flat, group=self.group)          # the step's one gradient all-reduce
-        off = 0
-        for t in params + leaves:
-            t.grad = flat[off:off + t.numel()].view_as(t).to(t.dtype)
-            off += t.numel()
+        total = reduce_step(params + self.adapter.cast_leaves(), self.group, total)  # the step's one all-reduce
         self.adapter.end_step()                          # cast leaves -> A_log, D, dt_proj.bias
-        for p, old in zip(params, stash):
-            if old is not None:
-                p.grad = old + p.grad
-        return flat[-1]
+        unstash_grads(params, stash)
+        return total
 
     # ---- sharded (the paper's formulation) -----------------------------------------------------
     def _sharded(self, ids, targets, divisor, bounds):
@@ -210,7 +194,7 @@ class AdjointSharding:
                                            for r in range(1, world)):
             raise ValueError(f"seqwrap.AdjointSharding: truncation={T} reaches {reach} chunks ahead; every rank "
                              f"but the first must hold at least {reach} chunks of {self.chunk_size} tokens")
-        stash = self._stash_grads() if self.group is not None else None
+        stash = stash_grads(self._params()) if self.group is not None else None
         states = ad.zero_states(ids.shape[0], ids.device)
         if not first_rank:
             self._recv_states(states, rank - 1)

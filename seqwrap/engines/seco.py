@@ -5,7 +5,7 @@
     optimizer.step()
 
 Pass 1 (no grad) runs the chunks in order and keeps each layer's K/V per chunk
-(ChunkKVCache). Pass 2 runs the chunks in reverse: chunk i is recomputed with
+(ChunkKVStore). Pass 2 runs the chunks in reverse: chunk i is recomputed with
 grad, attending to the stored K/V of earlier chunks plus its own fresh K/V;
 one backward takes its loss and the gradient already relayed onto its K/V by
 later chunks, and relays gradient onto the K/V of earlier chunks. Chunk i's
@@ -22,15 +22,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from ..models.hf import HFDecoderAdapter, UnsupportedModelError, unwrap_ddp
+from ..hf.decoder import HFDecoderAdapter, UnsupportedModelError, unwrap_ddp
+from ..labels import shift_labels as shifted
+from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, sync_ddp_gradients, unstash_grads
 from .chunk_loss import chunk_loss_sum
-from .distributed import stash_grads, sum_step_grads, sync_gradients
-from .kv_cache import ChunkKVCache
+from .kv_store import ChunkKVStore
 from .offload import Transfers, default_pool, park_activations
-from .seco_attention import chunked_attention_impl
 
 
 @dataclass
@@ -152,27 +151,28 @@ class SeCO:
 
         adapter = self.adapter
         xfer = self._transfers(ids.device) if self.offload else None
-        cache = ChunkKVCache(bounds, [k == "sliding_attention" for k in adapter.layer_kinds], adapter.sliding_window,
+        cache = ChunkKVStore(bounds, [k == "sliding_attention" for k in adapter.layer_kinds], adapter.sliding_window,
                              attention=self.attention, key_padding=None if mask is None else mask.bool(),
                              offload=xfer, positions_scale=world,
-                             compensate=adapter.lm_head.weight.dtype in (torch.float16, torch.bfloat16))
+                             compensate=adapter.lm_head.weight.dtype in (torch.float16, torch.bfloat16),
+                             group=group)
         stash = stash_grads(self._params()) if group is not None else None
         if self.pool is not None:
             self.pool.reset_peak()
         try:
-            with self._attention_context(cache), _CheckpointWithCache(adapter, self.name):
+            with self._attention_context(), adapter.checkpointing(self.name):
                 total = self._passes(ids, shift, mask, pos, cache, bounds, weights, selected, norm, loss_scale, xfer)
         except BaseException:
             if stash is not None:  # a failed step leaves the gradients as they were before it
-                for p, old in zip(self._params(), stash):
-                    p.grad = old
+                restore_grads(self._params(), stash)
             raise
         finally:
             cache.release_all()
         if group is not None:
-            total = sum_step_grads(self._params(), stash, group, total)
+            total = reduce_step(self._params(), group, total)
+            unstash_grads(self._params(), stash)
         if self._ddp is not None:
-            sync_gradients(self._ddp)
+            sync_ddp_gradients(self._ddp)
         if self.pool is not None:
             self.offload_stats.update(host_peak_bytes=self.pool.peak_in_use, host_reserved_bytes=self.pool.reserved)
         num_tokens = int(mask.sum()) if mask is not None else B * T
@@ -191,7 +191,7 @@ class SeCO:
         def run(i):
             s, e = bounds[i]
             h = adapter.hidden(ids[:, s:e], None if mask is None else mask[:, :e], cache,
-                               None if pos is None else pos[:, s:e])
+                               None if pos is None else pos[:, s:e], chunked=self.attention == "chunked")
             self._check_updates(cache, i)
             return h
 
@@ -206,8 +206,7 @@ class SeCO:
                 cache.begin(i, "record", store=i < last)
                 h = run(i)
                 if i not in selected and self.exact_loss:
-                    total += chunk_loss_sum(adapter.causal_lm, adapter.lm_head, h, shift[:, s:e],
-                                            self.ignore_index).double()
+                    total += self._loss_sum(h, shift[:, s:e]).double()
                 del h
         # pass 2: with grad, in reverse, only the selected chunks
         grad_chunks = set(selected)
@@ -219,7 +218,7 @@ class SeCO:
             cache.begin(i, "replay", grad_chunks=grad_chunks)
             with torch.enable_grad(), self._parking(xfer, skip):
                 h = run(i)
-                loss_i = chunk_loss_sum(adapter.causal_lm, adapter.lm_head, h, shift[:, s:e], self.ignore_index)
+                loss_i = self._loss_sum(h, shift[:, s:e])
             del h
             w = weights[i]
             roots, grads = [], []
@@ -238,9 +237,14 @@ class SeCO:
         return total
 
     # -- helpers -----------------------------------------------------------------
-    def _attention_context(self, cache):
+    def _loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum of the token losses of one chunk: hidden (B, L, H), labels (B, L) already shifted."""
+        mult, cap = self.adapter.logit_transforms
+        return chunk_loss_sum(self.adapter.lm_head, hidden, labels, self.ignore_index, multiplier=mult, softcap=cap)
+
+    def _attention_context(self):
         if self.attention == "chunked":
-            return chunked_attention_impl(self.adapter.causal_lm, cache)
+            return self.adapter.chunked_attention()
         return nullcontext()
 
     def _transfers(self, device: torch.device) -> Transfers:
@@ -317,7 +321,7 @@ class SeCO:
         input_ids = input_ids.to(device)
         labels = labels.to(device=device, dtype=torch.long)
         if shift_labels is None:
-            labels = F.pad(labels[:, 1:], (0, 1), value=self.ignore_index)
+            labels = shifted(labels, self.ignore_index)
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
             if bool(attention_mask.all()):
@@ -337,13 +341,13 @@ class SeCO:
                                  "Ulysses ranks")
         return input_ids, labels, attention_mask, position_ids
 
-    def _check_updates(self, cache: ChunkKVCache, chunk: int) -> None:
+    def _check_updates(self, cache: ChunkKVStore, chunk: int) -> None:
         n = len(cache.updated)
         if n != self.adapter.num_layers:
             raise UnsupportedModelError(
                 f"seqwrap.{self.name} does not support model_type '{self.adapter.model_type}': only {n} of its "
                 f"{self.adapter.num_layers} layers passed their keys/values through the HF Cache API "
-                f"(past_key_values.update) in chunk {chunk}"
+                f"(cache.update) in chunk {chunk}"
             )
         if self.attention == "chunked" and len(cache.attended) != n:
             raise UnsupportedModelError(
@@ -351,35 +355,6 @@ class SeCO:
                 f"attention-function registry in {n - len(cache.attended)} of its {n} layers; use "
                 f"seqwrap.{self.name}(model, attention='concat')"
             )
-
-
-class _CheckpointWithCache:
-    """Lets HF gradient checkpointing keep our cache inside decoder layers for the call.
-
-    HF drops past_key_values in checkpointed layers unless `_can_checkpoint_with_cache`;
-    our cache tolerates the recompute (a second update of a layer in the same chunk).
-    Reentrant checkpointing hides the fresh K/V from autograd, so it is refused.
-    """
-
-    def __init__(self, adapter: HFDecoderAdapter, name: str):
-        self.layers = [m for m in adapter.decoder_layers() if getattr(m, "gradient_checkpointing", False)]
-        for m in self.layers:
-            fn = getattr(m, "_gradient_checkpointing_func", None)
-            if getattr(fn, "keywords", {}).get("use_reentrant", False):
-                raise ValueError(
-                    f"seqwrap.{name}: reentrant gradient checkpointing is not supported; enable it with "
-                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
-                )
-
-    def __enter__(self):
-        for m in self.layers:
-            m._can_checkpoint_with_cache = True
-        return self
-
-    def __exit__(self, *exc):
-        for m in self.layers:
-            m.__dict__.pop("_can_checkpoint_with_cache", None)
-        return False
 
 
 def _rng_state(cuda_dev):

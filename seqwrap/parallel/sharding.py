@@ -1,4 +1,4 @@
-"""Splitting a batch along the sequence for sequence-parallel ranks, and gradient reduction."""
+"""Splitting a batch along the sequence for sequence-parallel ranks."""
 from __future__ import annotations
 
 import torch
@@ -66,19 +66,3 @@ def shard_batch(batch: dict, group=None, *, chunk_size: int | None = None, ignor
         "shift_labels": shift,
         "num_items_in_batch": (shifted != ignore_index).sum(),
     }
-
-
-def allreduce_gradients(model: torch.nn.Module, group=None) -> None:
-    """Sums every parameter gradient over the group, in one flat all_reduce per dtype."""
-    group = group or dist.group.WORLD
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for same in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in same])
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for g in same:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()

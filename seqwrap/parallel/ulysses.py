@@ -1,4 +1,7 @@
-"""Ulysses sequence parallelism for HF decoder LMs, through transformers' attention registry.
+"""Ulysses sequence parallelism: the all-to-all switches and the attention of one rank's shard.
+
+The HF side (apply_ulysses / remove_ulysses, the attention-registry entry) lives in
+seqwrap/hf/ulysses.py; seqwrap.parallel re-exports it.
 
     seqwrap.parallel.apply_ulysses(model, group)
     shard = seqwrap.parallel.shard_batch({"input_ids": ids, "labels": labels}, group)
@@ -22,9 +25,6 @@ import torch.nn.functional as F
 
 from ..ops.attention import chunked_attention
 from .all_to_all import HeadsToSeq, SeqToHeads
-
-IMPL = "seqwrap_ulysses"
-_registered = False
 
 
 def _repeat_heads(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -53,76 +53,16 @@ def from_head_shards(out, group):
     return HeadsToSeq.apply(out, group)
 
 
-def ulysses_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-                      **kwargs):
-    """transformers attention-function signature; query (B, Hq, s, D), key/value (B, Hkv, s, D) for the local shard.
-    Returns (attn_output (B, s, Hq, D), None)."""
-    state = getattr(module, "_seqwrap_ulysses", None)
-    if state is None:
-        raise RuntimeError("seqwrap ulysses attention called on a module that apply_ulysses did not patch")
-    group, chunk_size = state
-    if dropout and module.training:
-        raise ValueError("seqwrap.parallel: attention dropout is not supported under Ulysses")
-    if attention_mask is not None:
-        raise ValueError("seqwrap.parallel: padding masks are not supported under Ulysses; pack sequences instead")
+def ulysses_attend(query, key, value, group, *, chunk_size: int | None = None, window: int | None = None,
+                   scale: float | None = None):
+    """Causal attention of this rank's sequence shard, computed over the whole sequence for H/P heads.
+
+    query (B, Hq, s, D), key/value (B, Hkv, s, D) for the local shard; returns (B, Hq, s, D).
+    Inside the rank: seqwrap.ops.chunked_attention when chunk_size or a sliding window is given,
+    else F.scaled_dot_product_attention."""
     q, k, v = to_head_shards(query, key, value, group)
-    if sliding_window is not None or chunk_size is not None:
-        out = chunked_attention(q, k, v, chunk_size=chunk_size or q.shape[2], window=sliding_window, scale=scaling)
+    if window is not None or chunk_size is not None:
+        out = chunked_attention(q, k, v, chunk_size=chunk_size or q.shape[2], window=window, scale=scale)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
-    out = from_head_shards(out, group)                        # (B, Hq, s, D)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _register():
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(IMPL, ulysses_attention)
-        _registered = True
-
-
-def _attention_modules(model):
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and any(
-        hasattr(m, name) for name in ("q_proj", "qkv_proj", "query_key_value"))]
-
-
-def apply_ulysses(model, group=None, *, chunk_size: int | None = None):
-    """Patches `model` (a HF decoder LM, or a peft model around one) for Ulysses over `group`
-    (default: the world). chunk_size: attend chunk by chunk with seqwrap.ops.chunked_attention."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("seqwrap.parallel.apply_ulysses needs torch.distributed to be initialised")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    group = group or dist.group.WORLD
-    config = model.config
-    modules = _attention_modules(model)
-    if not modules:
-        raise ValueError(f"seqwrap.parallel: found no attention layers in model type "
-                         f"{getattr(config, 'model_type', type(model).__name__)!r}")
-    heads = getattr(config, "num_attention_heads", None)
-    p = dist.get_world_size(group)
-    if heads is None or heads % p:
-        raise ValueError(f"seqwrap.parallel: {heads} attention heads cannot be split over {p} ranks")
-    _register()
-    for m in modules:
-        m._seqwrap_ulysses = (group, chunk_size)
-    model._seqwrap_ulysses_previous = config._attn_implementation
-    for cfg in {id(c): c for c in [config] + [m.config for m in model.modules() if hasattr(m, "config")]}.values():
-        cfg._attn_implementation = IMPL
-    return model
-
-
-def remove_ulysses(model):
-    """Undoes apply_ulysses: the previous attention implementation comes back."""
-    previous = getattr(model, "_seqwrap_ulysses_previous", None)
-    if previous is None:
-        raise ValueError("remove_ulysses: this model was not patched by apply_ulysses")
-    for m in _attention_modules(model):
-        if hasattr(m, "_seqwrap_ulysses"):
-            del m._seqwrap_ulysses
-    for cfg in {id(c): c for c in [model.config] + [m.config for m in model.modules() if hasattr(m, "config")]}.values():
-        cfg._attn_implementation = previous
-    del model._seqwrap_ulysses_previous
-    return model
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return from_head_shards(out, group)

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# Layer kinds whose attention reads K/V through `past_key_values.update`.
-_ATTENTION_KINDS = {"full_attention", "sliding_attention"}
-
-
-class UnsupportedModelError(NotImplementedError):
-    """The model cannot be trained chunk-wise through the HF Cache API."""
+from . import attention
+from .cache import ChunkCache
+from .checkpointing import CheckpointWithCache
+from .compat import ModelCompat, UnsupportedModelError, resolve
+from .ulysses import ulysses_group
+from .versions import check_model_versions
 
 
 def _model_type(model: nn.Module) -> str:
@@ -53,23 +53,22 @@ class HFDecoderAdapter:
     """The parts of a HF causal LM a chunked engine needs.
 
     causal_lm: the *ForCausalLM module (LoRA layers, if any, are injected in it)
-    decoder:   its base model; decoder(input_ids, attention_mask, past_key_values, use_cache)
-               returns last_hidden_state (B, L, hidden), after the final norm
+    decoder:   its base model; decoder(input_ids, attention_mask, <cache>, use_cache) returns
+               last_hidden_state (B, L, hidden), after the final norm
     lm_head:   the output projection (hidden -> vocab)
-    layer_kinds: per decoder layer, "full_attention" or "sliding_attention"
-    sliding_window: the window of the sliding layers (None if there are none)
+    compat:    what this transformers version calls things for this model (compat.ModelCompat)
     """
 
     causal_lm: nn.Module
     decoder: nn.Module
     lm_head: nn.Module
-    layer_kinds: list[str]
-    sliding_window: int | None
+    compat: ModelCompat
 
     @classmethod
     def from_model(cls, model: nn.Module, engine: str = "SeCO") -> "HFDecoderAdapter":
         inner, _ = unwrap_ddp(model)
         refuse_sharded(inner, engine)
+        check_model_versions(inner, f"seqwrap.{engine}")
         if hasattr(inner, "get_base_model") and callable(inner.get_base_model):  # peft.PeftModel
             inner = inner.get_base_model()
         config = getattr(inner, "config", None)
@@ -90,8 +89,7 @@ class HFDecoderAdapter:
                 f"seqwrap.{engine}: model_type '{mtype}' ({type(inner).__name__}) has no separate decoder "
                 "and output projection; only *ForCausalLM models are supported"
             )
-        kinds, window = _layer_kinds(config, mtype, engine)
-        return cls(inner, decoder, lm_head, kinds, window)
+        return cls(inner, decoder, lm_head, resolve(inner, decoder, engine))
 
     @property
     def config(self):
@@ -102,8 +100,31 @@ class HFDecoderAdapter:
         return _model_type(self.causal_lm)
 
     @property
+    def layer_kinds(self) -> list[str]:
+        """Per decoder layer, "full_attention" or "sliding_attention"."""
+        return list(self.compat.layer_kinds)
+
+    @property
+    def sliding_window(self) -> int | None:
+        return self.compat.sliding_window
+
+    @property
     def num_layers(self) -> int:
-        return len(self.layer_kinds)
+        return len(self.compat.layer_kinds)
+
+    @property
+    def logit_transforms(self) -> tuple[float | None, float | None]:
+        """(multiplier or None, softcap or None) of the model's head: Cohere's `logit_scale`, Granite's
+        `logits_scaling`, Gemma2's `final_logit_softcapping` (config fields)."""
+        config = self.config
+        mult = None
+        scale = getattr(config, "logit_scale", None)
+        if isinstance(scale, (int, float)) and str(getattr(config, "model_type", "")).startswith("cohere"):
+            mult = float(scale)
+        scaling = getattr(config, "logits_scaling", None)
+        if isinstance(scaling, (int, float)) and scaling != 1:
+            mult = (mult or 1.0) / float(scaling)
+        return mult, getattr(config, "final_logit_softcapping", None)
 
     @property
     def max_positions(self) -> int | None:
@@ -120,45 +141,26 @@ class HFDecoderAdapter:
 
     def ulysses_group(self):
         """The process group of seqwrap.parallel.apply_ulysses, if the model was patched, else None."""
-        for m in self.causal_lm.modules():
-            state = getattr(m, "_seqwrap_ulysses", None)
-            if state is not None:
-                return state[0]
-        return None
+        return ulysses_group(self.causal_lm)
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Last hidden states (B, L, hidden) of one chunk, its past held by `cache`."""
-        kwargs = {} if position_ids is None else {"position_ids": position_ids}
-        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                           **kwargs)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    def checkpointing(self, name: str) -> CheckpointWithCache:
+        """Context for a step: checkpointed decoder layers keep the chunk cache."""
+        return CheckpointWithCache(self.decoder_layers(), name)
 
+    def chunked_attention(self):
+        """Context for a step: attention runs through seqwrap's registry entry (attend_chunk)."""
+        return attention.chunked_attention(self.causal_lm)
 
-def _layer_kinds(config, mtype: str, engine: str) -> tuple[list[str], int | None]:
-    n = getattr(config, "num_hidden_layers", None)
-    if not isinstance(n, int) or n <= 0:
-        raise UnsupportedModelError(f"seqwrap.{engine}: model_type '{mtype}' has no num_hidden_layers in its config")
-    try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, store,
+               position_ids: torch.Tensor | None = None, chunked: bool = True) -> torch.Tensor:
+        """Last hidden states (B, L, hidden) of one chunk, its past held by `store` (a ChunkKVStore).
 
-        kinds, kwargs = get_layer_types_and_kwargs(config)
-    except Exception:  # older/odd configs: treat every layer as full attention
-        kinds, kwargs = ["full_attention"] * n, [{}] * n
-    kinds = list(kinds)[:n]
-    bad = sorted({k for k in kinds if k not in _ATTENTION_KINDS})
-    if bad:
-        raise UnsupportedModelError(
-            f"seqwrap.{engine} does not support model_type '{mtype}': it has layers of type {bad}; only full and "
-            "sliding-window attention layers that go through the HF Cache API can be chunked"
-        )
-    windows = {kw.get("sliding_window") for k, kw in zip(kinds, kwargs) if k == "sliding_attention"}
-    windows.discard(None)
-    if len(windows) > 1:
-        raise UnsupportedModelError(
-            f"seqwrap.{engine}: model_type '{mtype}' has sliding layers with different windows {sorted(windows)}"
-        )
-    window = windows.pop() if windows else None
-    if window is None:
-        kinds = ["full_attention"] * len(kinds)
-    return kinds, window
+        chunked: the attention reads the store through seqwrap's registry entry (inside
+        chunked_attention()); else HF's own attention gets [past ; fresh] K/V from the cache."""
+        kwargs = {self.compat.cache_arg: ChunkCache(store), "use_cache": True}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if chunked:
+            kwargs[attention.STATE_KWARG] = store
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return out.last_hidden_state

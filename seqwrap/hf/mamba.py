@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..labels import IGNORE_INDEX, shift_labels
 from ..ops.selective_scan import _scan
-
-IGNORE_INDEX = -100
+from .versions import check_model_versions
 
 
 def _refuse(model):
@@ -41,6 +41,7 @@ class MambaAdapter:
             raise ImportError("seqwrap.AdjointSharding needs transformers (pip install seqwrap[hf])") from exc
         if not isinstance(model, MambaForCausalLM):
             _refuse(model)
+        check_model_versions(model, "seqwrap.AdjointSharding")
         self.model = model
         self.config = model.config
         self.embeddings = model.backbone.embeddings
@@ -184,4 +185,4 @@ def shifted_targets(input_ids, labels):
     if labels.shape != input_ids.shape:
         raise ValueError(f"seqwrap.AdjointSharding: labels have shape {tuple(labels.shape)} but input_ids "
                          f"{tuple(input_ids.shape)}; they must match (labels are shifted inside)")
-    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    return shift_labels(labels, IGNORE_INDEX)

@@ -1,7 +1,8 @@
 """The chunk K/V cache pieces: gradient routing of _CatWithPast and the relay accumulators."""
+import pytest
 import torch
 
-from seqwrap.engines.kv_cache import ChunkKVCache, RelaySink, _CatWithPast
+from seqwrap.engines.kv_store import ChunkKVStore, RelaySink, _CatWithPast
 
 
 def test_cat_with_past_routes_gradients():
@@ -39,13 +40,24 @@ def test_relay_sink_half_precision_is_compensated():
 
 def test_sliding_visibility_and_mask_sizes():
     bounds = [(0, 4), (4, 8), (8, 12), (12, 14)]
-    cache = ChunkKVCache(bounds, [False, True], window=5)
-    cache.begin(3, "replay")
-    assert cache._visible(0) == [0, 1, 2]
-    assert cache._visible(1) == [2]  # a query at 12 sees keys >= 8
-    assert cache.get_seq_length() == 12
-    assert cache.get_mask_sizes(2, 0) == (14, 0)
-    assert cache.get_mask_sizes(2, 1) == (6, 8)
-    cache.begin(2, "replay")
-    assert cache._visible(1) == [1]  # a query at 8 sees keys >= 4
+    store = ChunkKVStore(bounds, [False, True], window=5)
+    store.begin(3, "replay")
+    assert store._visible(0) == [0, 1, 2]
+    assert store._visible(1) == [2]  # a query at 12 sees keys >= 8
+    assert store.query_offset == 12
+    assert store.mask_sizes(2, 0) == (14, 0)
+    assert store.mask_sizes(2, 1) == (6, 8)
+    store.begin(2, "replay")
+    assert store._visible(1) == [1]  # a query at 8 sees keys >= 4
+
+
+def test_hf_cache_view_answers_from_the_store():
+    pytest.importorskip("transformers")
+    from seqwrap.hf.cache import ChunkCache
+
+    store = ChunkKVStore([(0, 4), (4, 8), (8, 12), (12, 14)], [False, True], window=5)
+    store.begin(3, "replay")
+    cache = ChunkCache(store)
     assert cache.is_sliding == [False, True]
+    assert cache.get_seq_length() == 12 and cache.get_query_offset() == 12
+    assert cache.get_mask_sizes(2, 1) == (6, 8)

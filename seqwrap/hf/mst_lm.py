@@ -16,29 +16,14 @@ logits to float32 first); with every label ignored the loss is 0 (HF: nan).
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
-import torch.nn.functional as F
 
+from ..labels import shift_labels as shift
 from ..ops.cross_entropy import linear_cross_entropy
-
-# The positional parameters every supported family's forward takes, in order.
-FORWARD_PARAMS = (
-    "input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds",
-    "labels", "use_cache", "logits_to_keep",
-)
-
-
-def _slice_to_keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
-    """hidden (B, T, H) -> the rows HF would project (transformers' slice_logits_to_keep)."""
-    try:
-        from transformers.modeling_utils import slice_logits_to_keep
-    except ImportError:  # older transformers: int or 1-D index only
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        return hidden[:, keep, :]
-    return slice_logits_to_keep(hidden, logits_to_keep)
-
+from .compat import causal_lm_loss_function, causal_lm_output, output_cache_field, slice_to_keep
 
 def causal_lm_loss(hidden, lm_head, labels, *, softcap=None, num_items_in_batch=None, ignore_index=-100,
                    shift_labels=None, **_unused):
@@ -47,8 +32,7 @@ def causal_lm_loss(hidden, lm_head, labels, *, softcap=None, num_items_in_batch=
     hidden (B, T, H) (or (N, H) after a boolean logits_to_keep); labels shaped like
     hidden[..., 0] (before the shift). lm_head: an nn.Linear (V, H)."""
     if shift_labels is None:
-        labels = F.pad(labels, (0, 1), value=ignore_index)
-        shift_labels = labels[..., 1:]  # token t predicts label t+1; the last one is ignored
+        shift_labels = shift(labels, ignore_index)  # token t predicts label t+1; the last one is ignored
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     y = shift_labels.reshape(-1).to(h.device)  # (N,)
     weight, bias = lm_head.weight, lm_head.bias  # (V, H), (V,) or None
@@ -68,42 +52,59 @@ def causal_lm_loss(hidden, lm_head, labels, *, softcap=None, num_items_in_batch=
     return loss
 
 
+
 def _why_not_fused(model) -> str | None:
     """None when the fused loss reproduces this model's forward; else the reason it does not."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
     if not isinstance(model.lm_head, torch.nn.Linear):
         return f"lm_head is a {type(model.lm_head).__name__} (e.g. a LoRA adapter on lm_head), not an nn.Linear"
-    if model.loss_function is not ForCausalLMLoss:
+    if model.loss_function is not causal_lm_loss_function():
         return "the model's loss_function is not transformers' ForCausalLMLoss"
     return None
 
 
-def mst_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                          inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-    """Bound to a *ForCausalLM instance by apply_minisequence. Without labels (inference,
-    generation) it is the original forward, unchanged."""
+def forward_signature(lm) -> inspect.Signature:
+    """The signature of type(lm).forward without self; raises TypeError if it lacks what the fused
+    forward needs (labels, logits_to_keep and **kwargs)."""
+    sig = inspect.signature(type(lm).forward)
+    params = list(sig.parameters.values())[1:]
+    names = {p.name for p in params}
+    missing = [n for n in ("labels", "logits_to_keep") if n not in names]
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        missing.append("**kwargs")
+    if missing:
+        raise TypeError(f"seqwrap.apply_minisequence: {type(lm).__name__}.forward takes {[p.name for p in params]}; "
+                        f"the fused loss needs labels, logits_to_keep and **kwargs (missing: {missing})")
+    return sig.replace(parameters=params)
+
+
+def mst_causal_lm_forward(self, *args, **kwargs):
+    """Bound to a *ForCausalLM instance by apply_minisequence. Arguments are those of the class's
+    forward, bound by name (whatever their order, or the name of the cache argument). Without
+    labels (inference, generation) it is the original forward, unchanged."""
     state = self._seqwrap_mst
     original = state["forward"] or type(self).forward.__get__(self)
+    sig = state["signature"]
+    named = dict(sig.bind(*args, **kwargs).arguments)
+    extra = {}  # the **kwargs HF hands to both the decoder and the loss
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            extra = dict(named.pop(p.name, {}))
+    labels = named.pop("labels", None)
     reason = None if labels is None else _why_not_fused(self)
     if labels is None or reason is not None:
         if reason is not None and not state.get("warned"):
             state["warned"] = True
             warnings.warn(f"seqwrap.apply_minisequence: computing full logits for the loss because {reason}",
                           stacklevel=2)
-        return original(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels,
-                        use_cache, logits_to_keep, **kwargs)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return_dict = kwargs.pop("return_dict", None)
+        return original(*args, **kwargs)
+    logits_to_keep = named.pop("logits_to_keep", 0)
+    return_dict = extra.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
-    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         **kwargs)
-    hidden = _slice_to_keep(outputs.last_hidden_state, logits_to_keep)  # (B, T, H)
+    outputs = self.model(**named, **extra)
+    hidden = slice_to_keep(outputs.last_hidden_state, logits_to_keep)  # (B, T, H)
     softcap = getattr(self.config, state["softcap_attr"]) if state["softcap_attr"] else None
-    loss = causal_lm_loss(hidden, self.lm_head, labels, softcap=softcap, **kwargs)
-    out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    loss = causal_lm_loss(hidden, self.lm_head, labels, softcap=softcap, **extra)
+    out = causal_lm_output(loss=loss, logits=None, cache=getattr(outputs, output_cache_field(), None),
+                           hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     return out if return_dict else out.to_tuple()

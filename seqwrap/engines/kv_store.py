@@ -1,12 +1,13 @@
-"""A Hugging Face Cache that holds K/V per chunk and relays their gradients.
+"""The chunked engines' per-chunk K/V store, which also relays the K/V gradients.
 
-Every HF decoder LM calls `past_key_values.update(k, v, layer_idx)` once per
-layer, after RoPE, with k and v of shape (B, heads_kv, L, head_dim) for the
-L tokens of the current chunk; the attention then uses what update returns.
-The cache runs in one of two attention modes:
+The model reaches it through the HF boundary (seqwrap/hf/cache.py): every HF
+decoder LM calls its cache's `update(k, v, layer_idx)` once per layer, after
+RoPE, with k and v of shape (B, heads_kv, L, head_dim) for the L tokens of the
+current chunk, and the attention uses what update returns; the HF cache hands
+that call to `ChunkKVStore.update`. The store runs in one of two attention modes:
 
   "chunked" (the engines' default): update hands back the fresh k, v as they
-      are; the engines' attention function (seco_attention.py) calls `record`
+      are; the engines' attention (seco_attention.py) calls `record`
       (pass 1: keep k, v of chunk i; pass 2: remember the fresh k, v) and reads
       the past through `past_blocks`, one chunk at a time (prefetched from the
       host with offload); its backward adds dL/d(past chunk j) into the
@@ -25,7 +26,6 @@ mask sizes they report say so (kv_offset).
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..ops.attention_blocks import EMPTY, block_mask
 from ..ops.kahan import kahan_accumulate_
@@ -97,33 +97,7 @@ class _CatWithPast(torch.autograd.Function):
         return (parts[-1], None, *([None] * len(lens)))
 
 
-class _ChunkLayer(CacheLayerMixin):
-    """Placeholder layer: lets HF's Cache helpers (is_sliding, is_linear...) see one layer per
-    decoder layer. The state lives in ChunkKVCache."""
-
-    is_compileable = False
-
-    def __init__(self, sliding: bool):
-        super().__init__()
-        self.is_sliding = sliding
-
-    def lazy_initialization(self, key_states, value_states):  # pragma: no cover - unused
-        pass
-
-    def update(self, *args, **kwargs):  # pragma: no cover - ChunkKVCache.update handles it
-        raise RuntimeError("ChunkKVCache layers are updated through the cache")
-
-    def get_mask_sizes(self, query_length):  # pragma: no cover
-        raise RuntimeError("ChunkKVCache answers mask sizes itself")
-
-    def get_seq_length(self):  # pragma: no cover
-        raise RuntimeError("ChunkKVCache answers the sequence length itself")
-
-    def get_max_length(self):
-        return -1
-
-
-class ChunkKVCache(Cache):
+class ChunkKVStore:
     """Per-layer, per-chunk K/V store driven by a chunked engine (see module docstring).
 
     bounds: [(start, end)] of each chunk along the (local) sequence
@@ -135,12 +109,12 @@ class ChunkKVCache(Cache):
     positions_scale: chunk positions as attention sees them are bounds * positions_scale
         (Ulysses: each rank holds 1/P of every chunk, attention sees whole chunks)
     compensate: Kahan-compensated relay sums (half-precision models)
+    group: the Ulysses process group when the model is sequence-parallel, else None
     """
 
     def __init__(self, bounds: list[tuple[int, int]], sliding: list[bool], window: int | None, *,
                  attention: str = "concat", key_padding: torch.Tensor | None = None, offload=None,
-                 positions_scale: int = 1, compensate: bool = False):
-        super().__init__(layers=[_ChunkLayer(s) for s in sliding])
+                 positions_scale: int = 1, compensate: bool = False, group=None):
         if attention not in ("concat", "chunked"):
             raise ValueError(f"attention must be 'concat' or 'chunked', got {attention!r}")
         if offload is not None and attention != "chunked":
@@ -157,6 +131,7 @@ class ChunkKVCache(Cache):
         self.xfer = offload
         self.host_sums = HostAccumulator(offload) if offload is not None else None
         self.compensate = compensate
+        self.group = group  # Ulysses process group (the attention all-to-alls around the blocks), or None
         n = len(sliding)
         self.keys: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]    # layer -> chunk -> (B,H,L,D)
         self.values: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]
@@ -230,13 +205,6 @@ class ChunkKVCache(Cache):
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
         return self.xfer.to_host(t)[0] if self.xfer is not None else t.detach()
 
-    def kv_bytes(self) -> tuple[int, int]:
-        """(bytes of stored K/V, bytes of relay sums) currently held."""
-        kv = sum(t.numel() * t.element_size() for per in self.keys + self.values for t in per.values())
-        relay = sum(t.numel() * t.element_size() for per in self.sinks.values() for pair in per for s in pair
-                    for t in (s.acc, s.comp) if t is not None)
-        return kv, relay
-
     # -- visibility --------------------------------------------------------
     def _visible(self, layer: int) -> list[int]:
         """Past chunks that layer `layer` attends to from the current chunk."""
@@ -246,7 +214,7 @@ class ChunkKVCache(Cache):
         first_key = start - self.window + 1  # a query at `start` sees keys >= start - window + 1
         return [j for j in range(self.chunk) if self.attn_bounds[j][1] > first_key]
 
-    def _sink(self, chunk: int, layer: int) -> tuple[RelaySink, RelaySink]:
+    def sink(self, chunk: int, layer: int) -> tuple[RelaySink, RelaySink]:
         per_layer = self.sinks.get(chunk)
         if per_layer is None:
             per_layer = self.sinks[chunk] = [(RelaySink(self.compensate, self.host_sums),
@@ -290,8 +258,8 @@ class ChunkKVCache(Cache):
         elif self.mode == "replay" and layer not in self.fresh:  # a second call is a checkpoint recompute
             self.fresh[layer] = (k, v)
 
-    # -- HF Cache API --------------------------------------------------------
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+    # -- what the HF cache (seqwrap/hf/cache.py) hands over -----------------
+    def update(self, key_states, value_states, layer_idx):
         if self.attention == "chunked":  # the attention function reads the past itself
             self.updated.add(layer_idx)
             return key_states, value_states
@@ -312,7 +280,7 @@ class ChunkKVCache(Cache):
             self.fresh[layer_idx] = (key_states, value_states)
         if not visible:
             return key_states, value_states
-        sinks = [self._sink(j, layer_idx) if j in self.grad_chunks else (None, None) for j in visible]
+        sinks = [self.sink(j, layer_idx) if j in self.grad_chunks else (None, None) for j in visible]
         k = _CatWithPast.apply(key_states, [s[0] for s in sinks], *past_k)
         v = _CatWithPast.apply(value_states, [s[1] for s in sinks], *past_v)
         return k, v
@@ -321,16 +289,13 @@ class ChunkKVCache(Cache):
         visible = self._visible(layer_idx)
         return self.bounds[visible[0]][0] if visible else self.bounds[self.chunk][0]
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.bounds[self.chunk][0]
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self.bounds[self.chunk][0]
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+    def mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the keys `layer_idx` sees from the current chunk (concat mode)."""
         layer_idx = min(layer_idx, len(self.sliding) - 1)
         offset = self._offset(layer_idx)
         return self.bounds[self.chunk][0] - offset + query_length, offset
 
-    def get_max_length(self, layer_idx=None) -> int:
-        return -1
+    @property
+    def query_offset(self) -> int:
+        """Position of the current chunk's first token (local positions)."""
+        return self.bounds[self.chunk][0]

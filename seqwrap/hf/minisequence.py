@@ -20,13 +20,14 @@ forces that many (at most the sequence length) at every length.
 from __future__ import annotations
 
 import contextlib
-import inspect
+import functools
 import types
 
 import torch
 
-from .mst_lm import FORWARD_PARAMS, mst_causal_lm_forward
+from .mst_lm import forward_signature, mst_causal_lm_forward
 from .mst_mlp import MiniSequenceMLP, auto_mlp_chunks, chunk_bounds
+from .versions import check_model_versions
 
 # model_type -> config attribute holding the final-logit softcap (None: no softcap).
 FAMILIES = {
@@ -105,9 +106,16 @@ def mst_mlp_forward(self, x, *args, **kwargs):
 
 
 def _patch(module, function, **state):
+    """module.forward = function bound to module. With state["signature"], the bound forward shows that
+    signature (the class forward's): callers that read it (the Trainer keeps only the dataset
+    columns the forward names) see the same parameters as without the patch."""
     state["forward"] = module.__dict__.get("forward")  # an instance-level forward someone set, or None
     module._seqwrap_mst = state
-    module.forward = types.MethodType(function, module)
+    bound = types.MethodType(function, module)
+    if state.get("signature") is not None:
+        bound = functools.wraps(bound, assigned=("__doc__",))(functools.partial(bound))
+        bound.__signature__ = state["signature"]
+    module.forward = bound
 
 
 def _unpatch(module):
@@ -116,15 +124,6 @@ def _unpatch(module):
         del module.__dict__["forward"]
     else:
         module.forward = saved
-
-
-def _check_forward_signature(lm):
-    params = list(inspect.signature(type(lm).forward).parameters)[1:]
-    if tuple(params[: len(FORWARD_PARAMS)]) != FORWARD_PARAMS:
-        raise TypeError(
-            f"seqwrap.apply_minisequence: {type(lm).__name__}.forward takes {params}; expected "
-            f"{list(FORWARD_PARAMS)} first (transformers version not supported for loss=True)"
-        )
 
 
 def apply_minisequence(model, *, mlp_chunks: int | None = None, loss: bool = True):
@@ -150,18 +149,25 @@ def apply_minisequence(model, *, mlp_chunks: int | None = None, loss: bool = Tru
             f"seqwrap.apply_minisequence: expected a {model_type} *ForCausalLM (with .model.layers and .lm_head), "
             f"got {type(lm).__name__}"
         )
-    if loss:
-        _check_forward_signature(lm)
-    remove_minisequence(lm)
-    hidden = config.hidden_size
-    inter = getattr(config, "intermediate_size", None) or 4 * hidden
+    signature = forward_signature(lm) if loss else None
+    check_model_versions(lm, "seqwrap.apply_minisequence")
+    mlps = []
     for i, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None)
         if mlp is None:
             raise TypeError(f"seqwrap.apply_minisequence: layer {i} ({type(layer).__name__}) has no .mlp")
-        _patch(mlp, mst_mlp_forward, chunks=mlp_chunks, hidden_size=hidden, intermediate_size=inter)
-    if loss:
-        _patch(lm, mst_causal_lm_forward, softcap_attr=FAMILIES[model_type])
+        mlps.append(mlp)
+    remove_minisequence(lm)
+    hidden = config.hidden_size
+    inter = getattr(config, "intermediate_size", None) or 4 * hidden
+    try:  # all or nothing: a failure part way leaves the model as it was
+        for mlp in mlps:
+            _patch(mlp, mst_mlp_forward, chunks=mlp_chunks, hidden_size=hidden, intermediate_size=inter)
+        if loss:
+            _patch(lm, mst_causal_lm_forward, softcap_attr=FAMILIES[model_type], signature=signature)
+    except BaseException:
+        remove_minisequence(lm)
+        raise
     lm._seqwrap_mst_applied = True
     return model
 

@@ -1,5 +1,9 @@
 """Hugging Face Trainer whose training step runs a SeCO / SpaCO engine.
 
+Trainer internals used (see compat.py): training_step(model, inputs, num_items_in_batch),
+_prepare_inputs, compute_loss_context_manager, current_gradient_accumulation_steps,
+args.average_tokens_across_devices, accelerator.num_processes and accelerator.scaler.
+
     from seqwrap.integrations import SeqwrapTrainer
     trainer = SeqwrapTrainer(model=model, args=TrainingArguments(...), train_dataset=ds,
                              seqwrap_engine="seco", seqwrap_chunk_size=4096)
@@ -18,6 +22,7 @@ import torch
 from transformers import Trainer
 
 from ..engines import SeCO, SpaCO
+from .versions import check_version
 
 _ENGINES = {"seco": SeCO, "spaco": SpaCO}
 _KNOWN_INPUTS = {"input_ids", "labels", "attention_mask"}
@@ -39,6 +44,7 @@ class SeqwrapTrainerMixin:
         self.seqwrap_chunk_size = seqwrap_chunk_size
         self.seqwrap_options = dict(seqwrap_options or {})
         self._seqwrap_engines: dict[int, SeCO] = {}
+        check_version("transformers", "seqwrap.integrations.SeqwrapTrainer")
         super().__init__(*args, **kwargs)
 
     def _seqwrap_engine_for(self, model: torch.nn.Module) -> SeCO:

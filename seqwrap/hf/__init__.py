@@ -1,0 +1,22 @@
+"""The boundary to Hugging Face: the only seqwrap package that touches transformers (and peft).
+
+  versions.py       supported version ranges, checked when a model is adapted or patched
+  compat.py         what differs between supported transformers versions, resolved once per model;
+                    its docstring lists every transformers internal seqwrap relies on
+  decoder.py        HFDecoderAdapter: a causal LM as the chunked engines see it
+  cache.py          the Cache subclass the model sees during a step (a view of the engine's store)
+  attention.py      seqwrap's entries in transformers' attention registry
+  checkpointing.py  gradient checkpointing that keeps the chunk cache
+  ulysses.py        apply_ulysses / remove_ulysses
+  minisequence.py, mst_lm.py, mst_mlp.py   MsT patches (apply_minisequence / remove_minisequence)
+  mamba.py          MambaAdapter for AdjointSharding
+  trainer.py        SeqwrapTrainer (imported on first use: it imports transformers.Trainer)
+
+transformers itself is imported lazily: importing seqwrap never needs it.
+"""
+from .compat import UnsupportedModelError
+from .minisequence import apply_minisequence, is_minisequence_applied, remove_minisequence
+from .versions import SUPPORTED, UnsupportedVersionError
+
+__all__ = ["SUPPORTED", "UnsupportedModelError", "UnsupportedVersionError", "apply_minisequence",
+           "is_minisequence_applied", "remove_minisequence"]

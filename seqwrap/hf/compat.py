@@ -1,0 +1,175 @@
+"""What differs between the transformers versions seqwrap supports, resolved in one place.
+
+Every transformers internal seqwrap relies on is named here (or in the hf/ module that uses it,
+with a pointer from this list), and tests/test_hf_compat.py pins each item with one test, so a
+release that changes one fails one named test:
+
+  item                      | used by                  | what we rely on
+  cache argument            | decoder.py, mst_lm.py    | decoder / CausalLM forward takes the cache as `cache` (>= 5.24)
+                            |                          | or `past_key_values` (< 5.24): resolved from the signature
+  output cache field        | mst_lm.py                | output dataclasses hold it as `cache` or `past_key_values`
+  layer kinds               | decoder.py               | cache_utils.get_layer_types_and_kwargs(config): kinds + per-layer
+                            |                          | kwargs (a list >= 5.20, one dict for all layers before)
+  Cache contract            | cache.py                 | Cache(layers=[CacheLayerMixin...]); HF calls update(k, v, layer_idx,
+                            |                          | ...) once per layer after RoPE, get_seq_length, get_mask_sizes,
+                            |                          | get_query_offset, is_sliding
+  attention registry        | attention.py, ulysses.py | AttentionInterface.register, AttentionMaskInterface.register,
+                            |                          | PreTrainedModel.set_attn_implementation; the attention function
+                            |                          | signature fn(module, q, k, v, mask, dropout=, scaling=, **kwargs),
+                            |                          | module.layer_idx, and decoder **kwargs reaching it
+  checkpoint with cache     | checkpointing.py         | GradientCheckpointingLayer._can_checkpoint_with_cache and the
+                            |                          | use_reentrant keyword of _gradient_checkpointing_func
+  causal-LM loss            | mst_lm.py                | loss_utils.ForCausalLMLoss is model.loss_function, its kwargs
+  logits_to_keep            | mst_lm.py                | modeling_utils.slice_logits_to_keep (>= 5.23) or int/index slicing
+  Mamba internals           | mamba.py                 | MambaForCausalLM.backbone.{embeddings,layers,norm_f}, MambaBlock
+                            |                          | {norm,mixer,residual_in_fp32}, MambaMixer parameters and sizes
+  Trainer internals         | trainer.py               | Trainer.training_step(model, inputs, num_items_in_batch),
+                            |                          | _prepare_inputs, compute_loss_context_manager,
+                            |                          | current_gradient_accumulation_steps, accelerator(.scaler)
+
+Only modules of seqwrap/hf/ import transformers; the engines, ops and parallel/ never do.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields
+from functools import lru_cache
+
+import torch
+
+from .versions import installed
+
+
+class UnsupportedModelError(NotImplementedError):
+    """The model cannot be trained chunk-wise through the HF Cache API."""
+
+
+# Layer kinds whose attention reads K/V through the cache's update and can be chunked.
+ATTENTION_KINDS = ("full_attention", "sliding_attention")
+
+
+@dataclass(frozen=True)
+class ModelCompat:
+    """Resolved once per model (see resolve()).
+
+    cache_arg: keyword under which the decoder and the causal LM take the cache
+    output_cache_field: field of the model outputs holding the cache
+    layer_kinds: per decoder layer, one of ATTENTION_KINDS
+    sliding_window: the window of the sliding layers (None: no sliding layer)
+    """
+
+    transformers_version: str
+    cache_arg: str
+    output_cache_field: str
+    layer_kinds: tuple[str, ...]
+    sliding_window: int | None
+
+
+def resolve(causal_lm, decoder, engine: str) -> ModelCompat:
+    """ModelCompat of a *ForCausalLM and its base model (raises UnsupportedModelError with the reason)."""
+    config = causal_lm.config
+    mtype = getattr(config, "model_type", type(causal_lm).__name__)
+    kinds, window = layer_kinds(config, mtype, engine)
+    return ModelCompat(installed("transformers") or "?", cache_argument(type(decoder), engine),
+                       output_cache_field(), tuple(kinds), window)
+
+
+# -- cache argument and output field ------------------------------------------------------------
+@lru_cache(maxsize=None)
+def cache_argument(forward_owner: type, engine: str = "seqwrap") -> str:
+    """'cache' or 'past_key_values': the keyword `forward_owner.forward` takes the cache under."""
+    params = inspect.signature(forward_owner.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise UnsupportedModelError(
+        f"seqwrap.{engine}: {forward_owner.__name__}.forward takes neither `cache` nor `past_key_values` "
+        f"(its parameters: {list(params)[1:]}); it cannot be driven through the HF Cache API")
+
+
+@lru_cache(maxsize=None)
+def output_cache_field() -> str:
+    """'cache' (>= 5.24) or 'past_key_values': the cache field of transformers' model outputs."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    names = {f.name for f in fields(CausalLMOutputWithPast)}
+    for name in ("cache", "past_key_values"):
+        if name in names:
+            return name
+    raise RuntimeError(f"seqwrap: transformers' CausalLMOutputWithPast has no cache field (fields: {sorted(names)})")
+
+
+# -- layer kinds ----------------------------------------------------------------------------------
+def layer_types_and_kwargs(config) -> tuple[list[str], list[dict]]:
+    """(kind per layer, kwargs per layer) from transformers' own resolution of the config.
+
+    get_layer_types_and_kwargs returns one kwargs dict per layer (>= 5.20) or one dict shared by
+    every layer (5.15-5.19); this normalises to one per layer. Errors are not caught: if the helper
+    moves, the engines refuse the model instead of guessing its layer layout."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    kinds, kwargs = get_layer_types_and_kwargs(config)
+    kinds = list(kinds)
+    if isinstance(kwargs, dict):
+        kwargs = [kwargs] * len(kinds)
+    kwargs = list(kwargs)
+    if len(kwargs) != len(kinds):
+        raise RuntimeError(f"seqwrap: get_layer_types_and_kwargs gave {len(kinds)} layer types but {len(kwargs)} "
+                           "kwargs; this transformers version is not supported")
+    return kinds, kwargs
+
+
+def layer_kinds(config, mtype: str, engine: str) -> tuple[list[str], int | None]:
+    """(per-layer kind in ATTENTION_KINDS, sliding window or None); refuses other layouts by name."""
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or n <= 0:
+        raise UnsupportedModelError(f"seqwrap.{engine}: model_type '{mtype}' has no num_hidden_layers in its config")
+    try:
+        kinds, kwargs = layer_types_and_kwargs(config)
+    except (ImportError, AttributeError, TypeError) as exc:
+        raise UnsupportedModelError(
+            f"seqwrap.{engine}: cannot resolve the layer layout of model_type '{mtype}' with this transformers "
+            f"({installed('transformers')}): {type(exc).__name__}: {exc}") from exc
+    if len(kinds) < n:
+        raise UnsupportedModelError(f"seqwrap.{engine}: model_type '{mtype}' lists {len(kinds)} layer types for "
+                                    f"{n} layers")
+    kinds, kwargs = kinds[:n], kwargs[:n]
+    bad = sorted({k for k in kinds if k not in ATTENTION_KINDS})
+    if bad:
+        raise UnsupportedModelError(
+            f"seqwrap.{engine} does not support model_type '{mtype}': it has layers of type {bad}; only full and "
+            "sliding-window attention layers that go through the HF Cache API can be chunked")
+    windows = {kw.get("sliding_window") for k, kw in zip(kinds, kwargs) if k == "sliding_attention"}
+    if None in windows:
+        raise UnsupportedModelError(f"seqwrap.{engine}: model_type '{mtype}' has sliding layers without a window")
+    if len(windows) > 1:
+        raise UnsupportedModelError(
+            f"seqwrap.{engine}: model_type '{mtype}' has sliding layers with different windows {sorted(windows)}")
+    window = windows.pop() if windows else None
+    return kinds, window
+
+
+# -- loss and logits_to_keep ----------------------------------------------------------------------
+def causal_lm_loss_function():
+    """transformers' ForCausalLMLoss (what model.loss_function is for the MsT families)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return ForCausalLMLoss
+
+
+def slice_to_keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """hidden (B, T, H) -> the rows HF projects for `logits_to_keep` (an int: the last n, 0: all; or an index)."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:  # < 5.23: each model file slices inline, the same way
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden[:, keep, :]
+    return slice_logits_to_keep(hidden, logits_to_keep)
+
+
+def causal_lm_output(**values):
+    """CausalLMOutputWithPast with the cache under this version's field name (values use 'cache')."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    values[output_cache_field()] = values.pop("cache")
+    return CausalLMOutputWithPast(**values)

@@ -1,0 +1,90 @@
+"""The versions of transformers and peft seqwrap supports, checked when a model is adapted or patched.
+
+SUPPORTED holds, per package, [floor, ceiling): the floor is the oldest release the suite was run on
+(`make test-oldest`), the ceiling the first release not tested yet (`make test-latest` ran on the
+newest one below it). Outside the range, adapting a model raises UnsupportedVersionError naming the
+installed version and the range; SEQWRAP_ALLOW_UNSUPPORTED_VERSIONS=1 turns that into a warning
+(at your own risk: a renamed internal can then fail later, or worse).
+
+Moving the range: run `make test-latest`; when it passes, raise the ceiling here past the newest
+release and refresh the lock with `make lock` (see README, "Versions").
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from importlib import metadata
+
+ENV_ALLOW = "SEQWRAP_ALLOW_UNSUPPORTED_VERSIONS"
+
+# package -> (floor, ceiling): floor <= installed < ceiling
+SUPPORTED: dict[str, tuple[str, str]] = {
+    "transformers": ("5.15.1", "5.25"),
+    "peft": ("0.18.0", "0.22"),
+}
+
+_checked: set[str] = set()
+
+
+class UnsupportedVersionError(RuntimeError):
+    """An installed package is outside the range seqwrap was tested with."""
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'5.24.0' -> (5, 24, 0); pre-/dev-release suffixes ('5.25.0.dev0', '1.2rc1') keep their numeric prefix."""
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) != len(piece):  # '1rc1': stop after the numeric part
+            break
+    return tuple(parts)
+
+
+def _padded(v: tuple[int, ...]) -> tuple[int, ...]:
+    return v + (0,) * (4 - len(v))
+
+
+def in_range(package: str, version: str) -> bool:
+    floor, ceiling = SUPPORTED[package]
+    v = _padded(parse_version(version))
+    return _padded(parse_version(floor)) <= v < _padded(parse_version(ceiling))
+
+
+def installed(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_version(package: str, what: str) -> None:
+    """Raise UnsupportedVersionError if `package` is installed outside SUPPORTED (once per process
+    and package when it passes). `what` names the seqwrap feature for the message."""
+    if package in _checked:
+        return
+    version = installed(package)
+    if version is None:
+        raise ImportError(f"{what} needs {package} (pip install 'seqwrap[hf]')")
+    if not in_range(package, version):
+        floor, ceiling = SUPPORTED[package]
+        msg = (f"{what}: {package} {version} is installed, but seqwrap supports {package} >= {floor}, < {ceiling} "
+               f"(tested range). Install a supported version (pip install '{package}>={floor},<{ceiling}'), or "
+               f"set {ENV_ALLOW}=1 to go on at your own risk.")
+        if os.environ.get(ENV_ALLOW, "") not in ("1", "true", "yes"):
+            raise UnsupportedVersionError(msg)
+        warnings.warn(msg, stacklevel=3)
+    _checked.add(package)
+
+
+def check_model_versions(model, what: str) -> None:
+    """transformers always; peft when any module of `model` comes from peft (a PeftModel, LoRA layers)."""
+    check_version("transformers", what)
+    if any(type(m).__module__.startswith("peft.") for m in model.modules()):
+        check_version("peft", what)
