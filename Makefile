@@ -1,9 +1,12 @@
 # seqwrap - one-command set-up, build, test, demo, sanitizer run and benchmarks.
 #
-#   make demo     venv + torch + deps + build, then the long-context training demo
-#   make test     venv + torch + deps + build, then the test suite
-#   make asan     AddressSanitizer + UBSan build of the C core, C-facing tests under it
-#   make bench    benchmarks (tables and plots under benchmarks/results/)
+#   make demo         venv + torch + locked deps + build, then the long-context training demo
+#   make test         venv + torch + locked deps + build, then the test suite (+ the ASan/UBSan run)
+#   make test-latest  the suite on the newest transformers / peft / test tools (own venv: .venv-latest)
+#   make test-oldest  the suite at the supported floors (requirements/oldest.txt; own venv: .venv-oldest)
+#   make lock         write .venv-latest's versions into requirements/lock.txt (after test-latest passed)
+#   make asan         AddressSanitizer + UBSan build of the C core, C-facing tests under it
+#   make bench        benchmarks (tables and plots under benchmarks/results/)
 #
 # Your own torch: point VENV at an environment that already has it and leave
 # TORCH_SPEC empty, e.g. `make test VENV=$$CONDA_PREFIX TORCH_SPEC=`.
@@ -13,20 +16,27 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.seqwrap-deps
+LOCK       := requirements/lock.txt
+OLDEST     := requirements/oldest.txt
 ASAN_DIR   := build/asan
 PYTEST_ARGS ?=
+# development and CI builds treat compiler warnings as errors (a user's pip install does not)
+export SEQWRAP_WERROR := 1
 
-.PHONY: all venv build test demo asan bench clean
+# The dependencies of the hf and dev extras, names and floors as pyproject.toml declares them.
+EXTRAS = $$($(PYTHON) -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print(' '.join(d['hf'] + d['dev']))")
+
+.PHONY: all venv build test demo asan bench clean test-latest test-oldest lock
 
 all: test
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools>=77" wheel
 	@if [ -n "$(TORCH_SPEC)" ]; then echo "installing $(TORCH_SPEC)"; $(PY) -m pip install --quiet "$(TORCH_SPEC)"; \
 	 else echo "TORCH_SPEC is empty: using the torch already in $(VENV)"; fi
 	$(PY) -c "import torch; print('torch', torch.__version__)"
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[hf,dev]"
+	$(PY) -m pip install --quiet --no-build-isolation -c $(LOCK) -e ".[hf,dev]"
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -56,8 +66,36 @@ asan: $(STAMP)
 	SEQWRAP_EXPECT_SANITIZE=1 PYTHONPATH=$(ASAN_DIR) \
 	$(PY) -m pytest $(ASAN_DIR)/tests -m ccore -p no:cacheprovider $(PYTEST_ARGS)
 
+# The version matrix. Each column has its own venv with torch $(TORCH_SPEC) and imports the extension
+# that `build` compiled in place (same Python, same torch). Outside the declared range the suite runs
+# anyway (SEQWRAP_ALLOW_UNSUPPORTED_VERSIONS=1), so that it shows what really breaks; the one test
+# tests/test_hf_versions.py::test_installed_versions_are_in_the_supported_range names the range.
+define matrix_venv
+	@test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then $(1)/bin/python -m pip install --quiet "$(TORCH_SPEC)"; fi
+	$(1)/bin/python -m pip install --quiet $(2)
+	$(1)/bin/python -c "import torch, transformers, peft; print('matrix column:', '$(1)', 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+endef
+
+test-latest: build
+	$(call matrix_venv,.venv-latest,--upgrade $(EXTRAS))
+	SEQWRAP_ALLOW_UNSUPPORTED_VERSIONS=1 PYTHONPATH=$(CURDIR) .venv-latest/bin/python -m pytest tests -p no:cacheprovider $(PYTEST_ARGS)
+
+test-oldest: build
+	$(call matrix_venv,.venv-oldest,-c $(OLDEST) $(EXTRAS))
+	PYTHONPATH=$(CURDIR) .venv-oldest/bin/python -m pytest tests -p no:cacheprovider $(PYTEST_ARGS)
+
+# Moves the lock to what .venv-latest holds (run after `make test-latest` passed), then raise the
+# ceilings in seqwrap/hf/versions.py if the newest releases are past them.
+lock:
+	@test -x .venv-latest/bin/python || { echo "run make test-latest first"; exit 1; }
+	{ sed -n '1,3p' $(LOCK); .venv-latest/bin/python -m pip freeze | grep -v -e '^-e' -e '^seqwrap' -e '^torch=='; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	@echo "requirements/lock.txt updated; commit it with the versions.py change"
+
 bench: build
 	$(PY) -m pytest benchmarks -s $(PYTEST_ARGS)
 
 clean:
-	rm -rf build seqwrap/_C*.so *.egg-info .pytest_cache
+	rm -rf build seqwrap/_C*.so *.egg-info .pytest_cache .venv-latest .venv-oldest

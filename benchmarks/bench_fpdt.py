@@ -89,7 +89,7 @@ def run_case(method: str, seq_len: int, chunk: int) -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
     if method == "offload_ckpt":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        seqwrap.hf.enable_checkpointing(model)
     engine = seqwrap.SeCO(model, chunk_size=chunk, attention="concat" if method == "concat" else "chunked",
                           offload=method.startswith("offload"), offload_min_bytes=0)
     ids = torch.randint(0, CONFIG["vocab_size"], (1, seq_len), device=device)

@@ -68,13 +68,13 @@ def _stepper(method: str, model, opt, ids, chunk: int):
         if method == "seco_mst":  # mini-sequence MLPs inside each chunk; removed again so methods share the model
             seqwrap.apply_minisequence(model, mlp_chunks=4)
         if method == "hf_ckpt":
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            seqwrap.hf.enable_checkpointing(model)
         if engine is None:
             model(ids, labels=ids).loss.backward()
         else:
             engine(ids)
         if method == "hf_ckpt":
-            model.activation_checkpointing_disable()
+            seqwrap.hf.disable_checkpointing(model)
         if method == "seco_mst":
             seqwrap.remove_minisequence(model)
         opt.step()

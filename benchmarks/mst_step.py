@@ -46,7 +46,7 @@ def main():
     )
     model = transformers.LlamaForCausalLM(cfg).to(dev).train()
     if a.gc:
-        model.activation_checkpointing_enable()
+        seqwrap.hf.enable_checkpointing(model, use_reentrant=None)
     if a.mode != "hf":
         seqwrap.apply_minisequence(model, loss=a.mode != "mst-mlp")
     if a.mode == "mst-loss":

@@ -103,8 +103,7 @@ def main(argv=None):
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                              target_modules=args.target_modules.split(","))).to(device)
     if args.gradient_checkpointing:
-        model.get_base_model().activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False})
+        seqwrap.hf.enable_checkpointing(model)  # non-reentrant, with either transformers API name
     model.train()
     if args.engine == "seco":
         engine = seqwrap.SeCO(model, chunk_size=args.chunk_size, offload=args.offload)

@@ -31,7 +31,7 @@ def count_mlp_calls(monkeypatch):
 def _gc(model, mode):
     if mode == "off":
         return
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+    seqwrap.hf.enable_checkpointing(model, use_reentrant=mode == "reentrant")
     if mode == "reentrant" and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
 

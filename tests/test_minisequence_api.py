@@ -115,7 +115,7 @@ def test_gradient_hooks_fire_once_per_parameter(lora, gc):
     """What DDP / FSDP rely on: one gradient delivery per parameter per backward."""
     model = tiny_model("llama", lora=lora)
     if gc:
-        model.activation_checkpointing_enable()
+        seqwrap.hf.enable_checkpointing(model, use_reentrant=None)
     seqwrap.apply_minisequence(model, mlp_chunks=3)
     counts = {}
     for name, p in model.named_parameters():

@@ -4,6 +4,7 @@ import torch
 
 import seqwrap
 from seqwrap.hf import UnsupportedModelError
+from seqwrap.hf.compat import enable_checkpointing
 
 from .hf_tiny import FAMILIES, VOCAB, max_rel_err, reference, tiny_model
 
@@ -95,7 +96,7 @@ def test_gradient_checkpointing_inside_chunk():
     model.train()
     ids, labels, mask = batch()
     loss, grads = reference(model, ids, labels, mask)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     out = seqwrap.SeCO(model, chunk_size=7)(ids, labels=labels, attention_mask=mask)
     assert abs(out.loss.item() - loss.item()) <= TOL * loss.item()
     assert max_rel_err(model, grads) <= TOL

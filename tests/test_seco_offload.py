@@ -56,7 +56,7 @@ def test_offload_with_checkpointing_and_lora_parks_activations():
     model.train()
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                        init_lora_weights=False))
-    lora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    seqwrap.hf.enable_checkpointing(lora)
     ids, labels, mask = batch()
     loss, grads = reference(lora, ids, labels, mask)
     engine = seqwrap.SeCO(lora, chunk_size=7, offload=True, offload_min_bytes=0)

@@ -14,9 +14,9 @@
 
 transformers itself is imported lazily: importing seqwrap never needs it.
 """
-from .compat import UnsupportedModelError
+from .compat import UnsupportedModelError, disable_checkpointing, enable_checkpointing
 from .minisequence import apply_minisequence, is_minisequence_applied, remove_minisequence
 from .versions import SUPPORTED, UnsupportedVersionError
 
-__all__ = ["SUPPORTED", "UnsupportedModelError", "UnsupportedVersionError", "apply_minisequence",
+__all__ = ["SUPPORTED", "UnsupportedModelError", "disable_checkpointing", "enable_checkpointing", "UnsupportedVersionError", "apply_minisequence",
            "is_minisequence_applied", "remove_minisequence"]

@@ -18,7 +18,8 @@ class CheckpointWithCache:
             if getattr(fn, "keywords", {}).get("use_reentrant", False):
                 raise ValueError(
                     f"seqwrap.{name}: reentrant gradient checkpointing is not supported; enable it with "
-                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
+                    "seqwrap.hf.enable_checkpointing(model) (use_reentrant=False), or transformers' "
+                    "model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})"
                 )
             if not hasattr(type(m), "_can_checkpoint_with_cache"):
                 raise RuntimeError(

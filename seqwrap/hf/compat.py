@@ -19,6 +19,8 @@ release that changes one fails one named test:
                             |                          | module.layer_idx, and decoder **kwargs reaching it
   checkpoint with cache     | checkpointing.py         | GradientCheckpointingLayer._can_checkpoint_with_cache and the
                             |                          | use_reentrant keyword of _gradient_checkpointing_func
+  checkpointing switch      | enable_checkpointing()   | activation_checkpointing_enable (>= 5.23) or
+                            |                          | gradient_checkpointing_enable (older, deprecated in 5.23)
   causal-LM loss            | mst_lm.py                | loss_utils.ForCausalLMLoss is model.loss_function, its kwargs
   logits_to_keep            | mst_lm.py                | modeling_utils.slice_logits_to_keep (>= 5.23) or int/index slicing
   Mamba internals           | mamba.py                 | MambaForCausalLM.backbone.{embeddings,layers,norm_f}, MambaBlock
@@ -173,3 +175,24 @@ def causal_lm_output(**values):
 
     values[output_cache_field()] = values.pop("cache")
     return CausalLMOutputWithPast(**values)
+
+
+# -- activation checkpointing switch --------------------------------------------------------------
+def enable_checkpointing(model, use_reentrant: bool | None = False) -> None:
+    """Turns HF activation checkpointing on: activation_checkpointing_enable (>= 5.23) or
+    gradient_checkpointing_enable (older; deprecated in 5.23, removed in v6). `model` may be a peft model.
+    use_reentrant=None keeps transformers' default (reentrant, which the chunked engines refuse)."""
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    kw = None if use_reentrant is None else {"use_reentrant": use_reentrant}
+    if hasattr(inner, "activation_checkpointing_enable"):
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+def disable_checkpointing(model) -> None:
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    if hasattr(inner, "activation_checkpointing_disable"):
+        inner.activation_checkpointing_disable()
+    else:
+        inner.gradient_checkpointing_disable()

@@ -1,0 +1,200 @@
+"""One test per item of seqwrap/hf/compat.py: what seqwrap relies on in the installed transformers.
+
+When a transformers release changes one of these, the test named after it fails (and says what
+changed), instead of dozens of engine tests failing for no visible reason.
+"""
+import inspect
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from seqwrap.hf import compat  # noqa: E402
+from tests.hf_tiny import tiny_model  # noqa: E402
+
+
+def _llama(layers=2, **kw):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kw)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def test_cache_argument():
+    """The decoder and the causal LM take the cache under one keyword, and a cache passed under it is
+    the one the attention layers update, without a deprecation warning."""
+    from transformers.cache_utils import DynamicCache
+
+    model = _llama()
+    name = compat.cache_argument(type(model.model))
+    assert name in ("cache", "past_key_values")
+    assert name in inspect.signature(type(model).forward).parameters
+    cache = DynamicCache(config=model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model.model(input_ids=torch.randint(0, 61, (1, 5)), use_cache=True, **{name: cache})
+    assert cache.get_seq_length() == 5
+
+
+def test_output_cache_field():
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    field = compat.output_cache_field()
+    out = _llama().model(input_ids=torch.randint(0, 61, (1, 4)), use_cache=True)
+    assert isinstance(out, BaseModelOutputWithPast)
+    assert getattr(out, field) is not None
+    built = compat.causal_lm_output(loss=None, logits=None, cache="x")
+    assert getattr(built, field) == "x"
+
+
+@pytest.mark.parametrize("family, want_kinds, want_window", [
+    ("llama", ["full_attention"] * 2, None),
+    ("mistral", ["sliding_attention"] * 2, 7),
+    ("gemma2", ["sliding_attention", "full_attention"], 6),
+])
+def test_layer_kinds(family, want_kinds, want_window):
+    model = tiny_model(family)
+    kinds, kwargs = compat.layer_types_and_kwargs(model.config)
+    assert len(kinds) == len(kwargs) == model.config.num_hidden_layers
+    assert all(isinstance(kw, dict) for kw in kwargs)
+    assert compat.layer_kinds(model.config, family, "SeCO") == (want_kinds, want_window)
+
+
+def test_unknown_layer_kind_is_refused_by_name():
+    model = _llama()
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(compat.UnsupportedModelError, match="linear_attention"):
+        compat.layer_kinds(model.config, "llama", "SeCO")
+
+
+def test_cache_contract():
+    """Our Cache view: HF builds it from layers, calls update once per layer after RoPE with (B, Hkv, L, D)
+    K/V, and asks only the methods the view answers (no base-class method that would read the
+    placeholder layers)."""
+    from transformers.cache_utils import Cache
+
+    from seqwrap.engines.kv_store import ChunkKVStore
+    from seqwrap.hf.cache import ChunkCache
+
+    model = _llama()
+    store = ChunkKVStore([(0, 5)], [False, False], None)
+    store.begin(0, "record", store=True)
+    called = []
+    answered = {"update", "get_seq_length", "get_query_offset", "get_mask_sizes", "get_max_length"}
+    originals = {}
+    for name, fn in vars(Cache).items():
+        if callable(fn) and not name.startswith("__") and name not in answered:
+            originals[name] = fn
+
+            def spy(self, *a, _name=name, **k):
+                called.append(_name)
+                return originals[_name](self, *a, **k)
+            setattr(ChunkCache, name, spy)
+    try:
+        cache = ChunkCache(store)
+        name = compat.cache_argument(type(model.model))
+        model.model(input_ids=torch.randint(0, 61, (2, 5)), use_cache=True, **{name: cache})
+    finally:
+        for name in originals:
+            delattr(ChunkCache, name)
+    assert sorted(store.updated) == [0, 1], "update is called once per layer"
+    assert store.keys[0][0].shape == (2, 2, 5, 8), "K arrives as (B, Hkv, L, D)"
+    assert not [c for c in called if c not in ("is_sliding", "is_compileable", "is_initialized", "__len__")], called
+
+
+def test_attention_registry():
+    """A registered function, selected with set_attn_implementation, is called with (module, q, k, v,
+    mask, dropout=, scaling=, ...) for every layer; keywords given to the decoder reach it; the mask
+    function registered beside it decides the mask (None here)."""
+    from seqwrap.hf import attention
+
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        seen.append((module.layer_idx, tuple(query.shape), tuple(key.shape), attention_mask, scaling,
+                     kwargs.get("seqwrap_probe")))
+        return torch.zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
+
+    attention.register("seqwrap_compat_probe", spy)
+    model = _llama()
+    before = model.config._attn_implementation
+    with attention.implementation(model, "seqwrap_compat_probe"):
+        model.model(input_ids=torch.randint(0, 61, (1, 5)), seqwrap_probe="here")
+    assert model.config._attn_implementation == before
+    assert [s[0] for s in seen] == [0, 1]
+    assert all(s[1] == (1, 4, 5, 8) and s[2] == (1, 2, 5, 8) for s in seen)
+    assert all(s[3] is None and s[4] == pytest.approx(8 ** -0.5) and s[5] == "here" for s in seen)
+
+
+def test_checkpoint_with_cache():
+    """GradientCheckpointingLayer drops the cache of a checkpointed layer unless the instance says
+    _can_checkpoint_with_cache; _gradient_checkpointing_func is a partial with use_reentrant."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    assert GradientCheckpointingLayer._can_checkpoint_with_cache is False
+    model = _llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layer = model.model.layers[0]
+    assert isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing
+    assert layer._gradient_checkpointing_func.keywords.get("use_reentrant") is False
+    from seqwrap.engines.kv_store import ChunkKVStore
+    from seqwrap.hf.cache import ChunkCache
+    from seqwrap.hf.checkpointing import CheckpointWithCache
+
+    model.train()
+    store = ChunkKVStore([(0, 5)], [False, False], None)
+    store.begin(0, "record")
+    with CheckpointWithCache(model.model.layers, "SeCO"):
+        model.model(input_ids=torch.randint(0, 61, (1, 5)),
+                    **{compat.cache_argument(type(model.model)): ChunkCache(store)})
+    assert sorted(store.updated) == [0, 1], "checkpointed layers kept the cache"
+    assert "_can_checkpoint_with_cache" not in layer.__dict__
+
+
+def test_causal_lm_loss():
+    from seqwrap.hf.minisequence import FAMILIES
+
+    loss_fn = compat.causal_lm_loss_function()
+    params = inspect.signature(loss_fn).parameters
+    for name in ("logits", "labels", "vocab_size", "num_items_in_batch", "ignore_index", "shift_labels"):
+        assert name in params, name
+    for family in FAMILIES:
+        assert tiny_model(family).loss_function is loss_fn, family
+
+
+def test_logits_to_keep():
+    hidden = torch.arange(24.0).reshape(1, 6, 4)
+    assert torch.equal(compat.slice_to_keep(hidden, 0), hidden)
+    assert torch.equal(compat.slice_to_keep(hidden, 2), hidden[:, -2:])
+    idx = torch.tensor([0, 3])
+    assert torch.equal(compat.slice_to_keep(hidden, idx), hidden[:, idx])
+    assert "logits_to_keep" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+
+
+def test_mamba_internals():
+    model = transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=61, hidden_size=16, state_size=4, num_hidden_layers=1, conv_kernel=3, expand=2))
+    bb = model.backbone
+    for name in ("embeddings", "layers", "norm_f"):
+        assert hasattr(bb, name), name
+    block = bb.layers[0]
+    for name in ("norm", "mixer", "residual_in_fp32"):
+        assert hasattr(block, name), name
+    m = block.mixer
+    for name in ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj", "act", "time_step_rank",
+                 "ssm_state_size", "intermediate_size", "use_conv_bias"):
+        assert hasattr(m, name), name
+
+
+def test_trainer_internals():
+    from transformers import Trainer, TrainingArguments
+
+    params = list(inspect.signature(Trainer.training_step).parameters)
+    assert params[:4] == ["self", "model", "inputs", "num_items_in_batch"]
+    for name in ("_prepare_inputs", "compute_loss_context_manager"):
+        assert callable(getattr(Trainer, name, None)), name
+    # set by the training loop for each optimizer step; SeqwrapTrainer divides by it without num_items_in_batch
+    assert "self.current_gradient_accumulation_steps =" in inspect.getsource(Trainer)
+    assert hasattr(TrainingArguments, "average_tokens_across_devices")

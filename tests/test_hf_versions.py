@@ -1,0 +1,56 @@
+"""The declared version range: what is installed, the check, the escape hatch."""
+import warnings
+
+import pytest
+
+from seqwrap.hf import versions
+
+
+@pytest.mark.parametrize("package", sorted(versions.SUPPORTED))
+def test_installed_versions_are_in_the_supported_range(package):
+    """Fails (by name) when the suite runs on a release outside the declared range, e.g. in
+    `make test-latest` after a new release: test it, then move the range (README, Versions)."""
+    version = versions.installed(package)
+    if version is None:
+        pytest.skip(f"{package} is not installed")
+    floor, ceiling = versions.SUPPORTED[package]
+    assert versions.in_range(package, version), f"{package} {version} is outside [{floor}, {ceiling})"
+
+
+def test_parse_and_compare():
+    assert versions.parse_version("5.24.0") == (5, 24, 0)
+    assert versions.parse_version("5.25.0.dev0") == (5, 25, 0)
+    assert versions.parse_version("1.2rc1") == (1, 2)
+    floor, ceiling = versions.SUPPORTED["transformers"]
+    assert versions.in_range("transformers", floor)
+    assert not versions.in_range("transformers", ceiling)
+    assert not versions.in_range("transformers", "4.57.6")
+
+
+def test_outside_the_range_raises_naming_version_and_range(monkeypatch):
+    monkeypatch.setattr(versions, "installed", lambda package: "99.0.0")
+    monkeypatch.setattr(versions, "_checked", set())
+    monkeypatch.delenv(versions.ENV_ALLOW, raising=False)
+    floor, ceiling = versions.SUPPORTED["transformers"]
+    with pytest.raises(versions.UnsupportedVersionError, match=rf"transformers 99\.0\.0 .*>= {floor}, < {ceiling}"):
+        versions.check_version("transformers", "seqwrap.SeCO")
+    monkeypatch.setenv(versions.ENV_ALLOW, "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        versions.check_version("transformers", "seqwrap.SeCO")
+    assert any("own risk" in str(w.message) for w in caught)
+
+
+def test_engines_check_the_version(monkeypatch):
+    pytest.importorskip("transformers")
+    import seqwrap
+    from tests.hf_tiny import tiny_model
+
+    monkeypatch.setattr(versions, "installed", lambda package: "4.46.0")
+    monkeypatch.setattr(versions, "_checked", set())
+    monkeypatch.delenv(versions.ENV_ALLOW, raising=False)
+    model = tiny_model("llama")
+    for apply in (lambda: seqwrap.SeCO(model, 4), lambda: seqwrap.apply_minisequence(model)):
+        with pytest.raises(seqwrap.UnsupportedVersionError, match="transformers 4.46.0"):
+            apply()
+    assert not seqwrap.hf.is_minisequence_applied(model)
