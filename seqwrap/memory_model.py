@@ -43,8 +43,9 @@ temporaries below a chunk.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass, field
+
+from .ops.cross_entropy import default_chunk_rows
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,6 @@ class MemoryEstimate:
         return int(sum(self.host.values()))
 
 
-def _ce_chunk_rows(n_rows: int, hidden: int, vocab: int) -> int:
-    target = 1 << max(0, int(math.log2(max(1, (1 << 24) // vocab))))
-    return max(1, min(n_rows, max(target, 16, hidden // 64)))
-
-
 def seco_peak(shape: DecoderShape, seq_len: int, chunk: int, *, batch: int = 1, dtype_bytes: int = 2,
               lora_params: int | None = None, grad_ckpt: bool = True, offload: bool = False,
               attention: str = "chunked", concat_kv_heads: int | None = None, static: bool = True) -> MemoryEstimate:
@@ -149,7 +145,7 @@ def seco_peak(shape: DecoderShape, seq_len: int, chunk: int, *, batch: int = 1, 
         dev["prefetch buffers (2 past blocks)"] = 2 * batch * C * 2 * s.kv_heads * s.head_dim * b
     if full_ft:  # each chunk's backward forms fresh embedding / LM-head gradients before adding them to .grad
         dev["per-chunk embedding + LM-head gradients"] = s.vocab * s.hidden * b * (1 if s.tied else 2)
-    rows = _ce_chunk_rows(batch * C, s.hidden, s.vocab)
+    rows = default_chunk_rows(batch * C, s.hidden, s.vocab)
     dev["LM head + loss chunk"] = rows * s.vocab * r + batch * C * s.hidden * r + (s.vocab * s.hidden * r if full_ft else 0)
     if attention == "concat":
         heads = concat_kv_heads or s.kv_heads

@@ -32,13 +32,14 @@ labels of the whole sequence, or by num_items when given.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..hf.mamba import IGNORE_INDEX, MambaAdapter, shifted_targets
-from ..parallel.grad_sync import reduce_step, stash_grads, unstash_grads
+from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, unstash_grads
 
 
 @dataclass
@@ -56,14 +57,14 @@ class AdjointSharding:
     def __init__(self, model, chunk_size=2048, *, mode="exact", truncation=None, group=None):
         self.adapter = MambaAdapter(model)
         self.model = model
-        if not isinstance(chunk_size, int) or chunk_size < 1:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"seqwrap.AdjointSharding: chunk_size must be a positive int, got {chunk_size!r}")
         if mode not in ("exact", "sharded"):
             raise ValueError(f"seqwrap.AdjointSharding: mode must be 'exact' or 'sharded', got {mode!r}")
         if truncation is not None:
             if mode != "sharded":
                 raise ValueError("seqwrap.AdjointSharding: truncation applies to mode='sharded' only")
-            if not isinstance(truncation, int) or truncation < 1:
+            if isinstance(truncation, bool) or not isinstance(truncation, int) or truncation < 1:
                 raise ValueError(f"seqwrap.AdjointSharding: truncation must be a positive int, got {truncation!r}")
         self.chunk_size, self.mode, self.truncation, self.group = chunk_size, mode, truncation, group
 
@@ -76,8 +77,14 @@ class AdjointSharding:
         divisor = num_items if num_items is not None else num_tokens
         if isinstance(divisor, torch.Tensor):
             divisor = divisor.item()
+        if num_items is not None and (isinstance(divisor, bool) or not isinstance(divisor, (int, float))
+                                      or not math.isfinite(divisor) or divisor <= 0):
+            raise ValueError(f"seqwrap.AdjointSharding: num_items must be a finite number > 0, got {num_items!r}")
+        divisor = divisor or 1  # no counted label: loss 0, no gradient
         length = input_ids.shape[1]
         bounds = [(s, min(s + self.chunk_size, length)) for s in range(0, length, self.chunk_size)]
+        params = self._params()
+        stash = stash_grads(params)   # a failed step leaves .grad as it was before it
         self.adapter.begin_step()
         try:
             if self.mode == "exact":
@@ -85,8 +92,12 @@ class AdjointSharding:
             else:
                 loss = self._sharded(input_ids, targets, divisor, bounds)
             self.adapter.end_step()
+        except BaseException:
+            restore_grads(params, stash)
+            raise
         finally:
-            self.adapter._casts = None
+            self.adapter.discard_step()
+        unstash_grads(params, stash)
         return AdjointOutput(loss=loss, num_tokens=num_tokens, num_chunks=len(bounds))
 
     # ---- exact -----------------------------------------------------------------------------------
@@ -102,7 +113,6 @@ class AdjointSharding:
         mine = bounds[lo:hi]   # this rank's contiguous chunks
         first_rank, last_rank = rank == 0, rank == world - 1
         states = ad.zero_states(ids.shape[0], ids.device)
-        stash = stash_grads(self._params()) if self.group is not None else None
 
         # pass 1: boundary states of my chunks (the first ones arrive from the previous rank)
         if not first_rank:
@@ -139,7 +149,7 @@ class AdjointSharding:
         if not first_rank:
             self._send_states(adjoint, rank - 1)
         if self.group is not None:
-            total = self._finish_distributed(stash, total)
+            total = self._finish_distributed(total)
         return total.to(torch.float32)
 
     # ---- distributed helpers ---------------------------------------------------------------------
@@ -172,13 +182,12 @@ class AdjointSharding:
                 out.append(p)
         return out
 
-    def _finish_distributed(self, stash, total):
+    def _finish_distributed(self, total):
         """One all-reduce (a flat float64 buffer) of this step's parameter gradients, the cast-leaf
         gradients (see MambaAdapter.begin_step) and the loss."""
         params = self._params()
         total = reduce_step(params + self.adapter.cast_leaves(), self.group, total)  # the step's one all-reduce
         self.adapter.end_step()                          # cast leaves -> A_log, D, dt_proj.bias
-        unstash_grads(params, stash)
         return total
 
     # ---- sharded (the paper's formulation) -----------------------------------------------------
@@ -194,7 +203,6 @@ class AdjointSharding:
                                            for r in range(1, world)):
             raise ValueError(f"seqwrap.AdjointSharding: truncation={T} reaches {reach} chunks ahead; every rank "
                              f"but the first must hold at least {reach} chunks of {self.chunk_size} tokens")
-        stash = stash_grads(self._params()) if self.group is not None else None
         states = ad.zero_states(ids.shape[0], ids.device)
         if not first_rank:
             self._recv_states(states, rank - 1)
@@ -270,7 +278,7 @@ class AdjointSharding:
         if not first_rank:
             self._send_states([tuple(t for t in a if t is not None) for a in adjoint], rank - 1)
         if self.group is not None:
-            total = self._finish_distributed(stash, total)
+            total = self._finish_distributed(total)
         return total.to(torch.float32)
 
     def _layer_inputs(self, ids, states):

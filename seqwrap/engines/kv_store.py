@@ -194,6 +194,9 @@ class ChunkKVStore:
         for layer in range(len(self.sliding)):
             for chunk in list(self.keys[layer]):
                 self._drop_kv(chunk)
+        # the replayed chunk's fresh K/V hold its graph, whose attention nodes hold this store: after a
+        # failed step that cycle would keep both alive (and the graph's memory) for good
+        self.fresh = {}
 
     def _drop_kv(self, chunk: int) -> None:
         for layer in range(len(self.sliding)):

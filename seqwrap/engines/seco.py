@@ -17,6 +17,7 @@ SpaCO (spaco.py) is this engine with a chunk sampler: it overrides
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -75,6 +76,11 @@ class SeCO:
                  attention: str = "chunked", offload: bool = False, offload_min_bytes: int = 1 << 20, **options):
         if options:
             raise TypeError(f"seqwrap.{self.name}: unknown option(s) {sorted(options)}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"seqwrap.{self.name}: model must be a torch.nn.Module (a Hugging Face causal LM), "
+                            f"not {type(model).__name__}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or not -2**63 <= ignore_index < 2**63:
+            raise TypeError(f"seqwrap.{self.name}: ignore_index must be an int (int64), not {ignore_index!r}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
             raise TypeError(f"seqwrap.{self.name}: chunk_size must be an int, not {type(chunk_size).__name__}")
         if chunk_size <= 0:
@@ -127,6 +133,8 @@ class SeCO:
         chunk_size=chunk_size) (`engine(**shard)`): loss and gradients are those of the whole
         sequence on every rank (parameter gradients are summed over the group once per step).
         """
+        if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not math.isfinite(loss_scale):
+            raise ValueError(f"seqwrap.{self.name}: loss_scale must be a finite number, got {loss_scale!r}")
         if num_items_in_batch is not None:
             if num_items is not None:
                 raise TypeError(f"seqwrap.{self.name}: pass num_items or num_items_in_batch, not both")
@@ -156,21 +164,22 @@ class SeCO:
                              offload=xfer, positions_scale=world,
                              compensate=adapter.lm_head.weight.dtype in (torch.float16, torch.bfloat16),
                              group=group)
-        stash = stash_grads(self._params()) if group is not None else None
+        # the step's gradients accumulate apart from earlier ones: a failed step leaves .grad as it was
+        params = self._params()
+        stash = stash_grads(params)
         if self.pool is not None:
             self.pool.reset_peak()
         try:
             with self._attention_context(), adapter.checkpointing(self.name):
                 total = self._passes(ids, shift, mask, pos, cache, bounds, weights, selected, norm, loss_scale, xfer)
+            if group is not None:
+                total = reduce_step(params, group, total)
         except BaseException:
-            if stash is not None:  # a failed step leaves the gradients as they were before it
-                restore_grads(self._params(), stash)
+            restore_grads(params, stash)
             raise
         finally:
             cache.release_all()
-        if group is not None:
-            total = reduce_step(self._params(), group, total)
-            unstash_grads(self._params(), stash)
+        unstash_grads(params, stash)
         if self._ddp is not None:
             sync_ddp_gradients(self._ddp)
         if self.pool is not None:
@@ -208,32 +217,41 @@ class SeCO:
                 if i not in selected and self.exact_loss:
                     total += self._loss_sum(h, shift[:, s:e]).double()
                 del h
-        # pass 2: with grad, in reverse, only the selected chunks
+        # pass 2: with grad, in reverse, only the selected chunks. Replayed chunks rewind the generator
+        # to their pass-1 state (same dropout masks); `advanced` is the state past every draw of the
+        # step (pass 1, then the chunks pass 2 runs first), where the generator is left at the end.
         grad_chunks = set(selected)
         skip = self._param_storages() if xfer is not None else None
-        for i in reversed(selected):
-            s, e = bounds[i]
-            if i in rng:  # same dropout masks as in pass 1
-                _set_rng_state(rng.pop(i), cuda_dev)
-            cache.begin(i, "replay", grad_chunks=grad_chunks)
-            with torch.enable_grad(), self._parking(xfer, skip):
-                h = run(i)
-                loss_i = self._loss_sum(h, shift[:, s:e])
-            del h
-            w = weights[i]
-            roots, grads = [], []
-            if loss_i.requires_grad:
-                roots.append(loss_i)
-                grads.append(torch.tensor(w * loss_scale / norm, dtype=loss_i.dtype, device=loss_i.device))
-            for t, g in cache.relay_pairs(i):
-                roots.append(t)
-                grads.append((g * w).to(t.dtype) if w != 1.0 else g.to(t.dtype))
-            if roots:
-                torch.autograd.backward(roots, grads)
-            cache.flush()
-            total += loss_i.detach().double() * (1.0 if self.exact_loss else w)
-            del loss_i, roots, grads
-            cache.free(i)
+        advanced = None
+        try:
+            for i in reversed(selected):
+                s, e = bounds[i]
+                if i in rng:  # same dropout masks as in pass 1
+                    if advanced is None:
+                        advanced = _rng_state(cuda_dev)
+                    _set_rng_state(rng.pop(i), cuda_dev)
+                cache.begin(i, "replay", grad_chunks=grad_chunks)
+                with torch.enable_grad(), self._parking(xfer, skip):
+                    h = run(i)
+                    loss_i = self._loss_sum(h, shift[:, s:e])
+                del h
+                w = weights[i]
+                roots, grads = [], []
+                if loss_i.requires_grad:
+                    roots.append(loss_i)
+                    grads.append(torch.tensor(w * loss_scale / norm, dtype=loss_i.dtype, device=loss_i.device))
+                for t, g in cache.relay_pairs(i):
+                    roots.append(t)
+                    grads.append((g * w).to(t.dtype) if w != 1.0 else g.to(t.dtype))
+                if roots:
+                    torch.autograd.backward(roots, grads)
+                cache.flush()
+                total += loss_i.detach().double() * (1.0 if self.exact_loss else w)
+                del loss_i, roots, grads
+                cache.free(i)
+        finally:
+            if advanced is not None:
+                _set_rng_state(advanced, cuda_dev)
         return total
 
     # -- helpers -----------------------------------------------------------------
@@ -317,6 +335,9 @@ class SeCO:
         if limit is not None and T > limit:
             raise ValueError(f"seqwrap.{name}: input of {T} tokens is longer than the model's limit "
                              f"(max_position_embeddings={limit} for model_type '{self.adapter.model_type}')")
+        if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"seqwrap.{name}: {what} must hold integer class indices, not {labels.dtype}")
+        self._check_label_range(labels, what)
         device = self.adapter.lm_head.weight.device
         input_ids = input_ids.to(device)
         labels = labels.to(device=device, dtype=torch.long)
@@ -340,6 +361,19 @@ class SeCO:
                 raise ValueError(f"seqwrap.{name}: chunk_size {self.chunk_size} is not a multiple of the {world} "
                                  "Ulysses ranks")
         return input_ids, labels, attention_mask, position_ids
+
+    def _check_label_range(self, labels: torch.Tensor, what: str) -> None:
+        """Every label is ignore_index or in [0, vocab): checked before the step, so that a bad label
+        does not fail the step half way (one reduction over the labels)."""
+        vocab = self.adapter.lm_head.weight.shape[0]
+        counted = labels[labels != self.ignore_index]
+        if counted.numel() == 0:
+            return
+        lo, hi = int(counted.min()), int(counted.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"seqwrap.{self.name}: {what} holds {bad}, outside [0, {vocab}) (the vocabulary) and "
+                             f"not ignore_index ({self.ignore_index})")
 
     def _check_updates(self, cache: ChunkKVStore, chunk: int) -> None:
         n = len(cache.updated)

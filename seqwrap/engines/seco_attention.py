@@ -68,6 +68,10 @@ def attend_chunk(store, layer: int, query, key, value, scale: float, softcap=Non
     store: the step's ChunkKVStore; query (B, Hq, L, D), key/value (B, Hkv, L, D) of the current chunk
     after RoPE. Under Ulysses (store.group set) q, k, v are this rank's sequence shard and go through
     the all-to-all first. Returns (B, Hq, L, D)."""
+    dev = query.device.type
+    if torch.is_autocast_enabled(dev):  # as SDPA under autocast: q, k, v in the autocast dtype
+        dt = torch.get_autocast_dtype(dev)
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
     group = store.group
     if group is not None:
         query, key, value = to_head_shards(query, key, value, group)

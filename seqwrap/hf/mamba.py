@@ -81,6 +81,10 @@ class MambaAdapter:
         if outs:
             torch.autograd.backward(outs, grads)
 
+    def discard_step(self):
+        """Drops the step's cast leaves (after end_step, or after a failed step)."""
+        self._casts = None
+
     def _mixer_params(self, m):
         """(A, D, dt bias) as HF casts them: the step's leaves between begin_step/end_step."""
         if self._casts is not None:

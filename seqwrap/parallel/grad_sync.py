@@ -100,10 +100,13 @@ def reduce_step(tensors: list[torch.Tensor], group, loss_sum: torch.Tensor) -> t
 
 
 def unstash_grads(params: list[torch.Tensor], stash: list[torch.Tensor | None]) -> None:
-    """Adds the gradients set aside by stash_grads back onto the step's."""
+    """Adds the step's gradients into the ones set aside by stash_grads (in place: p.grad keeps
+    being the tensor it was before the step, as with plain accumulation)."""
     for p, old in zip(params, stash):
         if old is not None:
-            p.grad = old if p.grad is None else old + p.grad
+            if p.grad is not None:
+                old.add_(p.grad)
+            p.grad = old
 
 
 def restore_grads(params: list[torch.Tensor], stash: list[torch.Tensor | None]) -> None:
