@@ -4,6 +4,9 @@
 #   make test     venv + torch + deps + build, then the test suite
 #   make asan     AddressSanitizer + UBSan build of the C core, C-facing tests under it
 #   make bench    benchmarks (tables and plots under benchmarks/results/)
+#   make gpu-check      on a CUDA machine: build for its GPU, kernel checks, sanitizers, engines on the
+#                       device, benchmarks (under 8 min on an H100/H200) -> benchmarks/results/gpu/
+#   make gpu-check-dry  the same script on the CPU at toy sizes (what CI runs of it)
 #
 # Your own torch: point VENV at an environment that already has it and leave
 # TORCH_SPEC empty, e.g. `make test VENV=$$CONDA_PREFIX TORCH_SPEC=`.
@@ -16,7 +19,7 @@ STAMP      := $(VENV)/.seqwrap-deps
 ASAN_DIR   := build/asan
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test demo asan bench clean
+.PHONY: all venv build test demo asan bench gpu-check gpu-check-dry clean
 
 all: test
 
@@ -58,6 +61,20 @@ asan: $(STAMP)
 
 bench: build
 	$(PY) -m pytest benchmarks -s $(PYTEST_ARGS)
+
+# The interpreter whose torch sees a CUDA device: the venv's, else python3 (a GPU machine's own image,
+# where the venv's CPU torch does not apply). Override with GPU_PY=...; output folder: SEQWRAP_GPU_OUT.
+GPU_PY ?= $(or $(shell for p in $(PY) $(PYTHON); do command -v $$p >/dev/null 2>&1 && \
+	$$p -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null && { echo $$p; break; }; done),$(PYTHON))
+GPU_CHECK_ARGS ?=
+
+# No venv step on purpose: a GPU machine may have no package index; the script builds seqwrap._C itself
+# (SEQWRAP_CUDA_ARCH from the visible GPU) and says so, and exits non-zero, when there is no GPU.
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+gpu-check-dry: build
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.gpu_check --dry $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build seqwrap/_C*.so *.egg-info .pytest_cache
