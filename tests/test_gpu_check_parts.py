@@ -5,6 +5,7 @@ import stat
 import pytest
 
 from benchmarks.gpu_check import sanitizer
+from benchmarks.gpu_check.context import Context
 
 
 def fake_binary(path):
@@ -48,3 +49,28 @@ def test_reads_the_summary_lines():
     race = "========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)"
     assert sanitizer.summary_of(race) == (1, race.split("= ")[1])
     assert sanitizer.summary_of("crashed before the end") == (None, "no summary line")
+
+
+def stand_in(tmp_path, report: str, code: int):
+    """A compute-sanitizer stand-in: accepts every option, prints what a run of the workload would and the
+    given summary line, exits with `code`."""
+    lines = "\n".join(f"echo 'sanitize_target: {k} ok'" for k in
+                      ("kahan", "cross_entropy", "lse_merge", "selective_scan", "sampler"))
+    script = tmp_path / "compute-sanitizer"
+    script.write_text(f"#!/bin/sh\ncase \"$*\" in *--version*) echo 'Version 2026.1'; exit 0;; esac\n"
+                      f"echo \"args: $*\"\n{lines}\necho '========= {report}'\nexit {code}\n")
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize("report, code, status", [("ERROR SUMMARY: 0 errors", 0, "pass"),
+                                                  ("ERROR SUMMARY: 2 errors", 86, "fail")])
+def test_sanitizer_section_runs_each_tool_and_reads_its_verdict(monkeypatch, tmp_path, report, code, status):
+    monkeypatch.setenv("SEQWRAP_COMPUTE_SANITIZER", str(stand_in(tmp_path, report, code)))
+    ctx = Context(dry=False, out=tmp_path, budget_s=120)
+    r = sanitizer.run(ctx)
+    assert r.status == status, r.notes
+    tools = next(t for t in r.tables if t.title.startswith("Tools"))
+    assert [row[0] for row in tools.rows] == ["memcheck", "racecheck", "synccheck"]
+    assert all(row[4] == "5/5 kernels ok" for row in tools.rows)
+    assert [row[2] for row in tools.rows] == [report.split()[2]] * 3

@@ -20,7 +20,10 @@ TITLE = "Engines on the device"
 # dtype -> (loss, gradients): relative error against float64 full backprop (gradients: largest
 # ||g - g64|| / ||g64|| over the trained tensors). float32 leaves room for TF32-like arithmetic inside
 # fused attention kernels; bf16 for bf16 activations and weights (HF's own bf16 step lands near it).
+# An engine also passes within HF_FACTOR times the error of HF's own step in the same dtype on the
+# same device: that much is the dtype's and the device kernels', not the engine's (a bug is O(1)).
 TOL = {torch.float32: (1e-5, 1e-3), torch.bfloat16: (2e-2, 1e-1)}
+HF_FACTOR = 4.0
 SPACO_SAME_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}   # SpaCO with vs without offload
 
 
@@ -65,8 +68,9 @@ CASES_FULL = [("SeCO", {}), ("SeCO + offload", OFFLOAD), ("SeCO + MsT", {"mst": 
 CASES_LORA = [("SeCO", {}), ("SeCO + offload (activations parked)", OFFLOAD)]
 
 
-def engine_case(model, kw, chunk, batch, loss64, g64, dtype, lora) -> tuple[bool, tuple]:
-    """One engine step against the float64 reference: (ok, (loss err, grad err text, verdict))."""
+def engine_case(model, kw, chunk, batch, loss64, g64, tol, lora) -> tuple[bool, tuple]:
+    """One engine step against the float64 reference: (ok, (loss err, grad err text, verdict));
+    tol = (loss, gradients) relative errors allowed."""
     import seqwrap
 
     mst = kw.pop("mst", False)
@@ -79,7 +83,7 @@ def engine_case(model, kw, chunk, batch, loss64, g64, dtype, lora) -> tuple[bool
         loss_err = rel_err(out.loss, loss64)
         grad_err, where = worst(grads_of(model), g64)
         verdict = (f"FAIL: loss err {loss_err:.2e}, grad err {grad_err:.2e} at {where}"
-                   if not (loss_err <= TOL[dtype][0] and grad_err <= TOL[dtype][1]) else "pass")
+                   if not (loss_err <= tol[0] and grad_err <= tol[1]) else "pass")
         if verdict == "pass" and kw.get("offload") and lora and not engine.offload_stats.get("parked_bytes", 0) > 0:
             verdict = "FAIL: no activation was parked on the host"
         return verdict == "pass", (loss_err, f"{grad_err:.2e} ({where})", verdict)
@@ -110,7 +114,8 @@ def run(ctx: Context) -> Result:
                 ["dtype", "engine", "trained", "loss rel. err", "grad rel. err (worst tensor)",
                  "HF same dtype: loss / grad err", "tolerance loss / grad", "check"],
                 note="grad rel. err = max over trained tensors of ||g - g64|| / ||g64||. 'HF same dtype' is "
-                     "HF's own full backprop in that dtype against float64: what the dtype allows.")
+                     "HF's own full backprop in that dtype against float64: what the dtype allows. Tolerance: "
+                     "float32 1e-5 / 1e-3, bf16 2e-2 / 1e-1, or 4x HF's own error when that is larger.")
     for dtype in (torch.float32, torch.bfloat16):
         dname = str(dtype).replace("torch.", "")
         for lora in (False, True):
@@ -120,11 +125,12 @@ def run(ctx: Context) -> Result:
             loss64, g64 = hf_step(ref_model, batch)
             del ref_model
             hf_loss, hf_grads = hf_step(model, batch)
-            hf = f"{rel_err(hf_loss, loss64):.1e} / {worst(hf_grads, g64)[0]:.1e}"
+            hf_errs = (rel_err(hf_loss, loss64), worst(hf_grads, g64)[0])
+            hf = f"{hf_errs[0]:.1e} / {hf_errs[1]:.1e}"
+            tol = tuple(max(fixed, HF_FACTOR * e) for fixed, e in zip(TOL[dtype], hf_errs))
             for label, kw in (CASES_LORA if lora else CASES_FULL):
-                ok, msg = engine_case(model, dict(kw), chunk, batch, loss64, g64, dtype, lora)
-                t.add(dname, label, trained, *msg[:2], hf, f"{TOL[dtype][0]:.0e} / {TOL[dtype][1]:.0e}",
-                      "pass" if ok else msg[2])
+                ok, msg = engine_case(model, dict(kw), chunk, batch, loss64, g64, tol, lora)
+                t.add(dname, label, trained, *msg[:2], hf, f"{tol[0]:.0e} / {tol[1]:.0e}", "pass" if ok else msg[2])
                 if not ok:
                     r.fail(f"{dname} {label} ({trained}): {msg[2]}")
                 log(f"{dname} {label} ({trained}): {t.rows[-1][-1]} (loss err {t.rows[-1][3]}, grad err {t.rows[-1][4]})")

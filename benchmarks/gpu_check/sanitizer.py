@@ -92,9 +92,12 @@ def install(ctx: Context, package: str) -> tuple[Path | None, str]:
                    f"pip installed {package} but no {NAME} binary was found in {target}")
 
 
-def supported_options(binary: Path) -> str:
-    proc = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60)
-    return proc.stdout + proc.stderr
+def accepts(binary: Path, *option: str) -> bool:
+    """Whether this compute-sanitizer takes the option (and value): options are parsed before --version."""
+    try:
+        return subprocess.run([str(binary), *option, "--version"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def summary_of(output: str) -> tuple[int | None, str]:
@@ -130,14 +133,15 @@ def run(ctx: Context) -> Result:
     if binary is None:
         r.skip(f"{NAME} not available: not found on this machine and not installable ({where.rows[-1][1]})")
         return r
-    opts = supported_options(binary)
     common = ["--error-exitcode", str(ERROR_EXIT), "--print-limit", "50"]
-    if "--kernel-name" in opts:
+    if accepts(binary, "--kernel-name", "kns=sw_"):
         common += ["--kernel-name", "kns=sw_"]   # seqwrap's kernels only: torch's are not ours to check
     else:
-        where.add("kernel filter", "this compute-sanitizer has no --kernel-name: every kernel is checked")
-    if "--report-api-errors" in opts:
+        where.add("kernel filter", "this compute-sanitizer takes no --kernel-name kns=: every kernel is checked")
+    if accepts(binary, "--report-api-errors", "no"):
         common += ["--report-api-errors", "no"]  # torch probes the runtime with calls that may fail by design
+    else:
+        where.add("API errors", "--report-api-errors no not accepted: the tool's default applies")
     version = subprocess.run([str(binary), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     where.add("version", version[-1] if version else "unknown")
     t = r.table("Tools over benchmarks/gpu_check/sanitize_target.py (kernels sw_*)",
