@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import signal
@@ -113,7 +114,7 @@ def run_section(sec: Section, dry: bool, out: Path, budget: float, log: Log, tmp
     reader.join(timeout=10)
     seconds = time.monotonic() - t0
     if result_path.exists():
-        result = Result.from_json(__import__("json").loads(result_path.read_text()))
+        result = Result.from_json(json.loads(result_path.read_text()))
     else:
         result = Result(sec.name, sec.title, status="error",
                         summary=f"the section's process exited {proc.returncode} without a result: "
