@@ -21,7 +21,7 @@ BENCH_METHODS = {"HF + grad ckpt", "SeCO", "SpaCO 1/8", "SeCO + offload", "SeCO 
 
 def gpu_check(out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=400)
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
