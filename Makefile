@@ -7,6 +7,9 @@
 #   make lock         write .venv-latest's versions into requirements/lock.txt (after test-latest passed)
 #   make asan         AddressSanitizer + UBSan build of the C core, C-facing tests under it
 #   make bench        benchmarks (tables and plots under benchmarks/results/)
+#   make gpu-check      on a CUDA machine: build for its GPU, kernel checks, sanitizers, engines on the
+#                       device, benchmarks (under 8 min on an H100/H200) -> benchmarks/results/gpu/
+#   make gpu-check-dry  the same script on the CPU at toy sizes (what CI runs of it)
 #
 # Your own torch: point VENV at an environment that already has it and leave
 # TORCH_SPEC empty, e.g. `make test VENV=$$CONDA_PREFIX TORCH_SPEC=`.
@@ -26,7 +29,7 @@ export SEQWRAP_WERROR := 1
 # The dependencies of the hf and dev extras, names and floors as pyproject.toml declares them.
 EXTRAS = $$($(PYTHON) -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print(' '.join(d['hf'] + d['dev']))")
 
-.PHONY: all venv build test demo asan bench clean test-latest test-oldest lock
+.PHONY: all venv build test demo asan bench gpu-check gpu-check-dry clean test-latest test-oldest lock
 
 all: test
 
@@ -96,6 +99,22 @@ lock:
 
 bench: build
 	$(PY) -m pytest benchmarks -s $(PYTEST_ARGS)
+
+# The interpreter whose torch sees a CUDA device: the venv's, else python3 (a GPU machine's own image,
+# where the venv's CPU torch does not apply). Override with GPU_PY=...; output folder: SEQWRAP_GPU_OUT.
+GPU_PY ?= $(or $(shell for p in $(PY) $(PYTHON); do command -v $$p >/dev/null 2>&1 && \
+	$$p -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null && { echo $$p; break; }; done),$(PYTHON))
+GPU_CHECK_ARGS ?=
+
+# No venv step on purpose: a GPU machine may have no package index; the script builds seqwrap._C itself
+# (SEQWRAP_CUDA_ARCH from the visible GPU) and says so, and exits non-zero, when there is no GPU.
+# The GPU image's own transformers may be outside the declared range: the check runs anyway and its
+# log records the versions.
+gpu-check:
+	PYTHONUNBUFFERED=1 SEQWRAP_ALLOW_UNSUPPORTED_VERSIONS=1 $(GPU_PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+gpu-check-dry: build
+	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.gpu_check --dry $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build seqwrap/_C*.so *.egg-info .pytest_cache .venv-latest .venv-oldest

@@ -28,4 +28,10 @@ def pytest_sessionstart(session):
 
 
 cuda_usable = torch.cuda.is_available() and seqwrap.cuda_status().usable
-requires_cuda = pytest.mark.skipif(not cuda_usable, reason="needs a CUDA device that seqwrap's kernels can run on")
+
+
+def requires_cuda(test):
+    """Marks a test `cuda` (selected by `pytest -m cuda`, as `make gpu-check` does) and skips it
+    without a CUDA device that seqwrap's kernels can run on."""
+    test = pytest.mark.skipif(not cuda_usable, reason="needs a CUDA device that seqwrap's kernels can run on")(test)
+    return pytest.mark.cuda(test)

@@ -47,8 +47,10 @@ def _worker(rank, world, tmp):
         # SpaCO: ranks draw different chunks (different seeds); the step must not hang
         model.zero_grad(set_to_none=True)
         sp = seqwrap.SpaCO(model, chunk_size=6, rate=0.5, seed=100 + rank)(ids)
+        spaco = {n: p.grad.clone() for n, p in model.module.named_parameters()}
         torch.save({"seco": seco, "local": local, "seco_calls": seco_calls, "nosync_calls": nosync_calls,
-                    "loss": out.loss, "spaco_backward": sp.backward_chunks}, f"{tmp}/rank{rank}.pt")
+                    "loss": out.loss, "spaco_backward": sp.backward_chunks, "spaco_chunks": sp.num_chunks,
+                    "spaco": spaco}, f"{tmp}/rank{rank}.pt")
         dist.all_reduce = real
         # FSDP2 is refused with a clear message
         msg = ""
@@ -69,10 +71,21 @@ def _worker(rank, world, tmp):
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-def test_ddp_two_gloo_processes(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+SPACO_RATE, SPACO_CHUNK = 0.5, 6
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Runs the two gloo ranks once; the tests below read what each rank saved."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    tmp = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, str(tmp)), nprocs=2, join=True)
+    return tmp, [torch.load(tmp / f"rank{r}.pt") for r in (0, 1)]
+
+
+def test_ddp_two_gloo_processes(ddp_run):
+    _, (r0, r1) = ddp_run
     model = tiny_model("llama")
     ids = batch()
     loss, grads = reference(model, ids)  # whole batch, one process (equal label counts per rank)
@@ -82,12 +95,35 @@ def test_ddp_two_gloo_processes(tmp_path):
         for n, p in model.named_parameters():
             p.grad = r["seco"][n]
         assert max_rel_err(model, grads) <= 1e-10
-        assert r["spaco_backward"] >= 0
     assert abs((r0["loss"] + r1["loss"]).item() / 2 - loss.item()) <= 1e-10 * loss.item()
     # under no_sync each rank keeps its own gradient
     assert any(not torch.equal(r0["local"][n], r1["local"][n]) for n in r0["local"])
+
+
+def test_ddp_spaco_ranks_draw_their_own_chunks(ddp_run):
+    """Each rank recomputes the chunks its own seed draws (seed 100 + rank, first step), and the
+    all-reduced gradient is the mean of what each rank's SpaCO step gives alone."""
+    _, ranks = ddp_run
+    ids = batch()
+    alone = []
+    for rank, r in enumerate(ranks):
+        assert r["spaco_chunks"] == -(-T // SPACO_CHUNK)
+        draw = seqwrap.sample_chunks(r["spaco_chunks"], probs=[SPACO_RATE] * r["spaco_chunks"], seed=100 + rank,
+                                     step=0)
+        assert r["spaco_backward"] == int((draw != 0).sum()), f"rank {rank}: {draw.tolist()}"
+        model = tiny_model("llama")
+        seqwrap.SpaCO(model, chunk_size=SPACO_CHUNK, rate=SPACO_RATE, seed=100 + rank)(ids[rank: rank + 1])
+        alone.append({n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()})
+    for n in alone[0]:
+        want = (alone[0][n] + alone[1][n]) / 2
+        for rank, r in enumerate(ranks):
+            torch.testing.assert_close(r["spaco"][n], want, rtol=1e-10, atol=1e-12, msg=f"rank {rank}, {n}")
+
+
+def test_fsdp2_refused_clearly(ddp_run):
+    tmp, _ = ddp_run
     for r in (0, 1):
-        msg = (tmp_path / f"fsdp{r}.txt").read_text()
+        msg = (tmp / f"fsdp{r}.txt").read_text()
         if msg.startswith("skipped"):
             pytest.skip(f"FSDP2 not usable here: {msg}")
         assert "does not support FSDP" in msg and "DistributedDataParallel" in msg

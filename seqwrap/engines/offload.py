@@ -11,6 +11,12 @@ tensors with the copy of the next item already in flight (double buffering).
 
 On a CPU device there is nothing to overlap: the same code runs with synchronous copies into
 pool buffers, so the bookkeeping is exercised (and tested) on any machine.
+
+Every stream, event and asynchronous copy goes through one object, `Transfers.streams`
+(`CudaStreams` for a CUDA device, the only one production uses). Tests hand `Transfers` a fake
+with the same methods whose copies run late and record their order, so the asynchronous path's
+ordering (a copy waited on before its result is used, a pool buffer not reused before the copy
+that last touched it is done, one prefetch in flight) is checked on a CPU too.
 """
 from __future__ import annotations
 
@@ -22,12 +28,53 @@ import torch
 from ..ops.kahan import kahan_accumulate_
 
 
+class CudaStreams:
+    """The streams, events and asynchronous copies of the offload path on one CUDA device.
+
+    Transfers calls only these methods, so a stand-in with the same ones (tests/fake_streams.py)
+    can replace it: new_stream(), current(), new_event() and record_stream() as in torch.cuda;
+    streams have wait_stream(other) and wait_event(event), events record(stream) and synchronize().
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+
+    def new_stream(self):
+        return torch.cuda.Stream(self.device)
+
+    def current(self):
+        return torch.cuda.current_stream(self.device)
+
+    def new_event(self):
+        return torch.cuda.Event()
+
+    def copy_to_host(self, host: torch.Tensor, t: torch.Tensor, stream) -> None:
+        """Enqueues host <- t (device) on `stream`; host is pinned, so the copy is asynchronous."""
+        with torch.cuda.stream(stream):
+            host.copy_(t, non_blocking=True)
+
+    def to_device(self, host: torch.Tensor, stream) -> torch.Tensor:
+        """Enqueues a copy of host on the device on `stream`; the result is valid once it is done."""
+        with torch.cuda.stream(stream):
+            return host.to(self.device, non_blocking=True)
+
+    def record_stream(self, t: torch.Tensor, stream) -> None:
+        """The caching allocator must not reuse t's memory before `stream`'s work so far is done."""
+        t.record_stream(stream)
+
+
+def streams_for(device: torch.device):
+    """The streams object of Transfers on `device`: CudaStreams on CUDA, None (synchronous copies) else."""
+    return CudaStreams(device) if torch.device(device).type == "cuda" else None
+
+
 class HostPool:
     """Host buffers by byte size, reused across chunks and steps.
 
     get(shape, dtype) hands out a buffer (contents undefined); release(t, event) returns it,
-    `event` (a CUDA event or None) marking the last device-side use: a later get() of the same
-    size waits for it. Pinned when CUDA is available (unless pin=False).
+    `event` (a CUDA event, or any object with synchronize(); None when no copy is pending) marking
+    the last device-side use: a later get() of the same size waits for it. Pinned when CUDA is
+    available (unless pin=False).
     """
 
     def __init__(self, pin: bool | None = None):
@@ -92,53 +139,60 @@ def default_pool() -> HostPool:
 
 
 class Transfers:
-    """Copies between the compute device and host pool buffers, on one side stream for CUDA."""
+    """Copies between the compute device and host pool buffers, on one side stream for CUDA.
 
-    def __init__(self, device: torch.device, pool: HostPool):
+    streams: the object that owns streams, events and asynchronous copies (see CudaStreams);
+    default streams_for(device), i.e. CudaStreams on CUDA and synchronous copies elsewhere.
+    """
+
+    def __init__(self, device: torch.device, pool: HostPool, streams=None):
         self.device = torch.device(device)
         self.pool = pool
         self.cuda = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.streams = streams if streams is not None else streams_for(self.device)
+        self.asynchronous = self.streams is not None
+        self.stream = self.streams.new_stream() if self.asynchronous else None  # the side stream
 
     def to_host(self, t: torch.Tensor):
-        """Copy of t (detached) into a pool buffer: (host tensor, event marking the copy's end)."""
+        """Copy of t (detached) into a pool buffer: (host tensor, event marking the copy's end).
+        Synchronous copies: (host tensor, None)."""
         t = t.detach()
         host = self.pool.get(t.shape, t.dtype)
-        if not self.cuda:
+        if not self.asynchronous:
             host.copy_(t)
             return host, None
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # t is produced on the current stream
-        with torch.cuda.stream(self.stream):
-            host.copy_(t, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        t.record_stream(self.stream)  # the allocator must not reuse t before the copy has read it
+        s = self.streams
+        self.stream.wait_stream(s.current())  # t is produced on the current stream
+        s.copy_to_host(host, t, self.stream)
+        event = s.new_event()
+        event.record(self.stream)
+        s.record_stream(t, self.stream)  # the allocator must not reuse t before the copy has read it
         return host, event
 
     def start_to_device(self, host: torch.Tensor):
-        """Starts a host -> device copy on the side stream: (device tensor, event). CPU: (host, None)."""
-        if not self.cuda:
+        """Starts a host -> device copy on the side stream: (device tensor, event).
+        Synchronous copies: (host, None)."""
+        if not self.asynchronous:
             return host, None
-        with torch.cuda.stream(self.stream):
-            dev = host.to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
+        dev = self.streams.to_device(host, self.stream)
+        event = self.streams.new_event()
+        event.record(self.stream)
         return dev, event
 
     def finish(self, dev: torch.Tensor, event) -> torch.Tensor:
         """Makes the current stream wait for a copy started by start_to_device; returns the tensor."""
         if event is None:
             return dev
-        current = torch.cuda.current_stream(self.device)
+        current = self.streams.current()
         current.wait_event(event)
-        dev.record_stream(current)
+        self.streams.record_stream(dev, current)
         return dev
 
     def release(self, host: torch.Tensor) -> None:
-        """Returns a pool buffer; on CUDA its reuse waits for the side-stream copies issued so far."""
+        """Returns a pool buffer; its reuse waits for the side-stream copies issued so far."""
         event = None
-        if self.cuda:
-            event = torch.cuda.Event()
+        if self.asynchronous:
+            event = self.streams.new_event()
             event.record(self.stream)
         self.pool.release(host, event)
 
@@ -166,8 +220,9 @@ class HostAccumulator:
     """Host-side sums of gradients that arrive on the device (relayed dK/dV of offloaded chunks).
 
     add(acc, comp, g): acc (float32/64 pool buffer) += g, Kahan-compensated through comp for
-    half-precision g. On CUDA g goes to a pinned staging buffer on the side stream and is added
-    on the host once the copy is done (flush(), or when too many copies are pending).
+    half-precision g. With asynchronous copies (CUDA) g goes to a pinned staging buffer on the side
+    stream and is added on the host once the copy is done (flush(), or when too many copies are
+    pending).
     """
 
     def __init__(self, xfer: Transfers, max_pending: int = 16):
@@ -176,7 +231,7 @@ class HostAccumulator:
         self._pending: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, object]] = []
 
     def add(self, acc: torch.Tensor, comp: torch.Tensor | None, g: torch.Tensor) -> None:
-        if not self.xfer.cuda:
+        if not self.xfer.asynchronous:
             _host_add(acc, comp, g.detach())
             return
         staging, event = self.xfer.to_host(g)
@@ -202,10 +257,11 @@ def _host_add(acc, comp, g):
 class _Parked:
     """A saved activation parked on the host (see park_activations)."""
 
-    __slots__ = ("host", "event", "device_copy", "index", "__weakref__")
+    __slots__ = ("host", "event", "device_copy", "index", "unpacked", "__weakref__")
 
     def __init__(self, host, event, index):
         self.host, self.event, self.device_copy, self.index = host, event, None, index
+        self.unpacked = False  # handed to autograd at least once (a prefetch of it would be wasted)
 
 
 def _count_live(stats: dict, nbytes: int) -> None:
@@ -229,7 +285,7 @@ def park_activations(xfer: Transfers, skip_storages: set[int], min_bytes: int, s
         if (t.device.type != device_type or nbytes < min_bytes or t.layout != torch.strided
                 or t.untyped_storage().data_ptr() in skip_storages):
             return t
-        if not xfer.cuda:  # CPU: a synchronous copy, handed back as it is
+        if not xfer.asynchronous:  # CPU: a synchronous copy, handed back as it is
             parked = _Parked(t.detach().clone(), None, len(order))
         else:
             host, event = xfer.to_host(t)
@@ -249,13 +305,14 @@ def park_activations(xfer: Transfers, skip_storages: set[int], min_bytes: int, s
     def unpack(packed):
         if not isinstance(packed, _Parked):
             return packed
-        if not xfer.cuda:
+        if not xfer.asynchronous:
             return packed.host
         dev, event = fetch(packed)
+        packed.unpacked = True
         i = packed.index
         if i > 0:  # backward runs roughly in reverse save order: prefetch the previous one
             prev = order[i - 1]()
-            if prev is not None:
+            if prev is not None and not prev.unpacked:
                 fetch(prev)
         packed.device_copy = None
         return xfer.finish(dev, event)
