@@ -38,7 +38,6 @@ def rows(section: dict, title_start: str) -> list[list[str]]:
     return table["rows"]
 
 
-@pytest.mark.slow
 def test_dry_run_passes_and_writes_its_files(dry):
     proc, out, sections = dry
     assert proc.returncode == 0, proc.stdout[-4000:]
@@ -55,7 +54,6 @@ def test_dry_run_passes_and_writes_its_files(dry):
     assert "gpu_check: all checks passed" in log
 
 
-@pytest.mark.slow
 def test_dry_run_skips_only_what_needs_a_gpu_and_says_why(dry):
     _, _, sections = dry
     assert sections["Build"]["summary"].startswith("dry run: no build for a GPU")
@@ -69,7 +67,6 @@ def test_dry_run_skips_only_what_needs_a_gpu_and_says_why(dry):
     assert dict(rows(san, "Where"))["workload on the CPU, without sanitizer"] == "ok"
 
 
-@pytest.mark.slow
 def test_dry_run_engine_checks(dry):
     _, _, sections = dry
     eng = sections["Engines on the device"]
@@ -81,7 +78,6 @@ def test_dry_run_engine_checks(dry):
     assert [r[0] for r in spaco] == ["float32", "bfloat16"] and all(r[-1] == "pass" for r in spaco)
 
 
-@pytest.mark.slow
 def test_dry_run_benchmark_rows(dry):
     _, _, sections = dry
     xent = sections["Cross-entropy benchmark"]
