@@ -94,11 +94,6 @@ PyObject *sw_py_cross_entropy_chunk(PyObject *self, PyObject *args, PyObject *kw
     if (scale_o != Py_None && (sw_import(scale_o, FN, "grad_scale", SW_READONLY_NO_GRAD, &scope, &scale) < 0 ||
                                check_vector("grad_scale", &scale, &logits, real) < 0))
         goto done;
-    const int64_t rows = logits.shape[0], V = logits.shape[1];
-    sw_xent_job job = {logits.data, logits.dtype, (const int64_t *)labels.data, loss.data, lse.data,
-                       scale_o != Py_None ? scale.data : NULL, rows, V, compute_grad, params};
-    sw_error err = {SW_OK, ""};
-    sw_code rc;
     if (logits.device == SW_CUDA) {
         if (flag_o == Py_None) {
             PyErr_Format(PyExc_ValueError, "%s: CUDA logits need an int32 'error_flag' tensor", FN);
@@ -109,6 +104,16 @@ PyObject *sw_py_cross_entropy_chunk(PyObject *self, PyObject *args, PyObject *kw
             sw_check_same_device(FN, "error_flag", &flag, "logits", &logits) < 0 ||
             sw_check_nonempty(FN, "error_flag", &flag) < 0)
             goto done;
+    }
+    /* loss, lse, logits, error_flag are written: none may share memory with another argument */
+    if (sw_scope_seal(&scope, FN) < 0) goto done;
+
+    const int64_t rows = logits.shape[0], V = logits.shape[1];
+    sw_xent_job job = {logits.data, logits.dtype, (const int64_t *)labels.data, loss.data, lse.data,
+                       scale_o != Py_None ? scale.data : NULL, rows, V, compute_grad, params};
+    sw_error err = {SW_OK, ""};
+    sw_code rc;
+    if (logits.device == SW_CUDA) {
         rc = sw_xent_cuda(&job, (int *)flag.data, logits.device_id, stream, &err);
     } else {
         /* Every label is checked before anything is written. */
@@ -125,6 +130,7 @@ PyObject *sw_py_cross_entropy_chunk(PyObject *self, PyObject *args, PyObject *kw
         rc = sw_xent_cpu(&job, &err);
         Py_END_ALLOW_THREADS
     }
+    if (sw_scope_bump_versions(&scope) < 0) goto done;
     if (rc != SW_OK) {
         sw_raise_status(FN, rc, &err);
         goto done;
