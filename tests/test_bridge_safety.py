@@ -1,7 +1,7 @@
 """The C bridge survives hostile callers: other threads dropping tensors while a kernel runs,
-tensor subclasses that mutate the argument lists or other arguments from a hook, and objects that
-only claim to be tensors. Each case runs in a child interpreter (tests/isolated.py): a crash fails
-the test, not the runner."""
+tensor subclasses that mutate the argument lists or other arguments from a hook, objects that only
+claim to be tensors, and labels rewritten while the cross-entropy kernel runs. Each case runs in a
+child interpreter (tests/isolated.py): a crash fails the test, not the runner."""
 import pytest
 
 from .isolated import run_isolated
@@ -99,6 +99,39 @@ def test_tensor_subclasses_are_still_accepted():
         seqwrap._C.kahan_accumulate([acc], [comp], [torch.ones(5).as_subclass(Sub)], 2.0, None)
         assert torch.equal(acc.as_subclass(torch.Tensor), torch.full((5,), 2.0)), acc
     """)
+
+
+def test_labels_rewritten_while_the_kernel_runs():
+    # Issue 16 item 5: a label is read once; a value written concurrently is either used as read
+    # (in range) or reported as out of range; never used to index the row.
+    out = run_isolated("""
+        import threading, torch
+        rows, V = 64, 40_000
+        labels = torch.zeros(rows, dtype=torch.int64)
+        stop = False
+        def writer():
+            while not stop:
+                labels.fill_(1 << 40)
+                labels.fill_(3)
+        t = threading.Thread(target=writer)
+        t.start()
+        bad = ok = 0
+        try:
+            for _ in range(60):
+                logits = torch.randn(rows, V)
+                loss, lse = torch.empty(rows), torch.empty(rows)
+                try:
+                    seqwrap._C.cross_entropy_chunk(logits, labels, loss, lse, None, -100, 0.1, 0.0, 0.0, True, None, 0)
+                    ok += 1
+                except ValueError as e:
+                    assert "is outside [0, 40000)" in str(e), e
+                    bad += 1
+        finally:
+            stop = True
+            t.join()
+        print("ok", ok, "refused", bad)
+    """)
+    assert "refused" in out, out
 
 
 @pytest.mark.parametrize("mode", MODES)
