@@ -20,6 +20,7 @@ the README for the numbers behind this choice.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -181,16 +182,36 @@ def _check(hidden, weight, labels, bias, reduction, label_smoothing, z_loss, sof
         raise ValueError(f"{fn}: all tensors must be on one device, got {sorted(map(str, devices))}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, not {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
+    if not 0.0 <= _real_number(fn, "label_smoothing", label_smoothing) <= 1.0:
         raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not (float(z_loss) >= 0.0 and math.isfinite(float(z_loss))):
+    z = _real_number(fn, "z_loss", z_loss)
+    if not (z >= 0.0 and math.isfinite(z)):
         raise ValueError(f"{fn}: z_loss must be a finite number >= 0, got {z_loss}")
-    if softcap is not None and not (float(softcap) > 0.0 and math.isfinite(float(softcap))):
-        raise ValueError(f"{fn}: softcap must be None or a finite number > 0, got {softcap}")
+    if softcap is not None:
+        cap = _real_number(fn, "softcap", softcap, "None or a finite number > 0")
+        if not (cap > 0.0 and math.isfinite(cap)):
+            raise ValueError(f"{fn}: softcap must be None or a finite number > 0, got {softcap}")
+        if hidden.dtype != torch.float64 and not _F32_MIN <= cap <= _F32_MAX:
+            # float32 compute: the cap would round to 0 (no cap at all) or to infinity (NaN)
+            raise ValueError(f"{fn}: softcap {softcap!r} does not fit float32, the compute dtype of {hidden.dtype} "
+                             f"logits (it must be in [{_F32_MIN:.6g}, {_F32_MAX:.6g}]); use float64 inputs for it")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
+    if not -(1 << 63) <= ignore_index < (1 << 63):
+        raise ValueError(f"{fn}: ignore_index must fit int64 (the dtype of the labels), got {ignore_index}")
+
+
+_F32_MIN = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _real_number(fn: str, name: str, value, what: str = "a real number") -> float:
+    """float(value) for an int / float / numpy scalar; TypeError naming the argument otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be {what}, not {value!r}")
+    return float(value)
 
 
 def linear_cross_entropy(
