@@ -19,6 +19,7 @@ the README for the numbers behind this choice.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -62,6 +63,11 @@ def _chunked_pass(hidden, weight, bias, labels, opt, *, row_scale, need):
     need: (hidden, weight, bias) booleans: which gradients to form.
     Returns loss_rows (N,), lse (N,) in the real dtype and the requested gradients
     (grad_weight / grad_bias accumulated in the real dtype)."""
+    with _no_autocast(hidden.device):
+        return _chunks(hidden, weight, bias, labels, opt, row_scale, need)
+
+
+def _chunks(hidden, weight, bias, labels, opt, row_scale, need):
     n, _ = hidden.shape
     vocab = weight.shape[0]
     real = _real_dtype(hidden.dtype)
@@ -102,6 +108,28 @@ def _chunked_pass(hidden, weight, bias, labels, opt, *, row_scale, need):
             f"{vocab}) and is not ignore_index ({opt.ignore_index})"
         )
     return loss_rows, lse, grad_hidden, grad_weight, grad_bias
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_inputs(hidden, weight, bias):
+    """Under torch.autocast: the inputs cast as autocast casts those of F.linear (floating, not
+    float64, to the autocast dtype). Outside it, unchanged."""
+    dev = hidden.device.type if isinstance(hidden, torch.Tensor) else None
+    if dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):
+        return hidden, weight, bias
+    low = torch.get_autocast_dtype(dev)
+    cast = lambda t: t.to(low) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t  # noqa: E731
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def _no_autocast(device: torch.device):
+    """The chunk loop runs in the dtypes it was given: autocast would turn its matrix products
+    (written into buffers with out=) to another dtype."""
+    if device.type in _AUTOCAST_DEVICES:
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _reduce(loss_rows, labels, opt):
@@ -236,12 +264,15 @@ def linear_cross_entropy(
       softcap  applies softcap * tanh(logits / softcap) before the softmax (Gemma 2).
     reduction "mean" divides by the number of non-ignored labels; with every label
     ignored the loss is 0 and the gradients are 0 (F.cross_entropy gives nan).
-    The loss is float32 (float64 for float64 input). chunk_size: rows of logits per
+    The loss is float32 (float64 for float64 input). Under torch.autocast it behaves as
+    F.linear does there (hidden, weight, bias cast to the autocast dtype; float64 left
+    alone) followed by a float32 cross-entropy. chunk_size: rows of logits per
     chunk; None picks one from H and V (default_chunk_rows).
     return_lse=True also returns the per-token log-sum-exp, shaped like labels
     (not differentiable). A label outside [0, V) that is not ignore_index raises
     ValueError (on CUDA after the kernel, from a device-side flag).
     """
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _check(hidden, weight, labels, bias, reduction, label_smoothing, z_loss, softcap, chunk_size, ignore_index)
     lead_shape = labels.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
