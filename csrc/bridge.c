@@ -2,10 +2,14 @@
 #include "bridge.h"
 
 #include <ATen/dlpack.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
 static PyObject *g_tensor_type = NULL;            /* torch.Tensor */
+static PyTypeObject *g_tensor_base = NULL;        /* torch._C.TensorBase: every tensor's type derives from it */
+static PyTypeObject *g_parameter_type = NULL;     /* torch.nn.Parameter */
+static PyObject *g_increment_version = NULL;      /* torch.autograd.graph.increment_version */
 static const DLPackExchangeAPI *g_api = NULL;     /* fast path, or NULL */
 static sw_bridge_mode g_mode = SW_BRIDGE_AUTO;
 static PyObject *g_str_requires_grad = NULL;
@@ -28,8 +32,43 @@ int sw_bridge_init(void) {
     PyObject *torch = PyImport_ImportModule("torch");
     if (!torch) return -1;
     g_tensor_type = PyObject_GetAttrString(torch, "Tensor");
+    PyObject *torch_c = PyObject_GetAttrString(torch, "_C");
     Py_DECREF(torch);
-    if (!g_tensor_type) return -1;
+    if (!g_tensor_type || !torch_c) {
+        Py_XDECREF(torch_c);
+        return -1;
+    }
+    /* The C base of every tensor type ("_TensorBase" before torch 2.3). The tensor check
+     * looks at an object's real type (Py_TYPE), which __class__ cannot fake. */
+    PyObject *base = PyObject_GetAttrString(torch_c, "TensorBase");
+    if (!base) {
+        PyErr_Clear();
+        base = PyObject_GetAttrString(torch_c, "_TensorBase");
+    }
+    Py_DECREF(torch_c);
+    if (!base) return -1;
+    if (!PyType_Check(base)) {
+        Py_DECREF(base);
+        PyErr_SetString(PyExc_ImportError, "seqwrap: torch._C.TensorBase is not a type");
+        return -1;
+    }
+    g_tensor_base = (PyTypeObject *)base;
+
+    PyObject *param_mod = PyImport_ImportModule("torch.nn.parameter");
+    PyObject *param = param_mod ? PyObject_GetAttrString(param_mod, "Parameter") : NULL;
+    Py_XDECREF(param_mod);
+    if (!param) return -1;
+    if (!PyType_Check(param)) {
+        Py_DECREF(param);
+        PyErr_SetString(PyExc_ImportError, "seqwrap: torch.nn.Parameter is not a type");
+        return -1;
+    }
+    g_parameter_type = (PyTypeObject *)param;
+
+    PyObject *graph = PyImport_ImportModule("torch.autograd.graph");
+    g_increment_version = graph ? PyObject_GetAttrString(graph, "increment_version") : NULL;
+    Py_XDECREF(graph);
+    if (!g_increment_version) return -1;
 
     g_str_requires_grad = PyUnicode_InternFromString("requires_grad");
     g_str_is_neg = PyUnicode_InternFromString("is_neg");
@@ -64,38 +103,50 @@ int sw_bridge_has_fast_path(void) { return g_api != NULL; }
 void sw_scope_init(sw_import_scope *scope) {
     scope->count = 0;
     scope->capacity = 0;
+    scope->hooks_ran = 0;
     scope->items = NULL;
 }
 
 void sw_scope_release(sw_import_scope *scope) {
     for (int i = 0; i < scope->count; ++i) {
-        if (scope->items[i].versioned) {
-            DLManagedTensorVersioned *m = (DLManagedTensorVersioned *)scope->items[i].managed;
+        sw_import_entry *e = &scope->items[i];
+        if (e->managed && e->versioned) {
+            DLManagedTensorVersioned *m = (DLManagedTensorVersioned *)e->managed;
             if (m->deleter) m->deleter(m);
-        } else {
-            DLManagedTensor *m = (DLManagedTensor *)scope->items[i].managed;
+        } else if (e->managed) {
+            DLManagedTensor *m = (DLManagedTensor *)e->managed;
             if (m->deleter) m->deleter(m);
         }
+        Py_DECREF(e->obj);
     }
     free(scope->items);
     sw_scope_init(scope);
 }
 
-static int scope_push(sw_import_scope *scope, void *managed, int versioned) {
+/* A new entry holding a strong reference to obj; NULL (MemoryError set) on failure. */
+static sw_import_entry *scope_push(sw_import_scope *scope, PyObject *obj, const char *name, int index, int flags) {
     if (scope->count == scope->capacity) {
+        if (scope->capacity > INT_MAX / 2) {
+            PyErr_NoMemory();
+            return NULL;
+        }
         int cap = scope->capacity ? 2 * scope->capacity : 8;
         void *grown = realloc(scope->items, (size_t)cap * sizeof *scope->items);
         if (!grown) {
             PyErr_NoMemory();
-            return -1;
+            return NULL;
         }
-        scope->items = (struct sw_owned *)grown;
+        scope->items = (sw_import_entry *)grown;
         scope->capacity = cap;
     }
-    scope->items[scope->count].managed = managed;
-    scope->items[scope->count].versioned = versioned;
-    scope->count++;
-    return 0;
+    sw_import_entry *e = &scope->items[scope->count++];
+    memset(e, 0, sizeof *e);
+    e->obj = Py_NewRef(obj);
+    e->name = name;
+    e->index = index;
+    e->seq = scope->count - 1;
+    e->writable = (flags & SW_WRITABLE) != 0;
+    return e;
 }
 
 /* Maps a DLPack dtype onto sw_dtype; -1 if the bridge does not carry it. */
@@ -220,8 +271,8 @@ static int check_view_bits(PyObject *obj, const char *fn, const char *arg) {
     return 0;
 }
 
-/* Capsule path: tensor.__dlpack__(...) with ownership taken over by `scope`. */
-static int import_capsule(PyObject *obj, const char *fn, const char *arg, int flags, sw_import_scope *scope,
+/* Capsule path: tensor.__dlpack__(...); the managed tensor is handed to `entry` (deleted at release). */
+static int import_capsule(PyObject *obj, const char *fn, const char *arg, int flags, sw_import_entry *entry,
                           sw_tensor *out) {
     PyObject *dev = PyObject_CallMethodObjArgs(obj, g_str_dlpack_device, NULL);
     if (!dev) return reraise_export_error(fn, arg);
@@ -245,12 +296,10 @@ static int import_capsule(PyObject *obj, const char *fn, const char *arg, int fl
     if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
         DLManagedTensorVersioned *m = (DLManagedTensorVersioned *)PyCapsule_GetPointer(cap, "dltensor_versioned");
         if (m && PyCapsule_SetName(cap, "used_dltensor_versioned") == 0) {
-            if (scope_push(scope, m, 1) == 0) {
-                rc = 0;
-            } else if (m->deleter) {
-                m->deleter(m);
-            }
-            if (rc == 0 && m->version.major != DLPACK_MAJOR_VERSION) {
+            entry->managed = m;
+            entry->versioned = 1;
+            rc = 0;
+            if (m->version.major != DLPACK_MAJOR_VERSION) {
                 PyErr_Format(PyExc_ValueError, "%s: argument '%s' came with DLPack major version %u; "
                              "seqwrap understands %d", fn, arg, m->version.major, DLPACK_MAJOR_VERSION);
                 rc = -1;
@@ -265,11 +314,9 @@ static int import_capsule(PyObject *obj, const char *fn, const char *arg, int fl
     } else if (PyCapsule_IsValid(cap, "dltensor")) {
         DLManagedTensor *m = (DLManagedTensor *)PyCapsule_GetPointer(cap, "dltensor");
         if (m && PyCapsule_SetName(cap, "used_dltensor") == 0) {
-            if (scope_push(scope, m, 0) == 0) {
-                rc = fill_from_dl(&m->dl_tensor, fn, arg, out);
-            } else if (m->deleter) {
-                m->deleter(m);
-            }
+            entry->managed = m;
+            entry->versioned = 0;
+            rc = fill_from_dl(&m->dl_tensor, fn, arg, out);
         }
     } else {
         PyErr_Format(PyExc_TypeError, "%s: argument '%s': __dlpack__() did not return a DLPack capsule",
@@ -279,27 +326,172 @@ static int import_capsule(PyObject *obj, const char *fn, const char *arg, int fl
     return rc;
 }
 
-int sw_import(PyObject *obj, const char *fn, const char *arg, int flags, sw_import_scope *scope,
-              sw_tensor *out) {
-    int is_tensor = PyObject_IsInstance(obj, g_tensor_type);
-    if (is_tensor < 0) return -1;
-    if (!is_tensor) {
-        PyErr_Format(PyExc_TypeError, "%s: argument '%s' must be a torch.Tensor, not %s", fn, arg,
+static size_t elem_bytes(sw_dtype d) {
+    switch (d) {
+        case SW_FLOAT64: case SW_INT64: return 8;
+        case SW_FLOAT32: case SW_INT32: return 4;
+        default: return 2;
+    }
+}
+
+/* The bytes a descriptor spans, [*lo, *hi); lo == hi when it has no element. */
+static void byte_range(const sw_tensor *t, uintptr_t *lo, uintptr_t *hi) {
+    *lo = *hi = (uintptr_t)t->data;
+    if (t->numel <= 0 || !t->data) return;
+    int64_t min_off = 0, max_off = 0;  /* element offsets of the first and last element */
+    for (int d = 0; d < t->ndim; ++d) {
+        int64_t span = (t->shape[d] - 1) * t->strides[d];
+        if (span < 0) min_off += span;
+        else max_off += span;
+    }
+    const int64_t es = (int64_t)elem_bytes(t->dtype);
+    *lo = (uintptr_t)((intptr_t)t->data + (intptr_t)(min_off * es));
+    *hi = (uintptr_t)((intptr_t)t->data + (intptr_t)((max_off + 1) * es));
+}
+
+/* Types whose attribute reads and methods run only torch's C++ code (no user hook). */
+static int is_plain_tensor_type(PyTypeObject *type) {
+    return (PyObject *)type == g_tensor_type || type == g_parameter_type;
+}
+
+static int import_one(PyObject *obj, const char *fn, const char *name, int index, const char *label, int flags,
+                      sw_import_scope *scope, sw_tensor *out) {
+    if (!PyObject_TypeCheck(obj, g_tensor_base)) {  /* the real type: __class__ is not consulted */
+        PyErr_Format(PyExc_TypeError, "%s: argument '%s' must be a torch.Tensor, not %s", fn, label,
                      Py_TYPE(obj)->tp_name);
         return -1;
     }
-    if (check_grad_flag(obj, fn, arg, flags) < 0) return -1;
-    if (check_view_bits(obj, fn, arg) < 0) return -1;
-    if (g_api && g_mode == SW_BRIDGE_AUTO) {
+    /* From here on the scope owns a reference: hooks of a tensor subclass (run by the checks
+     * below) or another thread may drop every other reference to obj. */
+    sw_import_entry *entry = scope_push(scope, obj, name, index, flags);
+    if (!entry) return -1;
+    const int fast = g_api && g_mode == SW_BRIDGE_AUTO;
+    if (!fast || !is_plain_tensor_type(Py_TYPE(obj))) scope->hooks_ran = 1;
+    if (check_grad_flag(obj, fn, label, flags) < 0) return -1;
+    if (check_view_bits(obj, fn, label) < 0) return -1;
+    if (fast) {
         DLTensor dl;
         memset(&dl, 0, sizeof dl);
         if (g_api->dltensor_from_py_object_no_sync(obj, &dl) != 0) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_BufferError, "the exporter gave no reason");
-            return reraise_export_error(fn, arg);
+            return reraise_export_error(fn, label);
         }
-        return fill_from_dl(&dl, fn, arg, out);
+        if (fill_from_dl(&dl, fn, label, out) < 0) return -1;
+    } else if (import_capsule(obj, fn, label, flags, entry, out) < 0) {
+        return -1;
     }
-    return import_capsule(obj, fn, arg, flags, scope, out);
+    entry->device = (int)out->device;
+    entry->device_id = out->device_id;
+    byte_range(out, &entry->lo, &entry->hi);
+    return 0;
+}
+
+int sw_import(PyObject *obj, const char *fn, const char *arg, int flags, sw_import_scope *scope,
+              sw_tensor *out) {
+    return import_one(obj, fn, arg, -1, arg, flags, scope, out);
+}
+
+int sw_import_item(PyObject *obj, const char *fn, const char *name, int index, int flags, sw_import_scope *scope,
+                   sw_tensor *out) {
+    char label[64];
+    snprintf(label, sizeof label, "%s[%d]", name, index);
+    return import_one(obj, fn, name, index, label, flags, scope, out);
+}
+
+static void entry_label(const sw_import_entry *e, char *buf, size_t len) {
+    if (e->index >= 0) snprintf(buf, len, "%s[%d]", e->name, e->index);
+    else snprintf(buf, len, "%s", e->name);
+}
+
+static int cmp_entry(const void *a, const void *b) {
+    const sw_import_entry *x = (const sw_import_entry *)a, *y = (const sw_import_entry *)b;
+    if (x->device != y->device) return x->device < y->device ? -1 : 1;
+    if (x->device_id != y->device_id) return x->device_id < y->device_id ? -1 : 1;
+    return (x->lo > y->lo) - (x->lo < y->lo);
+}
+
+static int overlap_error(const char *fn, const sw_import_entry *a, const sw_import_entry *b) {
+    if (b->seq < a->seq) {
+        const sw_import_entry *t = a;
+        a = b;
+        b = t;
+    }
+    char la[64], lb[64];
+    entry_label(a, la, sizeof la);
+    entry_label(b, lb, sizeof lb);
+    const sw_import_entry *w = a->writable ? a : b;
+    char lw[64];
+    entry_label(w, lw, sizeof lw);
+    PyErr_Format(PyExc_ValueError,
+                 "%s: arguments '%s' and '%s' overlap in memory; '%s' is written in place and must not share "
+                 "memory with any other argument (pass separate tensors, or .clone() one)", fn, la, lb, lw);
+    return -1;
+}
+
+/* Every pair of entries that overlap with at least one of them written is refused. One sort and a
+ * sweep: with entries ordered by start, an entry overlaps an earlier one iff it starts before the
+ * largest end seen so far (among written entries, when it is only read). */
+static int check_overlap(sw_import_scope *scope, const char *fn) {
+    if (scope->count < 2) return 0;
+    qsort(scope->items, (size_t)scope->count, sizeof *scope->items, cmp_entry);
+    const sw_import_entry *far_any = NULL, *far_written = NULL;  /* the largest end so far */
+    for (int i = 0; i < scope->count; ++i) {
+        const sw_import_entry *e = &scope->items[i];
+        if (i > 0 && (e->device != e[-1].device || e->device_id != e[-1].device_id)) far_any = far_written = NULL;
+        if (e->lo == e->hi) continue;  /* no element */
+        if (e->writable && far_any && e->lo < far_any->hi) return overlap_error(fn, far_any, e);
+        if (!e->writable && far_written && e->lo < far_written->hi) return overlap_error(fn, far_written, e);
+        if (!far_any || e->hi > far_any->hi) far_any = e;
+        if (e->writable && (!far_written || e->hi > far_written->hi)) far_written = e;
+    }
+    return 0;
+}
+
+/* After a hook ran: every tensor must still span the bytes it was imported with. */
+static int check_unchanged(sw_import_scope *scope, const char *fn) {
+    if (!scope->hooks_ran || !g_api) return 0;
+    for (int i = 0; i < scope->count; ++i) {
+        sw_import_entry *e = &scope->items[i];
+        DLTensor dl;
+        memset(&dl, 0, sizeof dl);
+        sw_tensor now;
+        char label[64];
+        entry_label(e, label, sizeof label);
+        if (g_api->dltensor_from_py_object_no_sync(e->obj, &dl) != 0) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_BufferError, "the exporter gave no reason");
+            return reraise_export_error(fn, label);
+        }
+        if (fill_from_dl(&dl, fn, label, &now) < 0) return -1;
+        uintptr_t lo, hi;
+        byte_range(&now, &lo, &hi);
+        if (lo != e->lo || hi != e->hi) {
+            PyErr_Format(PyExc_RuntimeError,
+                         "%s: argument '%s' changed its memory while the arguments were being checked (by a "
+                         "tensor subclass hook or another thread); nothing was computed", fn, label);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int sw_scope_seal(sw_import_scope *scope, const char *fn) {
+    if (check_unchanged(scope, fn) < 0) return -1;
+    return check_overlap(scope, fn);
+}
+
+int sw_scope_bump_versions(sw_import_scope *scope) {
+    int n = 0;
+    for (int i = 0; i < scope->count; ++i) n += scope->items[i].writable;
+    if (n == 0) return 0;
+    PyObject *written = PyTuple_New(n);
+    if (!written) return -1;
+    for (int i = 0, k = 0; i < scope->count; ++i)
+        if (scope->items[i].writable) PyTuple_SET_ITEM(written, k++, Py_NewRef(scope->items[i].obj));
+    PyObject *r = PyObject_CallOneArg(g_increment_version, written);
+    Py_DECREF(written);
+    if (!r) return -1;
+    Py_DECREF(r);
+    return 0;
 }
 
 int sw_check_dtype(const char *fn, const char *arg, const sw_tensor *t, unsigned allowed_mask) {

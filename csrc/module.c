@@ -88,15 +88,16 @@ static PyObject *py_bridge_mode(PyObject *self, PyObject *unused) {
  * Measures the bridge's own cost per tensor (benchmarks/bench_bridge.py). */
 static PyObject *py_bridge_import(PyObject *self, PyObject *arg) {
     (void)self;
-    PyObject *seq = PySequence_Fast(arg, "_bridge_import takes a list of tensors");
+    PyObject *seq = PySequence_Tuple(arg);  /* owns its items: a hook may mutate the caller's list */
     if (!seq) return NULL;
     sw_import_scope scope;
     sw_scope_init(&scope);
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
     int64_t total = 0;
     for (Py_ssize_t i = 0; i < n; ++i) {
         sw_tensor t;
-        if (sw_import(PySequence_Fast_GET_ITEM(seq, i), "seqwrap._C._bridge_import", "tensors[i]", 0, &scope, &t) < 0) {
+        if (sw_import_item(PyTuple_GET_ITEM(seq, i), "seqwrap._C._bridge_import", "tensors", (int)i, 0, &scope,
+                           &t) < 0) {
             sw_scope_release(&scope);
             Py_DECREF(seq);
             return NULL;

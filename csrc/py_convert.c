@@ -23,8 +23,10 @@ PyObject *sw_py_round_to_half(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "%s: CPU tensors only", fn);
         goto done;
     }
+    if (sw_scope_seal(&scope, fn) < 0) goto done;
     for (int64_t i = 0; i < src.numel; ++i)
         sw_store_from_float(dst.data, dst.dtype, i, ((const float *)src.data)[i]);
+    if (sw_scope_bump_versions(&scope) < 0) goto done;
     result = Py_NewRef(Py_None);
 done:
     sw_scope_release(&scope);

@@ -58,6 +58,8 @@ PyObject *sw_py_lse_merge(PyObject *self, PyObject *args, PyObject *kwargs) {
         sw_check_same_device(FN, "blk_lse", &blk_lse, "acc_out", &acc_out) < 0 ||
         sw_check_contiguous(FN, "blk_lse", &blk_lse) < 0)
         goto done;
+    /* acc_out and acc_lse are written: no argument may share memory with them */
+    if (sw_scope_seal(&scope, FN) < 0) goto done;
     const int64_t dim = acc_out.shape[acc_out.ndim - 1];
     sw_lse_merge_job job = {acc_out.data, acc_lse.data, blk_out.data, blk_lse.data, blk_out.dtype, is_double,
                             acc_out.numel / dim, dim};
@@ -70,6 +72,7 @@ PyObject *sw_py_lse_merge(PyObject *self, PyObject *args, PyObject *kwargs) {
         rc = sw_lse_merge_cpu(&job, &err);
         Py_END_ALLOW_THREADS
     }
+    if (sw_scope_bump_versions(&scope) < 0) goto done;
     if (rc != SW_OK) {
         sw_raise_status(FN, rc, &err);
         goto done;

@@ -78,15 +78,13 @@ PyObject *sw_py_sample_chunks(PyObject *self, PyObject *args, PyObject *kwargs) 
             sw_check_same_shape(FN, "probs", &p, "weights", &w) < 0 ||
             sw_check_same_device(FN, "probs", &p, "weights", &w) < 0 || sw_check_contiguous(FN, "probs", &p) < 0)
             goto done;
-        if (p.data == w.data) {
-            PyErr_Format(PyExc_ValueError, "%s: 'probs' and 'weights' must be different tensors", FN);
-            goto done;
-        }
         params.probs = (const double *)p.data;
     } else if (p_o != Py_None) {
         PyErr_Format(PyExc_ValueError, "%s: mode 'fixed' takes no 'probs'; pass None", FN);
         goto done;
     }
+    /* weights is written: probs may not share memory with it */
+    if (sw_scope_seal(&scope, FN) < 0) goto done;
     params.k = w.numel;
     params.t = (int64_t)budget;
     params.cap = cap;
@@ -101,6 +99,7 @@ PyObject *sw_py_sample_chunks(PyObject *self, PyObject *args, PyObject *kwargs) 
         rc = sw_sample_chunks_cpu(&params, &err);
         Py_END_ALLOW_THREADS
     }
+    if (sw_scope_bump_versions(&scope) < 0) goto done;
     if (rc != SW_OK) {
         sw_raise_status(FN, rc, &err);
         goto done;

@@ -190,6 +190,8 @@ PyObject *sw_py_selective_scan_fwd(PyObject *self, PyObject *args, PyObject *kwa
         p.ckpt = t.data;
         if (take_work(FN_FWD, work, &dims, (int64_t)block, &scope, &p) < 0) goto done;
     }
+    /* y, hlast, ckpt, work are written: none may share memory with another argument */
+    if (sw_scope_seal(&scope, FN_FWD) < 0) goto done;
     {
         sw_error err = {SW_OK, ""};
         sw_code rc;
@@ -200,6 +202,7 @@ PyObject *sw_py_selective_scan_fwd(PyObject *self, PyObject *args, PyObject *kwa
             rc = sw_scan_fwd_cpu(&p, &err);
             Py_END_ALLOW_THREADS
         }
+        if (sw_scope_bump_versions(&scope) < 0) goto done;
         if (rc != SW_OK) {
             sw_raise_status(FN_FWD, rc, &err);
             goto done;
@@ -288,6 +291,8 @@ PyObject *sw_py_selective_scan_bwd(PyObject *self, PyObject *args, PyObject *kwa
         p.dh0 = t.data;
         if (take_work(FN_BWD, work, &dims, (int64_t)block, &scope, &p) < 0) goto done;
     }
+    /* du, ddt, dz, dB, dC, dA, dD, dh0, work are written: none may share memory with another argument */
+    if (sw_scope_seal(&scope, FN_BWD) < 0) goto done;
     {
         sw_error err = {SW_OK, ""};
         sw_code rc;
@@ -298,6 +303,7 @@ PyObject *sw_py_selective_scan_bwd(PyObject *self, PyObject *args, PyObject *kwa
             rc = sw_scan_bwd_cpu(&p, &err);
             Py_END_ALLOW_THREADS
         }
+        if (sw_scope_bump_versions(&scope) < 0) goto done;
         if (rc != SW_OK) {
             sw_raise_status(FN_BWD, rc, &err);
             goto done;

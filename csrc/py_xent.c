@@ -13,6 +13,7 @@
 #include "bridge.h" /* Python.h first */
 #include "py_ops.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -50,6 +51,19 @@ static int check_params(const sw_xent_params *p) {
         return -1;
     }
     return 0;
+}
+
+/* float32 compute (float32 / bfloat16 / float16 logits): a cap that rounds to 0 would turn the
+ * cap off, one that rounds to infinity would give NaN. */
+static int check_cap_fits_float(double softcap) {
+    if (softcap == 0.0 || (softcap >= FLT_MIN && softcap <= FLT_MAX)) return 0;
+    char got[64];
+    snprintf(got, sizeof got, "%g", softcap);
+    PyErr_Format(PyExc_ValueError,
+                 "%s: softcap %s does not fit float32, the compute dtype of these logits (it must be in "
+                 "[%g, %g]); pass float64 logits for a cap outside that range", FN, got, (double)FLT_MIN,
+                 (double)FLT_MAX);
+    return -1;
 }
 
 PyObject *sw_py_cross_entropy_chunk(PyObject *self, PyObject *args, PyObject *kwargs) {
@@ -94,11 +108,7 @@ PyObject *sw_py_cross_entropy_chunk(PyObject *self, PyObject *args, PyObject *kw
     if (scale_o != Py_None && (sw_import(scale_o, FN, "grad_scale", SW_READONLY_NO_GRAD, &scope, &scale) < 0 ||
                                check_vector("grad_scale", &scale, &logits, real) < 0))
         goto done;
-    const int64_t rows = logits.shape[0], V = logits.shape[1];
-    sw_xent_job job = {logits.data, logits.dtype, (const int64_t *)labels.data, loss.data, lse.data,
-                       scale_o != Py_None ? scale.data : NULL, rows, V, compute_grad, params};
-    sw_error err = {SW_OK, ""};
-    sw_code rc;
+    if (real == SW_FLOAT32 && check_cap_fits_float(params.softcap) < 0) goto done;
     if (logits.device == SW_CUDA) {
         if (flag_o == Py_None) {
             PyErr_Format(PyExc_ValueError, "%s: CUDA logits need an int32 'error_flag' tensor", FN);
@@ -109,22 +119,26 @@ PyObject *sw_py_cross_entropy_chunk(PyObject *self, PyObject *args, PyObject *kw
             sw_check_same_device(FN, "error_flag", &flag, "logits", &logits) < 0 ||
             sw_check_nonempty(FN, "error_flag", &flag) < 0)
             goto done;
+    }
+    /* loss, lse, logits, error_flag are written: none may share memory with another argument */
+    if (sw_scope_seal(&scope, FN) < 0) goto done;
+
+    const int64_t rows = logits.shape[0], V = logits.shape[1];
+    sw_xent_job job = {logits.data, logits.dtype, (const int64_t *)labels.data, loss.data, lse.data,
+                       scale_o != Py_None ? scale.data : NULL, rows, V, compute_grad, params, (int64_t)row_offset};
+    sw_error err = {SW_OK, ""};
+    sw_code rc;
+    /* The kernels read each label once (another thread may be writing the labels meanwhile):
+     * on CUDA an out-of-range label sets error_flag; on the CPU it is an error before any row
+     * is written. */
+    if (logits.device == SW_CUDA) {
         rc = sw_xent_cuda(&job, (int *)flag.data, logits.device_id, stream, &err);
     } else {
-        /* Every label is checked before anything is written. */
-        for (int64_t r = 0; r < rows; ++r) {
-            int64_t y = job.labels[r];
-            if (y != job.params.ignore_index && (y < 0 || y >= V)) {
-                PyErr_Format(PyExc_ValueError,
-                             "%s: label %lld at position %lld is outside [0, %lld) and is not ignore_index (%lld)",
-                             FN, (long long)y, (long long)(r + row_offset), (long long)V, ignore_index);
-                goto done;
-            }
-        }
         Py_BEGIN_ALLOW_THREADS
         rc = sw_xent_cpu(&job, &err);
         Py_END_ALLOW_THREADS
     }
+    if (sw_scope_bump_versions(&scope) < 0) goto done;
     if (rc != SW_OK) {
         sw_raise_status(FN, rc, &err);
         goto done;

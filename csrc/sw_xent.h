@@ -2,12 +2,15 @@
  *
  * For each row r of a (rows, V) logits chunk with label y = labels[r]:
  *   s_j   = softcap > 0 ? softcap * tanh(x_j / softcap) : x_j        (capped logits)
- *   lse   = log sum_j exp(s_j)                                        (float32, float64 for float64 input)
+ *   m     = max_j s_j,  L = log sum_j exp(s_j - m),  lse = m + L       (float32, float64 for float64 input)
  *   loss  = lse - (1 - eps) s_y - (eps / V) sum_j s_j + z * lse^2     (eps: label smoothing, z: z-loss)
+ *         = L - (1 - eps) (s_y - m) - (eps / V) sum_j (s_j - m) + z * lse^2   (as computed: no sum of
+ *           raw logits, which overflows for logits near the largest float)
  *   dx_j  = scale_r * [ p_j (1 + 2 z lse) - eps / V - (1 - eps) [j == y] ] * ds_j/dx_j,
- *           p_j = exp(s_j - lse),  ds_j/dx_j = 1 - (s_j / softcap)^2
+ *           p_j = exp(s_j - m) / sum_k exp(s_k - m),  ds_j/dx_j = 1 - (s_j / softcap)^2
  * Rows whose label is ignore_index get loss 0 and gradient 0 (their lse is still written).
- * A label outside [0, V) is an error (CPU: refused before any write; CUDA: flagged, row treated as ignored).
+ * Labels are read once each (another thread may write them while a kernel runs). A label outside
+ * [0, V) is an error (CPU: reported before any row is written; CUDA: flagged, row treated as ignored).
  *
  * The coefficient helpers below are the per-row / per-element math shared by
  * the CPU kernel (xent_cpu.c) and the CUDA kernel (cuda/xent.cu).
@@ -48,6 +51,7 @@ typedef struct {
     int64_t vocab;
     int compute_grad;
     sw_xent_params params;
+    int64_t row_offset;       /* added to row numbers in error messages */
 } sw_xent_job;
 
 /* Per-element math, one copy per real type (float for fp32/bf16/fp16 input, double for fp64). */
@@ -61,10 +65,11 @@ typedef struct {
         REAL t = s / softcap;                                                                       \
         return (REAL)1 - t * t;                                                                     \
     }                                                                                               \
-    SW_HOSTDEV REAL sw_xent_loss_##SUF(REAL lse, REAL s_label, REAL sum_s, REAL eps, REAL z,       \
-                                       int64_t vocab) {                                             \
-        REAL loss = lse - ((REAL)1 - eps) * s_label;                                                \
-        if (eps != (REAL)0) loss -= eps / (REAL)vocab * sum_s;                                      \
+    /* log_sum_e = L, d_label = s_y - m, sum_d = sum_j (s_j - m) (see the top of this file). */  \
+    SW_HOSTDEV REAL sw_xent_loss_##SUF(REAL log_sum_e, REAL d_label, REAL sum_d, REAL lse, REAL eps, \
+                                       REAL z, int64_t vocab) {                                     \
+        REAL loss = log_sum_e - ((REAL)1 - eps) * d_label;                                          \
+        if (eps != (REAL)0) loss -= eps / (REAL)vocab * sum_d;                                      \
         if (z != (REAL)0) loss += z * lse * lse;                                                    \
         return loss;                                                                                \
     }                                                                                               \
@@ -78,7 +83,8 @@ typedef struct {
 SW_XENT_DEFINE_MATH(f, float, tanhf)
 SW_XENT_DEFINE_MATH(d, double, tanh)
 
-/* CPU: every row of the job (OpenMP over rows). Labels must already be validated. */
+/* CPU: every row of the job (OpenMP over rows). Copies the labels once, checks the copy (a bad
+ * label: SW_ERR_VALUE, nothing written) and computes from it. */
 sw_code sw_xent_cpu(const sw_xent_job *job, sw_error *err);
 
 #ifdef __cplusplus

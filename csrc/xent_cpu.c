@@ -1,5 +1,7 @@
 /* xent_cpu.c - CPU kernel of the chunked softmax cross-entropy (see sw_xent.h).
  * The row routine lives in xent_row.inc, instantiated once per real type. */
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "sw_fastexp.h"
@@ -16,34 +18,38 @@
  * every pass (omp simd reductions, sw_fast_expf). Same math as xent_row.inc. */
 SW_CLONES static void xent_row_f32_fast(float *restrict row, int64_t V, int64_t label, int ignored, float scale,
                                         float eps, float z, int compute_grad, float *loss_out, float *lse_out) {
-    float m = -INFINITY, sum_s = 0.0f;
+    float m = -INFINITY;
 #ifdef _OPENMP
-#pragma omp simd reduction(max : m) reduction(+ : sum_s)
+#pragma omp simd reduction(max : m)
 #endif
-    for (int64_t j = 0; j < V; ++j) {
-        m = row[j] > m ? row[j] : m;
-        sum_s += row[j];
-    }
-    const float s_label = ignored ? 0.0f : row[label];
-    float sum_e = 0.0f;
+    for (int64_t j = 0; j < V; ++j) m = row[j] > m ? row[j] : m;
+    const float d_label = ignored ? 0.0f : row[label] - m;
+    float sum_e = 0.0f, sum_d = 0.0f;
     if (compute_grad && !ignored) {
 #ifdef _OPENMP
-#pragma omp simd reduction(+ : sum_e)
+#pragma omp simd reduction(+ : sum_e, sum_d)
 #endif
         for (int64_t j = 0; j < V; ++j) {
-            float e = sw_fast_expf(row[j] - m);
+            float d = row[j] - m;
+            float e = sw_fast_expf(d);
             row[j] = e;
             sum_e += e;
+            sum_d += d;
         }
     } else {
 #ifdef _OPENMP
-#pragma omp simd reduction(+ : sum_e)
+#pragma omp simd reduction(+ : sum_e, sum_d)
 #endif
-        for (int64_t j = 0; j < V; ++j) sum_e += sw_fast_expf(row[j] - m);
+        for (int64_t j = 0; j < V; ++j) {
+            float d = row[j] - m;
+            sum_e += sw_fast_expf(d);
+            sum_d += d;
+        }
     }
-    const float lse = m + logf(sum_e);
+    const float log_sum_e = logf(sum_e);
+    const float lse = m + log_sum_e;
     *lse_out = lse;
-    *loss_out = ignored ? 0.0f : sw_xent_loss_f(lse, s_label, sum_s, eps, z, V);
+    *loss_out = ignored ? 0.0f : sw_xent_loss_f(log_sum_e, d_label, sum_d, lse, eps, z, V);
     if (!compute_grad) return;
     if (ignored) {
         memset(row, 0, (size_t)V * sizeof *row);
@@ -93,15 +99,34 @@ static size_t elem_size(sw_dtype d) {
 }
 
 sw_code sw_xent_cpu(const sw_xent_job *job, sw_error *err) {
-    (void)err;
     const int64_t rows = job->rows, V = job->vocab;
     const size_t row_bytes = (size_t)V * elem_size(job->dtype);
     const int is_double = job->dtype == SW_FLOAT64;
+    /* Each label is read exactly once (volatile: the compiler may not read it again), into a
+     * private copy that is checked and then used: the caller runs this without the GIL, and
+     * another thread may write the labels meanwhile. */
+    int64_t *labels = (int64_t *)malloc((size_t)(rows > 0 ? rows : 1) * sizeof *labels);
+    if (!labels) {
+        snprintf(err->message, sizeof err->message, "out of memory copying %lld labels", (long long)rows);
+        return SW_ERR_INTERNAL;
+    }
+    const volatile int64_t *src = job->labels;
+    for (int64_t r = 0; r < rows; ++r) labels[r] = src[r];
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t y = labels[r];
+        if (y != job->params.ignore_index && (y < 0 || y >= V)) {
+            snprintf(err->message, sizeof err->message,
+                     "label %lld at position %lld is outside [0, %lld) and is not ignore_index (%lld)", (long long)y,
+                     (long long)(r + job->row_offset), (long long)V, (long long)job->params.ignore_index);
+            free(labels);
+            return SW_ERR_VALUE;
+        }
+    }
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (rows * V >= 65536)
 #endif
     for (int64_t r = 0; r < rows; ++r) {
-        const int64_t label = job->labels[r];
+        const int64_t label = labels[r];
         const int ignored = label == job->params.ignore_index;
         void *row = (char *)job->logits + (size_t)r * row_bytes;
         if (job->dtype == SW_FLOAT32 && job->params.softcap <= 0.0) {
@@ -119,5 +144,6 @@ sw_code sw_xent_cpu(const sw_xent_job *job, sw_error *err) {
                        &((float *)job->loss)[r], &((float *)job->lse)[r]);
         }
     }
+    free(labels);
     return SW_OK;
 }

@@ -206,13 +206,30 @@ def llama8b_table(chunk: int = 16384, device_gb: float = 80.0, reserve_gb: float
     return "\n".join(lines)
 
 
+def _number_arg(kind, minimum: float, strict: bool):
+    """An argparse type: `kind` (int or float), finite, > minimum (strict) or >= minimum."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        bad = not math.isfinite(value) or (value <= minimum if strict else value < minimum)
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
+        return value
+    return parse
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--chunk", type=int, default=16384)
-    p.add_argument("--device-gb", type=float, default=80.0)
-    p.add_argument("--reserve-gb", type=float, default=6.0)
-    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--chunk", type=_number_arg(int, 0, strict=True), default=16384, help="SeCO chunk, tokens (> 0)")
+    p.add_argument("--device-gb", type=_number_arg(float, 0, strict=True), default=80.0, help="device memory, GB")
+    p.add_argument("--reserve-gb", type=_number_arg(float, 0, strict=False), default=6.0,
+                   help="device memory kept back, GB (below --device-gb)")
+    p.add_argument("--lora-rank", type=_number_arg(int, 0, strict=True), default=16, help="LoRA rank (> 0)")
     a = p.parse_args(argv)
+    if a.reserve_gb >= a.device_gb:
+        p.error(f"--reserve-gb ({a.reserve_gb:g}) must be below --device-gb ({a.device_gb:g})")
     print(llama8b_table(a.chunk, a.device_gb, a.reserve_gb, lora_rank=a.lora_rank))
 
 

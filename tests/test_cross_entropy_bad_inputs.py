@@ -1,4 +1,5 @@
 """Bad inputs of linear_cross_entropy and of its C entry point raise clear errors."""
+import numpy as np
 import pytest
 import torch
 
@@ -73,6 +74,33 @@ def test_bad_options(kwargs, exc, pattern):
     h, w, y = inputs()
     with pytest.raises(exc, match=pattern):
         seqwrap.linear_cross_entropy(h, w, y, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, pattern",
+    [
+        ({"ignore_index": 2**63}, ValueError, r"ignore_index must fit int64"),
+        ({"ignore_index": -(2**63) - 1}, ValueError, r"ignore_index must fit int64"),
+        ({"label_smoothing": "a"}, TypeError, r"label_smoothing must be a real number, not 'a'"),
+        ({"label_smoothing": None}, TypeError, r"label_smoothing must be a real number, not None"),
+        ({"label_smoothing": True}, TypeError, r"label_smoothing must be a real number"),
+        ({"z_loss": None}, TypeError, r"z_loss must be a real number, not None"),
+        ({"z_loss": "0.1"}, TypeError, r"z_loss must be a real number"),
+        ({"softcap": "30"}, TypeError, r"softcap must be None or a finite number > 0, not '30'"),
+    ],
+)
+def test_option_type_and_range_errors_name_the_argument(kwargs, exc, pattern):
+    h, w, y = inputs()
+    with pytest.raises(exc, match=pattern):
+        seqwrap.linear_cross_entropy(h, w, y, **kwargs)
+
+
+def test_numpy_scalars_are_accepted_as_options():
+    h, w, y = inputs()
+    ref = seqwrap.linear_cross_entropy(h, w, y, label_smoothing=0.25, z_loss=1e-3, softcap=20.0)
+    got = seqwrap.linear_cross_entropy(h, w, y, label_smoothing=np.float32(0.25), z_loss=np.float64(1e-3),
+                                       softcap=np.float32(20.0), ignore_index=-100)
+    torch.testing.assert_close(got, ref)
 
 
 @pytest.mark.ccore

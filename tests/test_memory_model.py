@@ -1,4 +1,8 @@
 """The SeCO memory model: its terms follow the model's shapes, offload removes every O(T) device term."""
+import re
+import subprocess
+import sys
+
 import pytest
 
 from seqwrap.memory_model import DecoderShape, longest_sequence, seco_peak
@@ -53,3 +57,39 @@ def test_concat_adds_an_o_t_copy():
     a = seco_peak(s, 1 << 16, 4096, attention="concat")
     b = seco_peak(s, 1 << 16, 4096)
     assert a.device_total - b.device_total == 2 * 32 * (1 << 16) * 8 * 128 * 2 + 32 * 4096 * (1 << 16) * 2
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--chunk", "0"], r"argument --chunk: must be > 0, got 0"),
+    (["--chunk", "-512"], r"argument --chunk: must be > 0"),
+    (["--chunk", "1.5"], r"argument --chunk: expected an integer, got '1.5'"),
+    (["--device-gb", "-80"], r"argument --device-gb: must be > 0"),
+    (["--device-gb", "nan"], r"argument --device-gb: must be > 0"),
+    (["--reserve-gb", "-1"], r"argument --reserve-gb: must be >= 0"),
+    (["--device-gb", "4", "--reserve-gb", "6"], r"--reserve-gb \(6\) must be below --device-gb \(4\)"),
+    (["--lora-rank", "-16"], r"argument --lora-rank: must be > 0"),
+    (["--lora-rank", "0"], r"argument --lora-rank: must be > 0"),
+])
+def test_cli_refuses_bad_numbers_with_a_usage_error(argv, pattern, capsys):
+    from seqwrap.memory_model import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err), err
+
+
+def test_cli_chunk_zero_from_the_shell_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "seqwrap.memory_model", "--chunk", "0"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc
+    assert "Traceback" not in proc.stderr and "--chunk" in proc.stderr, proc.stderr
+
+
+def test_cli_good_arguments_print_the_table(capsys):
+    from seqwrap.memory_model import main
+
+    main(["--chunk", "8192", "--device-gb", "80", "--lora-rank", "8"])
+    out = capsys.readouterr().out
+    assert "LoRA r=8" in out and "SeCO chunk 8192" in out

@@ -90,7 +90,7 @@ def test_bad_inputs_c(bridge):
     expect_raises(ValueError, r"'probs' has shape \(3,\)", w, probs=q[:3].clone())
     expect_raises(TypeError, r"'probs' has dtype float32", w, probs=q.float())
     expect_raises(ValueError, r"needs 'probs'", w, probs=None)
-    expect_raises(ValueError, r"must be different tensors", w, probs=w)
+    expect_raises(ValueError, r"'weights' and 'probs' overlap in memory", w, probs=w)
     for bad in (0.0, -0.1, 1.5, float("nan"), float("inf")):
         qq = q.clone()
         qq[2] = bad

@@ -19,7 +19,7 @@ template <> struct XentMath<float> {
     static __device__ void store(void *p, sw_dtype dt, long long i, float v) { sw_store_from_float(p, dt, i, v); }
     static __device__ float cap(float x, float c) { return sw_xent_cap_f(x, c); }
     static __device__ float cap_grad(float s, float c) { return sw_xent_cap_grad_f(s, c); }
-    static __device__ float loss(float l, float sy, float ss, float e, float z, long long v) { return sw_xent_loss_f(l, sy, ss, e, z, v); }
+    static __device__ float loss(float ls, float dy, float sd, float l, float e, float z, long long v) { return sw_xent_loss_f(ls, dy, sd, l, e, z, v); }
     static __device__ float dlogit(float p, int y, float f, float e, long long v) { return sw_xent_dlogit_f(p, y, f, e, v); }
     static __device__ float exp_(float x) { return expf(x); }
     static __device__ float log_(float x) { return logf(x); }
@@ -29,7 +29,7 @@ template <> struct XentMath<double> {
     static __device__ void store(void *p, sw_dtype, long long i, double v) { ((double *)p)[i] = v; }
     static __device__ double cap(double x, double c) { return sw_xent_cap_d(x, c); }
     static __device__ double cap_grad(double s, double c) { return sw_xent_cap_grad_d(s, c); }
-    static __device__ double loss(double l, double sy, double ss, double e, double z, long long v) { return sw_xent_loss_d(l, sy, ss, e, z, v); }
+    static __device__ double loss(double ls, double dy, double sd, double l, double e, double z, long long v) { return sw_xent_loss_d(ls, dy, sd, l, e, z, v); }
     static __device__ double dlogit(double p, int y, double f, double e, long long v) { return sw_xent_dlogit_d(p, y, f, e, v); }
     static __device__ double exp_(double x) { return exp(x); }
     static __device__ double log_(double x) { return log(x); }
@@ -41,42 +41,53 @@ sw_xent_kernel(void *logits, sw_dtype dt, long long elem_bytes, const int64_t *l
                const R *grad_scale, long long V, int compute_grad, sw_xent_params prm, int *error_flag) {
     using M = XentMath<R>;
     __shared__ R scratch[32];
+    __shared__ long long label_once;
     const long long r = blockIdx.x;
     void *row = (char *)logits + r * V * elem_bytes;
     const R cap = (R)prm.softcap, eps = (R)prm.label_smoothing, z = (R)prm.z_loss;
-    const int64_t y = labels[r];
+    // The label is read once, by one thread, and shared: the host may be writing the labels.
+    if (threadIdx.x == 0) label_once = *(const volatile int64_t *)&labels[r];
+    __syncthreads();
+    const int64_t y = label_once;
     bool ignored = y == prm.ignore_index;
     if (!ignored && (y < 0 || y >= V)) {
         if (threadIdx.x == 0) atomicExch(error_flag, 1);
         ignored = true;
     }
 
-    R m = -INFINITY, sum_s = 0;
+    R m = -INFINITY;
     for (long long j = threadIdx.x; j < V; j += blockDim.x) {
-        R s = M::cap(M::load(row, dt, j), cap);
+        const R s = M::cap(M::load(row, dt, j), cap);
         m = s > m ? s : m;
-        sum_s += s;
     }
-    const R s_label = ignored ? (R)0 : M::cap(M::load(row, dt, y), cap);  // read before pass 3 writes
     m = sw_block_reduce(m, scratch, SwMaxOp<R>(), (R)-INFINITY);
-    sum_s = sw_block_reduce(sum_s, scratch, SwSumOp<R>(), (R)0);
+    const R d_label = ignored ? (R)0 : M::cap(M::load(row, dt, y), cap) - m;  // read before pass 3 writes
 
-    R sum_e = 0;
-    for (long long j = threadIdx.x; j < V; j += blockDim.x) sum_e += M::exp_(M::cap(M::load(row, dt, j), cap) - m);
+    R sum_e = 0, sum_d = 0;
+    for (long long j = threadIdx.x; j < V; j += blockDim.x) {
+        const R d = M::cap(M::load(row, dt, j), cap) - m;
+        sum_e += M::exp_(d);
+        sum_d += d;
+    }
     sum_e = sw_block_reduce(sum_e, scratch, SwSumOp<R>(), (R)0);
-    const R l = m + M::log_(sum_e);
+    sum_d = sw_block_reduce(sum_d, scratch, SwSumOp<R>(), (R)0);
+    const R log_sum_e = M::log_(sum_e);
+    const R l = m + log_sum_e;
     if (threadIdx.x == 0) {
         lse[r] = l;
-        loss[r] = ignored ? (R)0 : M::loss(l, s_label, sum_s, eps, z, V);
+        loss[r] = ignored ? (R)0 : M::loss(log_sum_e, d_label, sum_d, l, eps, z, V);
     }
     if (!compute_grad) return;
     const R scale = grad_scale ? grad_scale[r] : (R)1;
     const R p_factor = (R)1 + (R)2 * z * l;
+    const R inv_sum = (R)1 / sum_e;
+    __syncthreads();  // every thread has read its d_label before any row element is overwritten
     for (long long j = threadIdx.x; j < V; j += blockDim.x) {
         R g = 0;
         if (!ignored) {
+            // exp(s - m) / sum_e, not exp(s - lse): lse rounds to m when m is near the largest float
             R s = M::cap(M::load(row, dt, j), cap);
-            g = M::dlogit(M::exp_(s - l), j == y, p_factor, eps, V) * M::cap_grad(s, cap) * scale;
+            g = M::dlogit(M::exp_(s - m) * inv_sum, j == y, p_factor, eps, V) * M::cap_grad(s, cap) * scale;
         }
         M::store(row, dt, j, g);
     }

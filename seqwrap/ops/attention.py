@@ -39,6 +39,10 @@ def _blocks(t, chunk, causal, window, dtype, device):
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, chunk, causal, window, scale):
+        ctx.empty = q.numel() == 0
+        if ctx.empty:  # batch, query heads, T or head_dim is 0: no output element (as SDPA)
+            ctx.kv_like = (k.shape, k.dtype, k.device)
+            return q.new_empty(q.shape)
         t = q.shape[2]
         out = torch.empty_like(q)
         lse = None
@@ -54,6 +58,10 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        if ctx.empty:  # k, v may hold elements (zero query heads): nothing attended to them
+            shape, dtype, device = ctx.kv_like
+            zeros = torch.zeros(shape, dtype=dtype, device=device)
+            return dout.new_zeros(dout.shape), zeros, zeros.clone(), None, None, None, None
         q, k, v, out, lse = ctx.saved_tensors
         chunk, causal, window, scale = ctx.config
         dq = torch.zeros_like(q, dtype=lse.dtype)
@@ -72,7 +80,9 @@ class _ChunkedAttention(torch.autograd.Function):
 
 def chunked_attention(q, k, v, *, chunk_size: int, causal: bool = True, window: int | None = None,
                       scale: float | None = None) -> torch.Tensor:
-    """Exact attention computed block by block (see the module docstring). Returns (B, Hq, T, D)."""
+    """Exact attention computed block by block (see the module docstring). Returns (B, Hq, T, D).
+    With no output element (B, Hq, T or D is 0) the result is empty, as with SDPA, and the
+    gradients of k and v are zeros."""
     fn = "seqwrap.ops.chunked_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -86,13 +96,13 @@ def chunked_attention(q, k, v, *, chunk_size: int, causal: bool = True, window: 
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"{fn}: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
                          "(q: (B, Hq, T, D); k, v: (B, Hkv, T, D))")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+    if (k.shape[1] == 0 and q.shape[1] != 0) or (k.shape[1] != 0 and q.shape[1] % k.shape[1]):
         raise ValueError(f"{fn}: q_heads ({q.shape[1]}) must be a multiple of kv_heads ({k.shape[1]})")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
     if window is not None and (not causal or isinstance(window, bool) or not isinstance(window, int) or window <= 0):
         raise ValueError(f"{fn}: window must be a positive int and needs causal=True, got {window!r}")
-    if q.shape[2] == 0:
-        raise ValueError(f"{fn}: the sequence is empty")
-    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    if scale is None:  # head_dim 0: no output element, the scale is unused
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
+    scale = float(scale)
     return _ChunkedAttention.apply(q, k, v, chunk_size, causal, window, scale)

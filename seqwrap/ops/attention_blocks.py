@@ -70,25 +70,27 @@ def _fused_available(q: torch.Tensor, softcap) -> bool:
 
 
 # CUDA: torch's memory-efficient attention kernel returns the lse and takes an additive bias.
-# It runs float32/float16/bfloat16 with head_dim a multiple of 8 (4 for float32); float64, a
-# soft-cap or a failing call (an older or newer torch with another signature: warned once)
-# fall back to the plain-torch block.
-_CUDA_FUSED = {"ok": True}
+# It runs float32/float16/bfloat16 with head_dim a multiple of 8 (4 for float32); float64 and a
+# soft-cap use the plain-torch block. A call of the fused kernel that raises a RuntimeError (an
+# out-of-memory error, or an older or newer torch with another signature) is redone by the
+# plain-torch block, with a warning, for that call only: the next call tries the fused kernel
+# again. Only the exception is handled: a result the fused kernel returns is used as it is, and
+# an error of the plain-torch block propagates.
 
 
 def _cuda_fused_available(q: torch.Tensor, softcap) -> bool:
-    if not (_CUDA_FUSED["ok"] and q.is_cuda and softcap is None):
+    if not (q.is_cuda and softcap is None):
         return False
     if q.dtype in (torch.float16, torch.bfloat16):
         return q.shape[-1] % 8 == 0
     return q.dtype == torch.float32 and q.shape[-1] % 4 == 0
 
 
-def _cuda_fused_failed(err: Exception) -> None:
+def _cuda_fused_failed(err: Exception, which: str) -> None:
     import warnings
 
-    _CUDA_FUSED["ok"] = False
-    warnings.warn(f"seqwrap: torch's fused CUDA attention block failed ({err}); using the plain-torch block",
+    warnings.warn(f"seqwrap: torch's fused CUDA attention block ({which}) failed for this call ({err}); this call "
+                  "uses the plain-torch block (exact, slower); the next call tries the fused kernel again",
                   RuntimeWarning, stacklevel=3)
 
 
@@ -141,8 +143,8 @@ def block_forward(q, k, v, mask, scale: float, softcap: float | None = None):
     if _cuda_fused_available(q, softcap):
         try:
             return _cuda_block_forward(q, k, v, mask, scale)
-        except RuntimeError as err:
-            _cuda_fused_failed(err)
+        except RuntimeError as err:  # this call only (see _cuda_fused_available)
+            _cuda_fused_failed(err, "forward")
     if _fused_available(q, softcap):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
                                                                             scale=scale)
@@ -162,8 +164,8 @@ def block_backward(dout, q, k, v, out, lse, mask, scale: float, softcap: float |
     if _cuda_fused_available(q, softcap):
         try:
             return _cuda_block_backward(dout, q, k, v, out, lse, mask, scale)
-        except RuntimeError as err:
-            _cuda_fused_failed(err)
+        except RuntimeError as err:  # this call only (see _cuda_fused_available)
+            _cuda_fused_failed(err, "backward")
     if _fused_available(q, softcap):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)

@@ -19,7 +19,9 @@ the README for the numbers behind this choice.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -61,6 +63,11 @@ def _chunked_pass(hidden, weight, bias, labels, opt, *, row_scale, need):
     need: (hidden, weight, bias) booleans: which gradients to form.
     Returns loss_rows (N,), lse (N,) in the real dtype and the requested gradients
     (grad_weight / grad_bias accumulated in the real dtype)."""
+    with _no_autocast(hidden.device):
+        return _chunks(hidden, weight, bias, labels, opt, row_scale, need)
+
+
+def _chunks(hidden, weight, bias, labels, opt, row_scale, need):
     n, _ = hidden.shape
     vocab = weight.shape[0]
     real = _real_dtype(hidden.dtype)
@@ -101,6 +108,28 @@ def _chunked_pass(hidden, weight, bias, labels, opt, *, row_scale, need):
             f"{vocab}) and is not ignore_index ({opt.ignore_index})"
         )
     return loss_rows, lse, grad_hidden, grad_weight, grad_bias
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_inputs(hidden, weight, bias):
+    """Under torch.autocast: the inputs cast as autocast casts those of F.linear (floating, not
+    float64, to the autocast dtype). Outside it, unchanged."""
+    dev = hidden.device.type if isinstance(hidden, torch.Tensor) else None
+    if dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):
+        return hidden, weight, bias
+    low = torch.get_autocast_dtype(dev)
+    cast = lambda t: t.to(low) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t  # noqa: E731
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def _no_autocast(device: torch.device):
+    """The chunk loop runs in the dtypes it was given: autocast would turn its matrix products
+    (written into buffers with out=) to another dtype."""
+    if device.type in _AUTOCAST_DEVICES:
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _reduce(loss_rows, labels, opt):
@@ -181,16 +210,36 @@ def _check(hidden, weight, labels, bias, reduction, label_smoothing, z_loss, sof
         raise ValueError(f"{fn}: all tensors must be on one device, got {sorted(map(str, devices))}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, not {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
+    if not 0.0 <= _real_number(fn, "label_smoothing", label_smoothing) <= 1.0:
         raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not (float(z_loss) >= 0.0 and math.isfinite(float(z_loss))):
+    z = _real_number(fn, "z_loss", z_loss)
+    if not (z >= 0.0 and math.isfinite(z)):
         raise ValueError(f"{fn}: z_loss must be a finite number >= 0, got {z_loss}")
-    if softcap is not None and not (float(softcap) > 0.0 and math.isfinite(float(softcap))):
-        raise ValueError(f"{fn}: softcap must be None or a finite number > 0, got {softcap}")
+    if softcap is not None:
+        cap = _real_number(fn, "softcap", softcap, "None or a finite number > 0")
+        if not (cap > 0.0 and math.isfinite(cap)):
+            raise ValueError(f"{fn}: softcap must be None or a finite number > 0, got {softcap}")
+        if hidden.dtype != torch.float64 and not _F32_MIN <= cap <= _F32_MAX:
+            # float32 compute: the cap would round to 0 (no cap at all) or to infinity (NaN)
+            raise ValueError(f"{fn}: softcap {softcap!r} does not fit float32, the compute dtype of {hidden.dtype} "
+                             f"logits (it must be in [{_F32_MIN:.6g}, {_F32_MAX:.6g}]); use float64 inputs for it")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
+    if not -(1 << 63) <= ignore_index < (1 << 63):
+        raise ValueError(f"{fn}: ignore_index must fit int64 (the dtype of the labels), got {ignore_index}")
+
+
+_F32_MIN = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _real_number(fn: str, name: str, value, what: str = "a real number") -> float:
+    """float(value) for an int / float / numpy scalar; TypeError naming the argument otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be {what}, not {value!r}")
+    return float(value)
 
 
 def linear_cross_entropy(
@@ -215,12 +264,15 @@ def linear_cross_entropy(
       softcap  applies softcap * tanh(logits / softcap) before the softmax (Gemma 2).
     reduction "mean" divides by the number of non-ignored labels; with every label
     ignored the loss is 0 and the gradients are 0 (F.cross_entropy gives nan).
-    The loss is float32 (float64 for float64 input). chunk_size: rows of logits per
+    The loss is float32 (float64 for float64 input). Under torch.autocast it behaves as
+    F.linear does there (hidden, weight, bias cast to the autocast dtype; float64 left
+    alone) followed by a float32 cross-entropy. chunk_size: rows of logits per
     chunk; None picks one from H and V (default_chunk_rows).
     return_lse=True also returns the per-token log-sum-exp, shaped like labels
     (not differentiable). A label outside [0, V) that is not ignore_index raises
     ValueError (on CUDA after the kernel, from a device-side flag).
     """
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _check(hidden, weight, labels, bias, reduction, label_smoothing, z_loss, softcap, chunk_size, ignore_index)
     lead_shape = labels.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])

@@ -7,6 +7,7 @@ so the float32 sum stays close to the exact (float64) sum.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -28,10 +29,16 @@ def kahan_accumulate_(
     All tensors on one device (CPU or CUDA). One C call for the whole list;
     on CUDA it runs on torch's current stream without synchronising.
     """
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"seqwrap.kahan_accumulate: 'scale' must be a float, not {type(scale).__name__}")
+    scale = _scale("seqwrap.kahan_accumulate", scale)
     first = accs[0] if isinstance(accs, (list, tuple)) and accs else None
-    C.kahan_accumulate(accs, comps, grads, float(scale), stream_for(first))
+    C.kahan_accumulate(accs, comps, grads, scale, stream_for(first))
+
+
+def _scale(fn: str, scale) -> float:
+    """float(scale) for an int, a float or a numpy scalar (np.float32 included)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{fn}: 'scale' must be a float, not {type(scale).__name__}")
+    return float(scale)
 
 
 class KahanAccumulator:
@@ -49,12 +56,28 @@ class KahanAccumulator:
         like = list(like)
         if not like:
             raise ValueError("KahanAccumulator: give at least one tensor to shape the accumulators")
+        for i, t in enumerate(like):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"KahanAccumulator: item {i} must be a torch.Tensor, not {type(t).__name__}")
+            if t.numel() == 0:
+                raise ValueError(f"KahanAccumulator: tensor {i} has no elements (shape {tuple(t.shape)}); "
+                                 "leave it out, there is nothing to accumulate")
         self._acc = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in like]
         self._comp = [torch.zeros_like(a) for a in self._acc]
 
     def add_(self, grads: Sequence[torch.Tensor], scale: float = 1.0) -> "KahanAccumulator":
-        grads = [g.detach() for g in grads]
-        kahan_accumulate_(self._acc, self._comp, grads, scale)
+        """acc[i] += scale * grads[i] for every i (one gradient per accumulator, same order)."""
+        fn = "KahanAccumulator.add_"
+        grads = list(grads)
+        if len(grads) != len(self._acc):
+            raise ValueError(f"{fn}: got {len(grads)} gradients for {len(self._acc)} accumulators")
+        for i, g in enumerate(grads):
+            if g is None:
+                raise TypeError(f"{fn}: grads[{i}] is None (a parameter without a gradient); pass zeros for it, "
+                                "or build the accumulator without that tensor")
+            if not isinstance(g, torch.Tensor):
+                raise TypeError(f"{fn}: grads[{i}] must be a torch.Tensor, not {type(g).__name__}")
+        kahan_accumulate_(self._acc, self._comp, [g.detach() for g in grads], _scale(fn, scale))
         return self
 
     def values(self) -> list[torch.Tensor]:
