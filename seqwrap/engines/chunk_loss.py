@@ -27,16 +27,9 @@ def chunk_loss_sum(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tenso
     """
     mult, cap = multiplier, softcap
     labels = labels.to(hidden.device)
-    if mult is None and type(lm_head) is nn.Linear:
-        weight, bias = lm_head.weight, lm_head.bias
-        dev = hidden.device.type
-        if torch.is_autocast_enabled(dev):  # what autocast does to lm_head(hidden): the product in its dtype
-            dt = torch.get_autocast_dtype(dev)
-            hidden, weight = hidden.to(dt), weight.to(dt)
-            bias = bias.to(dt) if bias is not None else None
-        with torch.autocast(dev, enabled=False):
-            return linear_cross_entropy(hidden, weight, labels, bias, ignore_index=ignore_index, reduction="sum",
-                                        softcap=cap)
+    if mult is None and type(lm_head) is nn.Linear:  # (under autocast it casts as lm_head(hidden) would)
+        return linear_cross_entropy(hidden, lm_head.weight, labels, lm_head.bias, ignore_index=ignore_index,
+                                    reduction="sum", softcap=cap)
     logits = lm_head(hidden)  # (B, L, vocab)
     if mult is not None:
         logits = logits * mult

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.attention_blocks import EMPTY, block_mask
+from ..ops.dtypes import real_dtype
 from ..ops.kahan import kahan_accumulate_
 from .offload import HostAccumulator, prefetched
 
@@ -52,7 +53,7 @@ class RelaySink:
     def add_(self, g: torch.Tensor) -> None:
         half = self.compensate or g.dtype in (torch.float16, torch.bfloat16)
         if self.acc is None:
-            dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+            dtype = real_dtype(g.dtype)
             if self.host is None:
                 self.acc = torch.zeros(g.shape, dtype=dtype, device=g.device)
                 self.comp = torch.zeros_like(self.acc) if half else None

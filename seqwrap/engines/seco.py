@@ -27,6 +27,7 @@ from torch import nn
 
 from ..hf.decoder import HFDecoderAdapter, UnsupportedModelError, unwrap_ddp
 from ..labels import shift_labels as shifted
+from ..ops.dtypes import real_dtype
 from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, sync_ddp_gradients, unstash_grads
 from .chunk_loss import chunk_loss_sum
 from .kv_store import ChunkKVStore
@@ -185,7 +186,7 @@ class SeCO:
         if self.pool is not None:
             self.offload_stats.update(host_peak_bytes=self.pool.peak_in_use, host_reserved_bytes=self.pool.reserved)
         num_tokens = int(mask.sum()) if mask is not None else B * T
-        loss_dtype = torch.float64 if adapter.lm_head.weight.dtype == torch.float64 else torch.float32
+        loss_dtype = real_dtype(adapter.lm_head.weight.dtype)
         return StepResult((total / norm).to(loss_dtype), num_tokens, norm, len(bounds), len(selected))
 
     def _passes(self, ids, shift, mask, pos, cache, bounds, weights, selected, norm, loss_scale, xfer):

@@ -35,16 +35,10 @@ def causal_lm_loss(hidden, lm_head, labels, *, softcap=None, num_items_in_batch=
         shift_labels = shift(labels, ignore_index)  # token t predicts label t+1; the last one is ignored
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     y = shift_labels.reshape(-1).to(h.device)  # (N,)
-    weight, bias = lm_head.weight, lm_head.bias  # (V, H), (V,) or None
-    dev = h.device.type
-    if torch.is_autocast_enabled(dev):  # what autocast would do to lm_head(hidden)
-        dt = torch.get_autocast_dtype(dev)
-        h, weight = h.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
     reduction = "sum" if num_items_in_batch is not None else "mean"
-    with torch.autocast(dev, enabled=False):
-        loss = linear_cross_entropy(h, weight, y, bias, ignore_index=ignore_index, reduction=reduction,
-                                    softcap=softcap)
+    # under autocast, linear_cross_entropy casts as autocast would cast lm_head(hidden)
+    loss = linear_cross_entropy(h, lm_head.weight, y, lm_head.bias, ignore_index=ignore_index, reduction=reduction,
+                                softcap=softcap)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)

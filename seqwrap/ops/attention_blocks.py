@@ -23,13 +23,9 @@ import torch
 
 from .._ext import C
 from ._stream import stream_for
+from .dtypes import real_dtype
 
 EMPTY = "empty"  # block_mask's answer for a block in which no (q, k) pair is allowed
-
-
-def real_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of attention in `dtype`: float64 stays float64, the rest float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def block_mask(q0: int, q1: int, k0: int, k1: int, *, causal: bool = True, window: int | None = None,

@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from .._ext import C
 from ._stream import stream_for
+from .dtypes import real_dtype
 
 _REDUCTIONS = ("mean", "sum", "none")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -38,10 +39,6 @@ def default_chunk_rows(n_rows: int, hidden_size: int, vocab: int) -> int:
     max(16, H // 64) rows so the matrix products stay efficient, at most n_rows."""
     target = 1 << max(0, int(math.log2(max(1, (1 << 24) // vocab))))
     return max(1, min(n_rows, max(target, 16, hidden_size // 64)))
-
-
-def _real_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Options:
@@ -70,7 +67,7 @@ def _chunked_pass(hidden, weight, bias, labels, opt, *, row_scale, need):
 def _chunks(hidden, weight, bias, labels, opt, row_scale, need):
     n, _ = hidden.shape
     vocab = weight.shape[0]
-    real = _real_dtype(hidden.dtype)
+    real = real_dtype(hidden.dtype)
     dev = hidden.device
     loss_rows = torch.empty(n, dtype=real, device=dev)
     lse = torch.empty(n, dtype=real, device=dev)
@@ -171,7 +168,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             scale = grad_loss / n_valid if opt.reduction == "mean" else grad_loss
         else:
             hidden, weight, bias, labels = ctx.saved_tensors
-            row_scale = grad_loss.reshape(-1).to(_real_dtype(hidden.dtype)).contiguous()
+            row_scale = grad_loss.reshape(-1).to(real_dtype(hidden.dtype)).contiguous()
             _, _, gh, gw, gb = _chunked_pass(hidden, weight, bias, labels, opt, row_scale=row_scale, need=ctx.need)
             scale = None
         out = []

@@ -22,13 +22,10 @@ import torch
 
 from .._ext import C as _C
 from ._stream import stream_for
+from .dtypes import real_dtype
 
 DEFAULT_BLOCK = 64
 _IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _compute_dtype(u: torch.Tensor) -> torch.dtype:
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
 def _work(u: torch.Tensor, dstate: int, block: int, comp: torch.dtype):
@@ -40,7 +37,7 @@ def _work(u: torch.Tensor, dstate: int, block: int, comp: torch.dtype):
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, dt, A, B, C, D, z, h0, block, trunc, grad_len):
-        comp = _compute_dtype(u)
+        comp = real_dtype(u.dtype)
         batch, dim, length = u.shape
         dstate = A.shape[1]
         nblk = -(-length // block) if block > 0 else 1  # a bad block is reported by the C glue
@@ -60,7 +57,7 @@ class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dhlast):
         u, dt, A, B, C, D, z, ckpt = ctx.saved_tensors
-        comp = _compute_dtype(u)
+        comp = real_dtype(u.dtype)
         batch, dim, length = u.shape
         dstate = A.shape[1]
         dy = torch.zeros(u.shape, dtype=comp, device=u.device) if dy is None else dy.to(comp).contiguous()
@@ -103,7 +100,7 @@ def _scan(u, dt, A, B, C, D=None, z=None, h0=None, *, block=DEFAULT_BLOCK, trunc
     # the output sizes come from u and A: check those two here, the C glue checks the rest
     if u.dim() != 3:
         raise ValueError(f"seqwrap.selective_scan: argument 'u' must have 3 dimensions (batch, dim, len); got {u.dim()}")
-    comp = _compute_dtype(u)
+    comp = real_dtype(u.dtype)
     A = _prepare("A", A, comp, required=True)
     if A.dim() != 2 or A.shape[0] != u.shape[1]:
         raise ValueError(f"seqwrap.selective_scan: argument 'A' must have shape (dim, dstate) with dim = "
