@@ -1,6 +1,7 @@
 """Engine steps under failure, randomness and autocast (issue: hardening, items 8-10 and 12), and the
 engines' argument checks."""
 import gc
+import types
 import weakref
 
 import pytest
@@ -177,3 +178,28 @@ def test_apply_minisequence_is_all_or_nothing(monkeypatch):
         seqwrap.apply_minisequence(model)
     assert not any("_seqwrap_mst" in m.__dict__ for m in model.modules())
     assert not seqwrap.hf.is_minisequence_applied(model)
+
+
+def test_fully_masked_query_row_hf_eager_vs_seqwrap():
+    """HF's behaviour, documented, not ours: a query whose keys are all padding gets the mean of the
+    values from Gemma2's eager attention (uniform weights over the masked keys) and 0 from seqwrap's
+    block attention (as from SDPA)."""
+    from transformers.models.gemma2 import modeling_gemma2
+
+    from seqwrap.ops.attention_blocks import attend, block_mask
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 3, 4, dtype=torch.float32) for _ in range(3))
+    padding = torch.tensor([[False, False, True]])  # keys 0 and 1 are padding: query 0 and 1 see nothing
+    mask = block_mask(0, 3, 0, 3, key_padding=padding, dtype=torch.float32)
+    out, _ = attend(q, [(k, v, mask)], 0.5)
+    assert torch.equal(out[0, :, :2], torch.zeros(2, 2, 4, dtype=torch.float32))
+
+    module = types.SimpleNamespace(num_key_value_groups=1, training=False, config=None)
+    # HF's additive mask: the finite dtype minimum where a pair is masked
+    hf_mask = torch.where(block_mask(0, 3, 0, 3, key_padding=padding, dtype=torch.float32) < 0,
+                          torch.tensor(torch.finfo(torch.float32).min), torch.tensor(0.0))
+    hf_out, _ = modeling_gemma2.eager_attention_forward(module, q, k, v, hf_mask, scaling=0.5)
+    hf_out = hf_out.transpose(1, 2)  # (B, H, L, D)
+    assert torch.allclose(hf_out[0, :, 0], v[0].mean(dim=1), atol=1e-6)  # uniform over all 3 keys
+    assert torch.allclose(hf_out[0, :, 2], out[0, :, 2], atol=1e-6)      # rows with a visible key agree
