@@ -138,21 +138,21 @@ def test_half_precision_within_stated_tolerance(dtype):
 
 def test_one_chunk_of_logits_at_a_time(monkeypatch):
     """The kernel only ever sees (chunk, V) logits; a full (N, V) matrix is never formed."""
-    from seqwrap.ops import cross_entropy as ce
+    from seqwrap.ops import library
 
     seen = []
-    real = ce.C.cross_entropy_chunk
+    real = library.C.cross_entropy_chunk
 
     class Spy:
         def __getattr__(self, name):
-            return getattr(real.__self__ if hasattr(real, "__self__") else ce.C, name)
+            return getattr(real.__self__ if hasattr(real, "__self__") else library.C, name)
 
         @staticmethod
         def cross_entropy_chunk(logits, *args):
             seen.append(tuple(logits.shape))
             return real(logits, *args)
 
-    monkeypatch.setattr(ce, "C", Spy())
+    monkeypatch.setattr(library, "C", Spy())
     hidden, weight, bias, labels = make_inputs((50,), 8, 30)
     seqwrap.linear_cross_entropy(hidden, weight, labels, bias, chunk_size=16).backward()
     assert seen == [(16, 30), (16, 30), (16, 30), (2, 30)]

@@ -1,4 +1,5 @@
-"""Thin Python wrappers around the C/CUDA core (seqwrap._C)."""
+"""Thin Python wrappers around the C/CUDA core (seqwrap._C), registered as torch custom ops (library.py)."""
+from . import library  # noqa: F401  (the seqwrap:: custom ops)
 from .attention import chunked_attention
 from .cross_entropy import linear_cross_entropy
 from .kahan import KahanAccumulator, kahan_accumulate_

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .._ext import C
-from ._stream import stream_for
+from . import library
 from .dtypes import real_dtype
 
 EMPTY = "empty"  # block_mask's answer for a block in which no (q, k) pair is allowed
@@ -213,14 +212,13 @@ def attend(q: torch.Tensor, blocks, scale: float, softcap: float | None = None):
     b, hq, lq, d = q.shape
     real = real_dtype(q.dtype)
     qg = acc = acc_lse = None
-    stream = stream_for(q)
     for k, v, mask in blocks:
         if qg is None:
             qg = group_queries(q, k.shape[1])
             acc = torch.zeros(qg.shape, dtype=real, device=q.device)
             acc_lse = torch.full(qg.shape[:3], float("-inf"), dtype=real, device=q.device)
         bo, bl = block_forward(qg, k, v, _group_mask(mask, qg.shape[2] // lq), scale, softcap)
-        C.lse_merge(acc, acc_lse, bo.contiguous(), bl.to(real).contiguous(), stream)
+        library.lse_merge(acc, acc_lse, bo.contiguous(), bl.to(real).contiguous())
     if qg is None:  # no key at all
         return torch.zeros_like(q), torch.full((b, hq, lq), float("-inf"), dtype=real, device=q.device)
     return ungroup_queries(acc, hq).to(q.dtype), ungroup_queries(acc_lse, hq)

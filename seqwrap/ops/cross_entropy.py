@@ -24,10 +24,8 @@ import math
 import numbers
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .._ext import C
-from ._stream import stream_for
+from . import library
 from .dtypes import real_dtype
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -76,17 +74,16 @@ def _chunks(hidden, weight, bias, labels, opt, row_scale, need):
     grad_weight = torch.zeros(weight.shape, dtype=real, device=dev) if need[1] else None
     grad_bias = torch.zeros(vocab, dtype=real, device=dev) if need[2] else None
     flag = torch.zeros(1, dtype=torch.int32, device=dev) if dev.type == "cuda" else None
-    stream = stream_for(hidden)
     softcap = float(opt.softcap) if opt.softcap is not None else 0.0
     weight_t = weight.t()
     for start in range(0, n, opt.chunk_rows):
         end = min(n, start + opt.chunk_rows)
         h = hidden[start:end]
         logits = torch.addmm(bias, h, weight_t) if bias is not None else torch.mm(h, weight_t)  # (rows, V)
-        C.cross_entropy_chunk(
+        library.cross_entropy_chunk(
             logits, labels[start:end], loss_rows[start:end], lse[start:end],
             None if row_scale is None else row_scale[start:end],
-            opt.ignore_index, opt.label_smoothing, opt.z_loss, softcap, compute_grad, flag, stream, start,
+            opt.ignore_index, opt.label_smoothing, opt.z_loss, softcap, compute_grad, flag, start,
         )
         if compute_grad:  # logits now hold d loss_row / d logits, (rows, V)
             if grad_hidden is not None:
@@ -139,46 +136,103 @@ def _reduce(loss_rows, labels, opt):
     return loss_rows, n_valid
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, opt):
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        grads_now = opt.reduction != "none"
-        loss_rows, lse, gh, gw, gb = _chunked_pass(
-            hidden, weight, bias, labels, opt, row_scale=None, need=need if grads_now else (False,) * 3
-        )
-        loss, n_valid = _reduce(loss_rows, labels, opt)
-        ctx.opt = opt
-        ctx.need = need
-        ctx.grads_now = grads_now
-        ctx.param_dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        if grads_now:
-            ctx.save_for_backward(gh, gw, gb, n_valid)
-        else:
-            ctx.save_for_backward(hidden, weight, bias, labels)
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
+# -- the op: seqwrap::linear_cross_entropy and its backward ----------------------------------------------
+# Options travel as plain schema arguments; the loop over chunks runs inside the op (opaque to
+# torch.compile, which keeps the op whole in its graph).
+def _options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_rows):
+    return _Options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_rows)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, _grad_lse):
-        opt = ctx.opt
-        if ctx.grads_now:
-            gh, gw, gb, n_valid = ctx.saved_tensors
-            scale = grad_loss / n_valid if opt.reduction == "mean" else grad_loss
-        else:
-            hidden, weight, bias, labels = ctx.saved_tensors
-            row_scale = grad_loss.reshape(-1).to(real_dtype(hidden.dtype)).contiguous()
-            _, _, gh, gw, gb = _chunked_pass(hidden, weight, bias, labels, opt, row_scale=row_scale, need=ctx.need)
-            scale = None
-        out = []
-        for g, dtype in zip((gh, gw, gb), ctx.param_dtypes):
-            if g is None:
-                out.append(None)
-                continue
-            g = g * scale.to(g.dtype) if scale is not None else g
-            out.append(g.to(dtype))
-        return out[0], out[1], out[2], None, None
+
+def _none(t):
+    return t if t.numel() or t.dim() != 1 else None  # (0,) placeholders stand for "not formed"
+
+
+@torch.library.custom_op("seqwrap::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                            ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
+                            softcap: float | None, chunk_rows: int, need_hidden: bool, need_weight: bool,
+                            need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor, torch.Tensor]:
+    """hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64 -> (loss (() or (N,) for "none"),
+    lse (N,), grad_hidden (N, H), grad_weight (V, H) real, grad_bias (V,) real, n_valid ()), the three
+    gradients of sum(loss_rows) formed in forward for "mean"/"sum" when needed, else (0,)
+    placeholders. Its autograd formula scales them (or, for "none", recomputes)."""
+    opt = _options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_rows)
+    need = (need_hidden, need_weight, need_bias and bias is not None) if reduction != "none" else (False,) * 3
+    loss_rows, lse, gh, gw, gb = _chunked_pass(hidden, weight, bias, labels, opt, row_scale=None, need=need)
+    loss, n_valid = _reduce(loss_rows, labels, opt)
+    fill = lambda g: hidden.new_empty(0) if g is None else g  # noqa: E731  (outputs must not alias)
+    return loss.clone() if reduction == "none" else loss, lse, fill(gh), fill(gw), fill(gb), n_valid
+
+
+@linear_cross_entropy_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_rows,
+      need_hidden, need_weight, need_bias):
+    n, h = hidden.shape
+    v = weight.shape[0]
+    real = real_dtype(hidden.dtype)
+    grads = reduction != "none"
+    e = lambda *s, dt=real: hidden.new_empty(s, dtype=dt)  # noqa: E731
+    return (e(n) if reduction == "none" else e(), e(n),
+            e(n, h, dt=hidden.dtype) if grads and need_hidden else e(0, dt=hidden.dtype),
+            e(v, h) if grads and need_weight else e(0, dt=hidden.dtype),
+            e(v) if grads and need_bias and bias is not None else e(0, dt=hidden.dtype), e())
+
+
+@torch.library.custom_op("seqwrap::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                     labels: torch.Tensor, row_scale: torch.Tensor, ignore_index: int,
+                                     label_smoothing: float, z_loss: float, softcap: float | None, chunk_rows: int,
+                                     need_hidden: bool, need_weight: bool, need_bias: bool
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reduction "none": the gradients for per-row upstream gradients row_scale (N,) real, recomputing the
+    logits chunk by chunk. (0,) placeholders for gradients not needed."""
+    opt = _options(ignore_index, "none", label_smoothing, z_loss, softcap, chunk_rows)
+    need = (need_hidden, need_weight, need_bias and bias is not None)
+    _, _, gh, gw, gb = _chunked_pass(hidden, weight, bias, labels, opt, row_scale=row_scale, need=need)
+    fill = lambda g: hidden.new_empty(0) if g is None else g  # noqa: E731  (outputs must not alias)
+    return fill(gh), fill(gw), fill(gb)
+
+
+@linear_cross_entropy_backward_op.register_fake
+def _(hidden, weight, bias, labels, row_scale, ignore_index, label_smoothing, z_loss, softcap, chunk_rows,
+      need_hidden, need_weight, need_bias):
+    n, h = hidden.shape
+    v = weight.shape[0]
+    real = real_dtype(hidden.dtype)
+    e = lambda *s, dt=real: hidden.new_empty(s, dtype=dt)  # noqa: E731
+    return (e(n, h, dt=hidden.dtype) if need_hidden else e(0, dt=hidden.dtype),
+            e(v, h) if need_weight else e(0, dt=hidden.dtype),
+            e(v) if need_bias and bias is not None else e(0, dt=hidden.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, reduction, smoothing, z_loss, softcap, rows, nh, nw, nb = inputs
+    _, _, gh, gw, gb, n_valid = output
+    ctx.reduction = reduction
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    if reduction != "none":
+        ctx.save_for_backward(gh, gw, gb, n_valid)
+    else:
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.args = (ignore_index, smoothing, z_loss, softcap, rows, nh, nw, nb)
+
+
+def _backward(ctx, grad_loss, _glse, _gh, _gw, _gb, _gn):
+    if ctx.reduction != "none":
+        gh, gw, gb, n_valid = ctx.saved_tensors
+        scale = grad_loss / n_valid if ctx.reduction == "mean" else grad_loss
+        grads = [None if _none(g) is None else g * scale.to(g.dtype) for g in (gh, gw, gb)]
+    else:
+        hidden, weight, bias, labels = ctx.saved_tensors
+        row_scale = grad_loss.reshape(-1).to(real_dtype(hidden.dtype)).contiguous()
+        grads = [_none(g) for g in torch.ops.seqwrap.linear_cross_entropy_backward(
+            hidden, weight, bias, labels, row_scale, *ctx.args)]
+    out = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
+    return (out[0], out[1], out[2]) + (None,) * 10
+
+
+torch.library.register_autograd("seqwrap::linear_cross_entropy", _backward, setup_context=_setup_context)
 
 
 def _check(hidden, weight, labels, bias, reduction, label_smoothing, z_loss, softcap, chunk_size, ignore_index):
@@ -281,13 +335,13 @@ def linear_cross_entropy(
     if n == 0:
         raise ValueError("seqwrap.linear_cross_entropy: 'hidden' holds no tokens")
     rows = chunk_size if chunk_size is not None else default_chunk_rows(n, w.shape[1], w.shape[0])
-    opt = _Options(int(ignore_index), reduction, float(label_smoothing), float(z_loss), softcap, rows)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h2, w, bias)):
-        loss, lse = _LinearCrossEntropy.apply(h2, w, bias, y, opt)
-    else:  # no graph (no_grad, inference): the loss alone, no gradient products
-        loss_rows, lse, _, _, _ = _chunked_pass(h2, w, bias, y, opt, row_scale=None, need=(False,) * 3)
-        loss = _reduce(loss_rows, y, opt)[0]
+    # which gradients to form: none at all without a graph (no_grad, inference): the loss alone
+    grad = torch.is_grad_enabled()
+    need = [grad and t is not None and t.requires_grad for t in (h2, w, bias)]
+    loss, lse, *_ = torch.ops.seqwrap.linear_cross_entropy(
+        h2, w, bias, y, int(ignore_index), reduction, float(label_smoothing), float(z_loss),
+        None if softcap is None else float(softcap), int(rows), *need)
     if reduction == "none":
         loss = loss.reshape(lead_shape)
-    lse = lse.reshape(lead_shape)
+    lse = lse.detach().reshape(lead_shape)  # not differentiable
     return (loss, lse) if return_lse else loss

@@ -12,8 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .._ext import C
-from ._stream import stream_for
+from . import library
 
 
 def kahan_accumulate_(
@@ -30,8 +29,7 @@ def kahan_accumulate_(
     on CUDA it runs on torch's current stream without synchronising.
     """
     scale = _scale("seqwrap.kahan_accumulate", scale)
-    first = accs[0] if isinstance(accs, (list, tuple)) and accs else None
-    C.kahan_accumulate(accs, comps, grads, scale, stream_for(first))
+    library.kahan_accumulate(accs, comps, grads, scale)
 
 
 def _scale(fn: str, scale) -> float:

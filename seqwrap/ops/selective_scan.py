@@ -20,61 +20,39 @@ from __future__ import annotations
 
 import torch
 
-from .._ext import C as _C
-from ._stream import stream_for
+from . import library  # noqa: F401  (registers the seqwrap:: ops)
 from .dtypes import real_dtype
 
 DEFAULT_BLOCK = 64
 _IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _work(u: torch.Tensor, dstate: int, block: int, comp: torch.dtype):
-    if not u.is_cuda:
-        return None
-    return torch.empty(u.shape[0] * u.shape[1] * (block + 2) * dstate, dtype=comp, device=u.device)
+def _setup_context(ctx, inputs, output):
+    u, dt, A, B, C, D, z, h0, block, trunc, grad_len = inputs
+    ckpt = output[2]
+    ctx.save_for_backward(u, dt, A, B, C, D, z, ckpt)
+    ctx.block, ctx.trunc = block, trunc
+    ctx.grad_len = u.shape[2] if grad_len < 0 else grad_len
+    ctx.has = (D is not None, z is not None, h0 is not None)
 
 
-class _SelectiveScanFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, dt, A, B, C, D, z, h0, block, trunc, grad_len):
-        comp = real_dtype(u.dtype)
-        batch, dim, length = u.shape
-        dstate = A.shape[1]
-        nblk = -(-length // block) if block > 0 else 1  # a bad block is reported by the C glue
-        y = torch.empty(batch, dim, length, dtype=comp, device=u.device)
-        hlast = torch.empty(batch, dim, dstate, dtype=comp, device=u.device)
-        ckpt = torch.empty(batch, dim, nblk, dstate, dtype=comp, device=u.device)
-        u, dt, A, B, C, D, z, h0 = (t.detach() if isinstance(t, torch.Tensor) else t for t in (u, dt, A, B, C, D, z, h0))
-        _C.selective_scan_fwd(u, dt, A, B, C, D, z, h0, y, hlast, ckpt, block,
-                              _work(u, dstate, block, comp), stream_for(u))
-        ctx.save_for_backward(u, dt, A, B, C, D, z, ckpt)
-        ctx.block, ctx.trunc = block, trunc
-        ctx.grad_len = length if grad_len is None else grad_len
-        ctx.has = (D is not None, z is not None, h0 is not None)
-        ctx.mark_non_differentiable(ckpt)
-        return y.to(u.dtype), hlast
+def _backward(ctx, dy, dhlast, _dckpt):
+    """Gradients of (u, dt, A, B, C, D, z, h0) through seqwrap::selective_scan_bwd; dy (batch, dim, len)
+    and dhlast (batch, dim, dstate) may be None (that output was not used)."""
+    u, dt, A, B, C, D, z, ckpt = ctx.saved_tensors
+    comp = real_dtype(u.dtype)
+    dy = torch.zeros(u.shape, dtype=comp, device=u.device) if dy is None else dy.to(comp).contiguous()
+    dhlast = None if dhlast is None else dhlast.to(comp).contiguous()
+    du, ddt, dA, dB, dC, dD, dz, dh0 = torch.ops.seqwrap.selective_scan_bwd(
+        u, dt, A, B, C, D, z, ckpt, dy, dhlast, ctx.block, ctx.trunc, ctx.grad_len)
+    has_D, has_z, has_h0 = ctx.has
+    io = u.dtype
+    return (du.to(io), ddt.to(io), dA.sum(0), dB.to(io), dC.to(io),
+            dD.sum(0) if has_D else None, dz.to(io) if has_z else None, dh0 if has_h0 else None,
+            None, None, None)
 
-    @staticmethod
-    def backward(ctx, dy, dhlast):
-        u, dt, A, B, C, D, z, ckpt = ctx.saved_tensors
-        comp = real_dtype(u.dtype)
-        batch, dim, length = u.shape
-        dstate = A.shape[1]
-        dy = torch.zeros(u.shape, dtype=comp, device=u.device) if dy is None else dy.to(comp).contiguous()
-        dhlast = None if dhlast is None else dhlast.to(comp).contiguous()
-        new = lambda *s: torch.empty(*s, dtype=comp, device=u.device)  # noqa: E731
-        du, ddt = new(batch, dim, length), new(batch, dim, length)
-        dz = new(batch, dim, length) if z is not None else None
-        dB = torch.zeros(batch, dstate, length, dtype=comp, device=u.device)
-        dC = torch.zeros_like(dB)
-        dA, dD, dh0 = new(batch, dim, dstate), new(batch, dim), new(batch, dim, dstate)
-        _C.selective_scan_bwd(u, dt, A, B, C, D, z, ckpt, dy, dhlast, du, ddt, dz, dB, dC, dA, dD, dh0,
-                              ctx.block, ctx.trunc, ctx.grad_len, _work(u, dstate, ctx.block, comp), stream_for(u))
-        has_D, has_z, has_h0 = ctx.has
-        io = u.dtype
-        return (du.to(io), ddt.to(io), dA.sum(0), dB.to(io), dC.to(io),
-                dD.sum(0) if has_D else None, dz.to(io) if has_z else None, dh0 if has_h0 else None,
-                None, None, None)
+
+torch.library.register_autograd("seqwrap::selective_scan_fwd", _backward, setup_context=_setup_context)
 
 
 def _prepare(name, t, comp, required=False):
@@ -108,8 +86,12 @@ def _scan(u, dt, A, B, C, D=None, z=None, h0=None, *, block=DEFAULT_BLOCK, trunc
     D = _prepare("D", D, comp)
     h0 = _prepare("h0", h0, comp)
     ct = lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return _SelectiveScanFn.apply(ct(u), ct(dt), A, ct(B), ct(C), D, ct(z), h0, int(block), int(truncation),
-                                  grad_len)
+    for name, t in (("dt", dt), ("B", B), ("C", C), ("z", z)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"seqwrap.selective_scan: argument '{name}' must be a torch.Tensor, not {type(t).__name__}")
+    y, hlast, _ = torch.ops.seqwrap.selective_scan_fwd(ct(u), ct(dt), A, ct(B), ct(C), D, ct(z), h0, int(block),
+                                                      int(truncation), -1 if grad_len is None else int(grad_len))
+    return y.to(u.dtype), hlast
 
 
 def selective_scan(u, dt, A, B, C, D=None, z=None, h0=None, return_final_state=False):
