@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .attention_blocks import EMPTY, BlockBackward, attend, block_mask
+from .dtypes import real_dtype
 
 
 def _blocks(t, chunk, causal, window, dtype, device):
@@ -36,46 +37,67 @@ def _blocks(t, chunk, causal, window, dtype, device):
         yield q0, q1, kv
 
 
-class _ChunkedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, chunk, causal, window, scale):
-        ctx.empty = q.numel() == 0
-        if ctx.empty:  # batch, query heads, T or head_dim is 0: no output element (as SDPA)
-            ctx.kv_like = (k.shape, k.dtype, k.device)
-            return q.new_empty(q.shape)
-        t = q.shape[2]
-        out = torch.empty_like(q)
-        lse = None
-        for q0, q1, kv in _blocks(t, chunk, causal, window, q.dtype, q.device):
-            o, l = attend(q[:, :, q0:q1], ((k[:, :, k0:k1], v[:, :, k0:k1], m) for k0, k1, m in kv), scale)
-            if lse is None:
-                lse = torch.empty(*q.shape[:3], dtype=l.dtype, device=q.device)
-            out[:, :, q0:q1] = o
-            lse[:, :, q0:q1] = l
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.config = (chunk, causal, window, scale)
-        return out
+# -- the op: seqwrap::chunked_attention and its backward ------------------------------------------------
+@torch.library.custom_op("seqwrap::chunked_attention", mutates_args=())
+def chunked_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, causal: bool,
+                         window: int | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, Hq, T, D), k, v (B, Hkv, T, D) -> (out (B, Hq, T, D), lse (B, Hq, T) real)."""
+    real = real_dtype(q.dtype)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=real, device=q.device)
+    if q.numel() == 0:  # batch, query heads, T or head_dim is 0: no output element (as SDPA)
+        return out, lse.fill_(float("-inf"))
+    for q0, q1, kv in _blocks(q.shape[2], chunk, causal, window, q.dtype, q.device):
+        o, l = attend(q[:, :, q0:q1], ((k[:, :, k0:k1], v[:, :, k0:k1], m) for k0, k1, m in kv), scale)
+        out[:, :, q0:q1] = o
+        lse[:, :, q0:q1] = l
+    return out, lse
 
-    @staticmethod
-    def backward(ctx, dout):
-        if ctx.empty:  # k, v may hold elements (zero query heads): nothing attended to them
-            shape, dtype, device = ctx.kv_like
-            zeros = torch.zeros(shape, dtype=dtype, device=device)
-            return dout.new_zeros(dout.shape), zeros, zeros.clone(), None, None, None, None
-        q, k, v, out, lse = ctx.saved_tensors
-        chunk, causal, window, scale = ctx.config
-        dq = torch.zeros_like(q, dtype=lse.dtype)
-        dk = torch.zeros(k.shape, dtype=lse.dtype, device=k.device)
-        dv = torch.zeros(v.shape, dtype=lse.dtype, device=v.device)
-        for q0, q1, kv in _blocks(q.shape[2], chunk, causal, window, q.dtype, q.device):
-            grads = BlockBackward(dout[:, :, q0:q1], q[:, :, q0:q1], out[:, :, q0:q1], lse[:, :, q0:q1], k.shape[1],
-                                  scale)
-            for k0, k1, mask in kv:
-                gk, gv = grads.block(k[:, :, k0:k1], v[:, :, k0:k1], mask)
-                dk[:, :, k0:k1] += gk
-                dv[:, :, k0:k1] += gv
-            dq[:, :, q0:q1] = grads.dq()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+@chunked_attention_op.register_fake
+def _(q, k, v, chunk, causal, window, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=real_dtype(q.dtype))
+
+
+@torch.library.custom_op("seqwrap::chunked_attention_backward", mutates_args=())
+def chunked_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  out: torch.Tensor, lse: torch.Tensor, chunk: int, causal: bool, window: int | None,
+                                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) block by block from the final output and the global lse (no block's probabilities kept)."""
+    if q.numel() == 0:  # k, v may hold elements (zero query heads): nothing attended to them
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq = torch.zeros_like(q, dtype=lse.dtype)
+    dk = torch.zeros(k.shape, dtype=lse.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=lse.dtype, device=v.device)
+    for q0, q1, kv in _blocks(q.shape[2], chunk, causal, window, q.dtype, q.device):
+        grads = BlockBackward(dout[:, :, q0:q1], q[:, :, q0:q1], out[:, :, q0:q1], lse[:, :, q0:q1], k.shape[1], scale)
+        for k0, k1, mask in kv:
+            gk, gv = grads.block(k[:, :, k0:k1], v[:, :, k0:k1], mask)
+            dk[:, :, k0:k1] += gk
+            dv[:, :, k0:k1] += gv
+        dq[:, :, q0:q1] = grads.dq()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@chunked_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, chunk, causal, window, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, chunk, causal, window, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.config = (chunk, causal, window, scale)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.seqwrap.chunked_attention_backward(dout.contiguous(), q, k, v, out, lse, *ctx.config)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("seqwrap::chunked_attention", _backward, setup_context=_setup_context)
 
 
 def chunked_attention(q, k, v, *, chunk_size: int, causal: bool = True, window: int | None = None,
@@ -105,4 +127,4 @@ def chunked_attention(q, k, v, *, chunk_size: int, causal: bool = True, window: 
     if scale is None:  # head_dim 0: no output element, the scale is unused
         scale = q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
     scale = float(scale)
-    return _ChunkedAttention.apply(q, k, v, chunk_size, causal, window, scale)
+    return torch.ops.seqwrap.chunked_attention(q, k, v, chunk_size, causal, window, scale)[0]
