@@ -45,7 +45,7 @@ def test_output_cache_field():
     out = _llama().model(input_ids=torch.randint(0, 61, (1, 4)), use_cache=True)
     assert isinstance(out, BaseModelOutputWithPast)
     assert getattr(out, field) is not None
-    built = compat.causal_lm_output(loss=None, logits=None, cache="x")
+    built = compat.causal_lm_output(field, loss=None, logits=None, cache="x")
     assert getattr(built, field) == "x"
 
 

@@ -62,6 +62,7 @@ def _blocks(cache, layer, q, k, v, fresh_mask):
         yield k, v, fresh_mask
 
 
+@torch.compiler.disable  # reads and writes the engine's store: under a compiled model the graph breaks here
 def attend_chunk(store, layer: int, query, key, value, scale: float, softcap=None):
     """Attention of the current chunk's queries over the past chunks `layer` sees plus the fresh key/value.
 

@@ -169,11 +169,12 @@ def slice_to_keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
     return slice_logits_to_keep(hidden, logits_to_keep)
 
 
-def causal_lm_output(**values):
-    """CausalLMOutputWithPast with the cache under this version's field name (values use 'cache')."""
+def causal_lm_output(field: str, **values):
+    """CausalLMOutputWithPast with the cache under `field` (output_cache_field(), resolved beforehand so
+    that this stays traceable by torch.compile); values name it 'cache'."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    values[output_cache_field()] = values.pop("cache")
+    values[field] = values.pop("cache")
     return CausalLMOutputWithPast(**values)
 
 

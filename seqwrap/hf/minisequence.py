@@ -24,8 +24,10 @@ import functools
 import types
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from .mst_lm import forward_signature, mst_causal_lm_forward
+from .compat import output_cache_field
+from .mst_lm import forward_signature, mst_causal_lm_forward, named_parameters
 from .mst_mlp import MiniSequenceMLP, auto_mlp_chunks, chunk_bounds
 from .versions import check_model_versions
 
@@ -96,13 +98,20 @@ def mst_mlp_forward(self, x, *args, **kwargs):
         if chunks <= 1:
             return original(x)
 
+    bounds = chunk_bounds(x.shape[-2], chunks)
+    if torch.compiler.is_compiling():
+        # torch.compile cannot trace MiniSequenceMLP's backward (it recomputes with swapped parameter
+        # aliases); the same schedule through torch.utils.checkpoint, which it traces: each slice keeps
+        # only its input, and its (l, I) intermediates exist again one slice at a time in backward.
+        return torch.cat([checkpoint(original, x[..., s:e, :], use_reentrant=False) for s, e in bounds], dim=-2)
+
     def run(xs, swap):  # xs (B, l, H) -> (B, l, H); swap: {names: alias} or None
         if not swap:
             return original(xs)
         with _swapped_parameters(self, swap):
             return original(xs)
 
-    return MiniSequenceMLP.apply(x, run, chunk_bounds(x.shape[-2], chunks), names, *params)
+    return MiniSequenceMLP.apply(x, run, bounds, names, *params)
 
 
 def _patch(module, function, **state):
@@ -164,7 +173,8 @@ def apply_minisequence(model, *, mlp_chunks: int | None = None, loss: bool = Tru
         for mlp in mlps:
             _patch(mlp, mst_mlp_forward, chunks=mlp_chunks, hidden_size=hidden, intermediate_size=inter)
         if loss:
-            _patch(lm, mst_causal_lm_forward, softcap_attr=FAMILIES[model_type], signature=signature)
+            _patch(lm, mst_causal_lm_forward, softcap_attr=FAMILIES[model_type], signature=signature,
+                   param_names=named_parameters(signature), cache_field=output_cache_field())
     except BaseException:
         remove_minisequence(lm)
         raise

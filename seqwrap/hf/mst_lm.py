@@ -23,7 +23,7 @@ import torch
 
 from ..labels import shift_labels as shift
 from ..ops.cross_entropy import linear_cross_entropy
-from .compat import causal_lm_loss_function, causal_lm_output, output_cache_field, slice_to_keep
+from .compat import causal_lm_loss_function, causal_lm_output, slice_to_keep
 
 def causal_lm_loss(hidden, lm_head, labels, *, softcap=None, num_items_in_batch=None, ignore_index=-100,
                    shift_labels=None, **_unused):
@@ -71,18 +71,35 @@ def forward_signature(lm) -> inspect.Signature:
     return sig.replace(parameters=params)
 
 
+def named_parameters(sig: inspect.Signature) -> list[str]:
+    """The names the forward takes positionally or by keyword, in order (not its **kwargs)."""
+    return [p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _bind(names: list[str], args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    """(named arguments, the rest of kwargs), as binding to a forward(names..., **kwargs) would
+    (plain code, so torch.compile traces it)."""
+    if len(args) > len(names):
+        raise TypeError(f"forward takes {len(names)} positional arguments but {len(args)} were given")
+    named = dict(zip(names, args))
+    extra = {}
+    for k, v in kwargs.items():
+        if k in names:
+            if k in named:
+                raise TypeError(f"forward got multiple values for argument {k!r}")
+            named[k] = v
+        else:
+            extra[k] = v
+    return named, extra
+
+
 def mst_causal_lm_forward(self, *args, **kwargs):
     """Bound to a *ForCausalLM instance by apply_minisequence. Arguments are those of the class's
     forward, bound by name (whatever their order, or the name of the cache argument). Without
     labels (inference, generation) it is the original forward, unchanged."""
     state = self._seqwrap_mst
     original = state["forward"] or type(self).forward.__get__(self)
-    sig = state["signature"]
-    named = dict(sig.bind(*args, **kwargs).arguments)
-    extra = {}  # the **kwargs HF hands to both the decoder and the loss
-    for p in sig.parameters.values():
-        if p.kind is p.VAR_KEYWORD:
-            extra = dict(named.pop(p.name, {}))
+    named, extra = _bind(state["param_names"], args, kwargs)  # extra: the **kwargs HF hands to decoder and loss
     labels = named.pop("labels", None)
     reason = None if labels is None else _why_not_fused(self)
     if labels is None or reason is not None:
@@ -99,6 +116,7 @@ def mst_causal_lm_forward(self, *args, **kwargs):
     hidden = slice_to_keep(outputs.last_hidden_state, logits_to_keep)  # (B, T, H)
     softcap = getattr(self.config, state["softcap_attr"]) if state["softcap_attr"] else None
     loss = causal_lm_loss(hidden, self.lm_head, labels, softcap=softcap, **extra)
-    out = causal_lm_output(loss=loss, logits=None, cache=getattr(outputs, output_cache_field(), None),
+    field = state["cache_field"]
+    out = causal_lm_output(field, loss=loss, logits=None, cache=getattr(outputs, field, None),
                            hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     return out if return_dict else out.to_tuple()
