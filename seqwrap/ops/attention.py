@@ -15,22 +15,30 @@ Blocks run on torch's fused attention kernel that exposes the LSE
 (aten::_scaled_dot_product_flash_attention_for_cpu and its backward) on CPU;
 other devices use a plain-torch block (matmul + logsumexp), exact but without
 the fused kernel's speed.
+
+Packed sequences (several documents per row): pass the boundaries as `cu_seqlens`, `seq_idx` or
+restarting `position_ids` (conventions: seqwrap/ops/documents.py). Attention is then block-diagonal
+causal (the sliding window applies inside a document), and a block whose query and key chunks share
+no document in any row is skipped: never computed, in forward or backward.
 """
 from __future__ import annotations
 
 import torch
 
-from .attention_blocks import EMPTY, BlockBackward, attend, block_mask
+from . import documents as docs_mod
+from .attention_blocks import EMPTY, BlockBackward, attend
 
 
-def _blocks(t, chunk, causal, window, dtype, device):
-    """Yields (q0, q1, [(k0, k1, mask), ...]) over q chunks, skipping empty blocks."""
+def _blocks(t, chunk, causal, window, dtype, device, documents=None):
+    """Yields (q0, q1, [(k0, k1, mask), ...]) over q chunks, skipping empty blocks (no allowed pair;
+    with documents: no shared document)."""
     for q0 in range(0, t, chunk):
         q1 = min(t, q0 + chunk)
         kv = []
         for k0 in range(0, t, chunk):
             k1 = min(t, k0 + chunk)
-            mask = block_mask(q0, q1, k0, k1, causal=causal, window=window, dtype=dtype, device=device)
+            mask = docs_mod.block_mask(documents, q0, q1, k0, k1, causal=causal, window=window, dtype=dtype,
+                                       device=device)
             if mask is not EMPTY:
                 kv.append((k0, k1, mask))
         yield q0, q1, kv
@@ -38,7 +46,7 @@ def _blocks(t, chunk, causal, window, dtype, device):
 
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, chunk, causal, window, scale):
+    def forward(ctx, q, k, v, chunk, causal, window, scale, documents=None):
         ctx.empty = q.numel() == 0
         if ctx.empty:  # batch, query heads, T or head_dim is 0: no output element (as SDPA)
             ctx.kv_like = (k.shape, k.dtype, k.device)
@@ -46,14 +54,14 @@ class _ChunkedAttention(torch.autograd.Function):
         t = q.shape[2]
         out = torch.empty_like(q)
         lse = None
-        for q0, q1, kv in _blocks(t, chunk, causal, window, q.dtype, q.device):
+        for q0, q1, kv in _blocks(t, chunk, causal, window, q.dtype, q.device, documents):
             o, l = attend(q[:, :, q0:q1], ((k[:, :, k0:k1], v[:, :, k0:k1], m) for k0, k1, m in kv), scale)
             if lse is None:
                 lse = torch.empty(*q.shape[:3], dtype=l.dtype, device=q.device)
             out[:, :, q0:q1] = o
             lse[:, :, q0:q1] = l
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.config = (chunk, causal, window, scale)
+        ctx.config = (chunk, causal, window, scale, documents)
         return out
 
     @staticmethod
@@ -61,13 +69,13 @@ class _ChunkedAttention(torch.autograd.Function):
         if ctx.empty:  # k, v may hold elements (zero query heads): nothing attended to them
             shape, dtype, device = ctx.kv_like
             zeros = torch.zeros(shape, dtype=dtype, device=device)
-            return dout.new_zeros(dout.shape), zeros, zeros.clone(), None, None, None, None
+            return dout.new_zeros(dout.shape), zeros, zeros.clone(), None, None, None, None, None
         q, k, v, out, lse = ctx.saved_tensors
-        chunk, causal, window, scale = ctx.config
+        chunk, causal, window, scale, documents = ctx.config
         dq = torch.zeros_like(q, dtype=lse.dtype)
         dk = torch.zeros(k.shape, dtype=lse.dtype, device=k.device)
         dv = torch.zeros(v.shape, dtype=lse.dtype, device=v.device)
-        for q0, q1, kv in _blocks(q.shape[2], chunk, causal, window, q.dtype, q.device):
+        for q0, q1, kv in _blocks(q.shape[2], chunk, causal, window, q.dtype, q.device, documents):
             grads = BlockBackward(dout[:, :, q0:q1], q[:, :, q0:q1], out[:, :, q0:q1], lse[:, :, q0:q1], k.shape[1],
                                   scale)
             for k0, k1, mask in kv:
@@ -75,14 +83,19 @@ class _ChunkedAttention(torch.autograd.Function):
                 dk[:, :, k0:k1] += gk
                 dv[:, :, k0:k1] += gv
             dq[:, :, q0:q1] = grads.dq()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def chunked_attention(q, k, v, *, chunk_size: int, causal: bool = True, window: int | None = None,
-                      scale: float | None = None) -> torch.Tensor:
+                      scale: float | None = None, cu_seqlens=None, seq_idx=None, position_ids=None,
+                      documents: docs_mod.Documents | None = None) -> torch.Tensor:
     """Exact attention computed block by block (see the module docstring). Returns (B, Hq, T, D).
     With no output element (B, Hq, T or D is 0) the result is empty, as with SDPA, and the
-    gradients of k and v are zeros."""
+    gradients of k and v are zeros.
+
+    Packed rows: cu_seqlens (D + 1,) over the flattened B * T tokens, seq_idx (B, T), position_ids
+    (B, T) restarting per document, or a ready seqwrap.ops.documents.Documents; no token attends
+    to another document."""
     fn = "seqwrap.ops.chunked_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -105,4 +118,12 @@ def chunked_attention(q, k, v, *, chunk_size: int, causal: bool = True, window: 
     if scale is None:  # head_dim 0: no output element, the scale is unused
         scale = q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
     scale = float(scale)
-    return _ChunkedAttention.apply(q, k, v, chunk_size, causal, window, scale)
+    if documents is None and q.numel():
+        documents = docs_mod.resolve((q.shape[0], q.shape[2]), position_ids=position_ids, cu_seqlens=cu_seqlens,
+                                     seq_idx=seq_idx, what=fn)
+    elif documents is not None and (documents.batch, documents.length) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"{fn}: documents describe {documents.batch} rows of {documents.length} tokens, q has "
+                         f"{q.shape[0]} of {q.shape[2]}")
+    if documents is not None:
+        documents = documents.to(q.device)
+    return _ChunkedAttention.apply(q, k, v, chunk_size, causal, window, scale, documents)
