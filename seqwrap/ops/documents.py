@@ -7,7 +7,7 @@ attend to, or be predicted from, another document. `Documents` holds the layout 
 
   position_ids (B, T)   restarting per document (HF / TRL padding-free / DataCollatorWithFlattening):
                         a document starts wherever position_ids[t] != position_ids[t-1] + 1, HF's own
-                        rule (masking_utils.find_packed_sequence_indices);
+                        rule (transformers' find_packed_sequence_indices);
   cu_seqlens (D + 1,)   cumulative document lengths over the flattened batch (B * T tokens), starting at
                         0 and ending at B * T, every row start among them (flash-attention varlen; the
                         collator's cu_seq_lens_q / cu_seq_lens_k);
