@@ -60,3 +60,17 @@ def prepare(name: str, ids: torch.Tensor, shift: torch.Tensor, mask: torch.Tenso
         position_ids = docs.positions()
     shift = shift.masked_fill(ends.to(shift.device), ignore_index)
     return docs, position_ids, shift
+
+
+def scan_segment(docs: docs_mod.Documents, start: int, end: int, kernel: int):
+    """What the Mamba adapter needs for tokens [start, end) of a packed batch (seqwrap/hf/mamba.py):
+    (reset (B, L) int32: 1 where a document starts, also at `start` when the previous token belongs to
+    another document; taps (B, kernel, L) bool: conv input j of output t, at position start + t + j -
+    (kernel - 1), lies in t's document)."""
+    ids = docs.ids
+    cur = ids[:, start:end]                                              # (B, L)
+    prev = ids[:, start - 1:end - 1] if start > 0 else torch.cat([cur[:, :1], cur[:, :-1]], 1)
+    reset = (cur != prev).to(torch.int32)
+    ext = torch.cat([torch.full((ids.shape[0], kernel - 1), -1, dtype=ids.dtype, device=ids.device), ids], 1)
+    taps = torch.stack([ext[:, start + j:end + j] == cur for j in range(kernel)], 1)
+    return reset, taps
