@@ -50,6 +50,10 @@ def prepare(name: str, ids: torch.Tensor, shift: torch.Tensor, mask: torch.Tenso
         if docs is not None:  # this rank's tokens in the whole sequence
             where = _rank_positions(T * world, world, rank, chunk_size).to(ids.device)
             ends = docs.to(ids.device).ends()[:, where]
+        elif position_ids is not None and T > 1 and bool((position_ids[:, 1:] <= position_ids[:, :-1]).any()):
+            raise ValueError(f"{what}: this rank's position_ids restart (packed documents) but no boundaries of the "
+                             "whole sequence came with them; build the shard with seqwrap.parallel.shard_batch, "
+                             "which adds cu_seq_lens_q / cu_seq_lens_k")
     if docs is None:
         return None, position_ids, shift
     if attention != "chunked":
