@@ -123,3 +123,17 @@ def test_trainer_step_on_collator_batches(tmp_path):
                              seqwrap_chunk_size=5)
     trainer.training_step(model, dict(batch), num_items_in_batch=torch.tensor(count))
     assert max_rel_err(model, grads) <= TOL
+
+
+def test_rows_one_by_one_accumulate_to_the_batch():
+    """PackedBatch.rows(r): one row per call with the step's label count as normaliser gives the whole
+    batch's gradients (gradient accumulation over packed rows)."""
+    model = tiny_model("llama")
+    batch = pack_documents(documents([7, 3, 12, 5, 9, 1, 4], seed=3), row_len=16)
+    engine = seqwrap.SeCO(model, chunk_size=6)
+    engine(**batch.inputs())
+    whole = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    for r in range(batch.input_ids.shape[0]):
+        engine(**batch.rows(r), num_items=batch.num_labels)
+    assert max_rel_err(model, whole) <= 1e-12

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ops.documents import Documents
+
 IGNORE_INDEX = -100
 
 
@@ -36,6 +38,21 @@ class PackedBatch:
         own document, with ignored labels)."""
         return {"input_ids": self.input_ids, "labels": self.labels, "position_ids": self.position_ids,
                 "cu_seqlens": self.cu_seqlens}
+
+    def rows(self, index) -> dict:
+        """inputs() of some rows only (an int, a slice or a list of row indices), cu_seqlens rebuilt for them:
+        e.g. one row per engine call, as gradient accumulation."""
+        if isinstance(index, int):
+            index = [index]
+        shape = tuple(self.input_ids.shape)
+        docs = Documents(Documents.from_cu_seqlens(self.cu_seqlens, *shape).ids[index])
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index],
+                "position_ids": self.position_ids[index], "cu_seqlens": docs.cu_seqlens().to(self.cu_seqlens.device)}
+
+    @property
+    def num_labels(self) -> int:
+        """Targets that count (what the engines divide by): labels other than -100 after the shift."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
     @property
     def num_tokens(self) -> int:
