@@ -1,7 +1,8 @@
 """Packed rows vs a padded batch: 64 documents of Zipf-like lengths (50 to 4,000 tokens), one optimizer
 step of SeCO on a small Llama (CPU), each case in a fresh subprocess.
 
-Writes benchmarks/results/packing.md. Run: `pytest benchmarks/bench_packing.py -s`.
+Writes benchmarks/results/packing.md. Run: `pytest benchmarks/bench_packing.py -s` (about 15 minutes on a shared
+2-core CPU, most of it the padded case: 5x the tokens of the packed rows).
 Environment: SEQWRAP_BENCH_DOCS=64, SEQWRAP_BENCH_ROW=16384, SEQWRAP_BENCH_CHUNK=1024,
 SEQWRAP_BENCH_THREADS=1 (torch threads), SEQWRAP_BENCH_MAXLEN=4000.
 
