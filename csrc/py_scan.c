@@ -1,12 +1,14 @@
 /* py_scan.c - CPython glue of the selective scan kernels (see sw_scan.h).
  *
- * _C.selective_scan_fwd(u, dt, A, B, C, D, z, h0, y, hlast, ckpt, block, work, stream)
+ * _C.selective_scan_fwd(u, dt, A, B, C, D, z, h0, y, hlast, ckpt, block, work, stream, reset=None)
  * _C.selective_scan_bwd(u, dt, A, B, C, D, z, ckpt, dy, dhlast, du, ddt, dz, dB, dC, dA, dD, dh0,
- *                       block, trunc, grad_len, work, stream)
+ *                       block, trunc, grad_len, work, stream, reset=None)
  * Shapes: u, dt, z, y, dy, du, ddt, dz: (batch, dim, len); A: (dim, dstate); B, C: (batch, dstate, len);
  * D: (dim,); h0, hlast, dhlast, dA, dh0: (batch, dim, dstate); dB, dC: (batch, dstate, len) (zeroed);
  * dD: (batch, dim); ckpt: (batch, dim, ceil(len/block), dstate); work: None on the CPU, on CUDA a
  * tensor of batch*dim*(block+2)*dstate values. D, z, h0, dhlast may be None (dz is None iff z is).
+ * reset: None or an int32 (batch, len) tensor, nonzero where a document starts (see sw_scan.h); the
+ * backward must get the reset the forward got.
  * u, dt, B, C, z: float32 / float16 / bfloat16 / float64, all the same dtype; every other tensor
  * has the compute dtype: float64 for float64 inputs, float32 otherwise. Everything contiguous,
  * on one device. Every argument is checked before any kernel runs.
@@ -149,14 +151,27 @@ static int take_work(const char *fn, PyObject *work_o, const scan_dims *dims, in
     return 0;
 }
 
+/* The optional document resets: None, or int32 (batch, len) on u's device. */
+static int take_reset(const char *fn, PyObject *reset_o, const scan_dims *dims, sw_import_scope *scope,
+                      sw_scan_params *p) {
+    const int64_t s_bl[2] = {dims->batch, dims->len};
+    sw_tensor t;
+    int present;
+    if (take(reset_o, fn, "reset", SW_READONLY_NO_GRAD, 1, SW_INT32, 2, s_bl, "(batch, len)", dims, scope, &t,
+             &present) < 0)
+        return -1;
+    p->reset = present ? (const int32_t *)t.data : NULL;
+    return 0;
+}
+
 PyObject *sw_py_selective_scan_fwd(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
     static char *kwlist[] = {"u", "dt", "A", "B", "C", "D", "z", "h0", "y", "hlast", "ckpt", "block", "work",
-                             "stream", NULL};
-    PyObject *u, *dt, *A, *B, *C, *D, *z, *h0, *y, *hlast, *ckpt, *work, *stream_o;
+                             "stream", "reset", NULL};
+    PyObject *u, *dt, *A, *B, *C, *D, *z, *h0, *y, *hlast, *ckpt, *work, *stream_o, *reset = Py_None;
     long long block;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOOOOLOO:selective_scan_fwd", kwlist, &u, &dt, &A, &B,
-                                     &C, &D, &z, &h0, &y, &hlast, &ckpt, &block, &work, &stream_o))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOOOOLOO|O:selective_scan_fwd", kwlist, &u, &dt, &A, &B,
+                                     &C, &D, &z, &h0, &y, &hlast, &ckpt, &block, &work, &stream_o, &reset))
         return NULL;
     void *stream;
     if (sw_parse_stream(stream_o, &stream) < 0) return NULL;
@@ -168,6 +183,7 @@ PyObject *sw_py_selective_scan_fwd(PyObject *self, PyObject *args, PyObject *kwa
     sw_tensor t;
     int has_h0;
     if (take_inputs(FN_FWD, u, dt, A, B, C, D, z, (int64_t)block, &scope, &dims, &p) < 0) goto done;
+    if (take_reset(FN_FWD, reset, &dims, &scope, &p) < 0) goto done;
     {
         const int64_t s_bdn[3] = {dims.batch, dims.dim, dims.dstate};
         const int64_t s_bdl[3] = {dims.batch, dims.dim, dims.len};
@@ -217,13 +233,14 @@ done:
 PyObject *sw_py_selective_scan_bwd(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
     static char *kwlist[] = {"u",  "dt", "A",  "B",  "C",  "D",  "z",  "ckpt",  "dy",    "dhlast",   "du", "ddt",
-                             "dz", "dB", "dC", "dA", "dD", "dh0", "block", "trunc", "grad_len", "work", "stream", NULL};
+                             "dz", "dB", "dC", "dA", "dD", "dh0", "block", "trunc", "grad_len", "work", "stream",
+                             "reset", NULL};
     PyObject *u, *dt, *A, *B, *C, *D, *z, *ckpt, *dy, *dhlast, *du, *ddt, *dz, *dB, *dC, *dA, *dD, *dh0, *work,
-        *stream_o;
+        *stream_o, *reset = Py_None;
     long long block, trunc, grad_len;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOOOOOOOOOOOLLLOO:selective_scan_bwd", kwlist, &u, &dt,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOOOOOOOOOOOLLLOO|O:selective_scan_bwd", kwlist, &u, &dt,
                                      &A, &B, &C, &D, &z, &ckpt, &dy, &dhlast, &du, &ddt, &dz, &dB, &dC, &dA, &dD,
-                                     &dh0, &block, &trunc, &grad_len, &work, &stream_o))
+                                     &dh0, &block, &trunc, &grad_len, &work, &stream_o, &reset))
         return NULL;
     void *stream;
     if (sw_parse_stream(stream_o, &stream) < 0) return NULL;
@@ -235,6 +252,7 @@ PyObject *sw_py_selective_scan_bwd(PyObject *self, PyObject *args, PyObject *kwa
     sw_tensor t;
     int present;
     if (take_inputs(FN_BWD, u, dt, A, B, C, D, z, (int64_t)block, &scope, &dims, &p) < 0) goto done;
+    if (take_reset(FN_BWD, reset, &dims, &scope, &p) < 0) goto done;
     if (trunc < 0) {
         PyErr_Format(PyExc_ValueError, "%s: 'trunc' must be >= 0 (0: no truncation), got %lld", FN_BWD, trunc);
         goto done;

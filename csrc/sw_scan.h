@@ -7,9 +7,15 @@
  *     y     *= silu(z[b,d,t])                                       (when z is given)
  * dt is the positive step (softplus already applied by the caller).
  *
+ * Document resets (packed sequences, as mamba-ssm's varlen / seq_idx path): with reset given,
+ * reset[b,t] != 0 marks the first step of a new document: the state entering step t is zero
+ * (h0 is dropped when t = 0), i.e. a = 0 at that step. The backward follows from a = 0: no adjoint
+ * crosses the reset (mu_{t-1} gets nothing from step t), and step t gives no dA / ddt through a.
+ *
  * Tensors: u, dt, z, y: (batch, dim, len); A: (dim, dstate); B, C: (batch, dstate, len);
  * D: (dim); h0, hlast: (batch, dim, dstate); ckpt: (batch, dim, nblk, dstate) with
- * nblk = ceil(len / block): the state entering each block of `block` steps.
+ * nblk = ceil(len / block): the state entering each block of `block` steps; reset: (batch, len)
+ * int32 or NULL.
  *
  * Precision: "compute type" T is double for float64 inputs and float otherwise
  * (u, dt, B, C, z may be float32, float16 or bfloat16; they are read as float32).
@@ -24,7 +30,7 @@
  * caller sums over batch); dh0 (batch,dim,dstate).
  *   trunc > 0: truncated adjoint (adjoint sharding): mu_t only sums the losses of steps
  *       t..t+trunc-1, via mu_t = C_t g_t - Phi(t,t+trunc) C_{t+trunc} g_{t+trunc} + a_{t+1} mu_{t+1},
- *       Phi(t,t+T) = exp(A * sum_{m=t+1}^{t+T} dt_m).
+ *       Phi(t,t+T) = exp(A * sum_{m=t+1}^{t+T} dt_m), or 0 when a reset lies in (t, t+T].
  *   grad_len < len: steps >= grad_len are look-ahead only: they feed the adjoint but their
  *       own gradient contributions (du, ddt, dz, dB, dC, dA, dD) are zero.
  * The per-channel loops below are shared by the CPU kernel (scan_cpu.c, one OpenMP
@@ -55,6 +61,7 @@ typedef struct {
     /* inputs */
     const void *u, *dt, *B, *C, *z;   /* z may be NULL */
     const void *A, *D, *h0;           /* T; D, h0 may be NULL */
+    const int32_t *reset;             /* (batch, len) document starts, or NULL (no reset) */
     /* forward outputs (T) */
     void *y, *hlast, *ckpt;
     /* backward inputs (T) */
@@ -66,6 +73,11 @@ typedef struct {
 } sw_scan_params;
 
 SW_HOSTDEV int64_t sw_scan_nblk(const sw_scan_params *p) { return (p->len + p->block - 1) / p->block; }
+
+/* 1 when step t of batch row b starts a new document (its entering state is zero), else 0. */
+SW_HOSTDEV int sw_scan_resets(const sw_scan_params *p, int64_t b, int64_t t) {
+    return p->reset != NULL && p->reset[b * p->len + t] != 0;
+}
 
 #if defined(__CUDA_ARCH__)
 #define SW_SCAN_ATOMIC_ADD(ptr, v) atomicAdd((ptr), (v))

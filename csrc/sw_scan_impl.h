@@ -4,6 +4,11 @@
 
 SW_HOSTDEV SCAN_T SW_SCAN_CAT(sw_scan_sigmoid, SCAN_SUF)(SCAN_T x) { return (SCAN_T)1 / ((SCAN_T)1 + SCAN_EXP(-x)); }
 
+/* The decay a = exp(dt * A) of one step; 0 at a document reset (the entering state is dropped). */
+SW_HOSTDEV SCAN_T SW_SCAN_CAT(sw_scan_decay, SCAN_SUF)(SCAN_T dtv, SCAN_T a_n, int reset) {
+    return reset ? (SCAN_T)0 : SCAN_EXP(dtv * a_n);
+}
+
 /* Forward of one (b, d) row. h: dstate scratch values of T. */
 SW_HOSTDEV void SW_SCAN_CAT(sw_scan_fwd_row, SCAN_SUF)(const sw_scan_params *p, int64_t b, int64_t d, SCAN_T *h) {
     const int64_t N = p->dstate, L = p->len, K = p->block, nblk = sw_scan_nblk(p);
@@ -17,10 +22,11 @@ SW_HOSTDEV void SW_SCAN_CAT(sw_scan_fwd_row, SCAN_SUF)(const sw_scan_params *p, 
         if (t % K == 0)
             for (int64_t n = 0; n < N; ++n) ckpt[(t / K) * N + n] = h[n];
         const SCAN_T dtv = SCAN_LOAD(p->dt, row * L + t), uv = SCAN_LOAD(p->u, row * L + t);
+        const int rs = sw_scan_resets(p, b, t);
         SCAN_T acc = 0;
         for (int64_t n = 0; n < N; ++n) {
             const int64_t bi = (b * N + n) * L + t;     /* B[b, n, t], C[b, n, t] */
-            h[n] = SCAN_EXP(dtv * A[n]) * h[n] + dtv * SCAN_LOAD(p->B, bi) * uv;
+            h[n] = SW_SCAN_CAT(sw_scan_decay, SCAN_SUF)(dtv, A[n], rs) * h[n] + dtv * SCAN_LOAD(p->B, bi) * uv;
             acc += SCAN_LOAD(p->C, bi) * h[n];
         }
         SCAN_T yv = acc + Dv * uv;
@@ -55,6 +61,7 @@ SW_HOSTDEV void SW_SCAN_CAT(sw_scan_bwd_row, SCAN_SUF)(const sw_scan_params *p, 
     SCAN_T *dA = (SCAN_T *)p->dA + row * N;
     SCAN_T dDacc = 0;
     double W = 0.0;     /* sum of dt over (t, t+T]: the decay exponent of the truncation term */
+    int64_t R = 0;      /* resets in (t, t+T]: the truncation term is 0 when there is one */
     int have_W = 0;
     for (int64_t n = 0; n < N; ++n) {
         mu[n] = p->dhlast ? ((const SCAN_T *)p->dhlast)[row * N + n] : (SCAN_T)0;
@@ -68,8 +75,10 @@ SW_HOSTDEV void SW_SCAN_CAT(sw_scan_bwd_row, SCAN_SUF)(const sw_scan_params *p, 
             const SCAN_T dtv = SCAN_LOAD(p->dt, row * L + t), uv = SCAN_LOAD(p->u, row * L + t);
             const SCAN_T *hp = hs + (t - t0) * N;
             SCAN_T *ht = hs + (t - t0 + 1) * N;
+            const int rs = sw_scan_resets(p, b, t);
             for (int64_t n = 0; n < N; ++n)
-                ht[n] = SCAN_EXP(dtv * A[n]) * hp[n] + dtv * SCAN_LOAD(p->B, (b * N + n) * L + t) * uv;
+                ht[n] = SW_SCAN_CAT(sw_scan_decay, SCAN_SUF)(dtv, A[n], rs) * hp[n] +
+                        dtv * SCAN_LOAD(p->B, (b * N + n) * L + t) * uv;
         }
         for (int64_t t = t1 - 1; t >= t0; --t) {
             const SCAN_T dtv = SCAN_LOAD(p->dt, row * L + t), uv = SCAN_LOAD(p->u, row * L + t);
@@ -95,17 +104,23 @@ SW_HOSTDEV void SW_SCAN_CAT(sw_scan_bwd_row, SCAN_SUF)(const sw_scan_params *p, 
             if (T > 0 && t + T < L) {
                 /* drop the loss of step t+T from the window of mu_t */
                 if (!have_W) {
-                    for (int64_t m = t + 1; m <= t + T; ++m) W += (double)SCAN_LOAD(p->dt, row * L + m);
+                    for (int64_t m = t + 1; m <= t + T; ++m) {
+                        W += (double)SCAN_LOAD(p->dt, row * L + m);
+                        R += sw_scan_resets(p, b, m);
+                    }
                     have_W = 1;
                 } else {
                     W += (double)SCAN_LOAD(p->dt, row * L + t + 1) - (double)SCAN_LOAD(p->dt, row * L + t + T + 1);
+                    R += sw_scan_resets(p, b, t + 1) - sw_scan_resets(p, b, t + T + 1);
                 }
                 const SCAN_T g2 = SW_SCAN_CAT(sw_scan_gate_grad, SCAN_SUF)(p, row, t + T);
-                for (int64_t n = 0; n < N; ++n)
-                    mu[n] -= SCAN_EXP(A[n] * (SCAN_T)W) * SCAN_LOAD(p->C, (b * N + n) * L + t + T) * g2;
+                if (R == 0)   /* else a reset cuts step t+T off h_t: nothing to drop */
+                    for (int64_t n = 0; n < N; ++n)
+                        mu[n] -= SCAN_EXP(A[n] * (SCAN_T)W) * SCAN_LOAD(p->C, (b * N + n) * L + t + T) * g2;
             }
+            const int rs = sw_scan_resets(p, b, t);
             for (int64_t n = 0; n < N; ++n) {
-                const SCAN_T a = SCAN_EXP(dtv * A[n]);
+                const SCAN_T a = SW_SCAN_CAT(sw_scan_decay, SCAN_SUF)(dtv, A[n], rs);
                 if (own) {
                     const SCAN_T Bn = SCAN_LOAD(p->B, (b * N + n) * L + t);
                     const SCAN_T da = mu[n] * hp[n];   /* dL/da */

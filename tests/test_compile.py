@@ -53,15 +53,19 @@ def test_opcheck_selective_scan(dtype, optional, length):
     D = rand(d, dtype=dtype, grad=True) if optional else None
     z = rand(b, d, length, dtype=dtype, grad=True) if optional else None
     h0 = rand(b, d, n, dtype=dtype, grad=True) if optional else None
-    opcheck(ops.selective_scan_fwd.default, (u, dt, A, B, C, D, z, h0, 4, 0, -1))
+    reset = torch.zeros(b, length, dtype=torch.int32)
+    if length > 3:
+        reset[1, 3] = 1  # a document starts at t = 3 in row 1
+    opcheck(ops.selective_scan_fwd.default, (u, dt, A, B, C, D, z, h0, 4, 0, -1, reset if optional else None))
     y, hlast, ckpt = ops.selective_scan_fwd(u.detach(), dt.detach(), A.detach(), B.detach(), C.detach(),
                                             None if D is None else D.detach(), None if z is None else z.detach(),
-                                            None if h0 is None else h0.detach(), 4, 0, -1)
+                                            None if h0 is None else h0.detach(), 4, 0, -1, None)
     real = y.dtype
     opcheck(ops.selective_scan_bwd.default, (u.detach(), dt.detach(), A.detach(), B.detach(), C.detach(),
                                              None if D is None else D.detach(), None if z is None else z.detach(),
                                              ckpt, torch.randn(b, d, length, dtype=real),
-                                             torch.randn(b, d, n, dtype=real) if optional else None, 4, 0, length))
+                                             torch.randn(b, d, n, dtype=real) if optional else None, 4, 0, length,
+                                             reset if optional else None))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -83,13 +87,15 @@ def test_opcheck_linear_cross_entropy(reduction, dtype, bias):
 
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_chunked_attention(window, dtype):
+@pytest.mark.parametrize("packed", [False, True])
+def test_opcheck_chunked_attention(window, dtype, packed):
     q, k, v = rand(2, 4, 7, 8, dtype=dtype, grad=True), rand(2, 2, 7, 8, dtype=dtype, grad=True), \
         rand(2, 2, 7, 8, dtype=dtype, grad=True)
-    opcheck(ops.chunked_attention.default, (q, k, v, 3, True, window, 0.3))
-    out, lse = ops.chunked_attention(q.detach(), k.detach(), v.detach(), 3, True, window, 0.3)
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 2, 2]]) if packed else None
+    opcheck(ops.chunked_attention.default, (q, k, v, 3, True, window, 0.3, doc_ids))
+    out, lse = ops.chunked_attention(q.detach(), k.detach(), v.detach(), 3, True, window, 0.3, doc_ids)
     opcheck(ops.chunked_attention_backward.default,
-            (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 3, True, window, 0.3))
+            (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 3, True, window, 0.3, doc_ids))
 
 
 # -- fullgraph compile == eager ----------------------------------------------------------------------------

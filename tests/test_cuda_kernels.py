@@ -174,6 +174,47 @@ def test_selective_scan(dtype):
         assert rel_max(a, r) <= vs_ref, f"{name}: CUDA vs float64 {rel_max(a, r):.3g} > {vs_ref}"
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("truncation", [0, 5])
+def test_selective_scan_with_resets(dtype, truncation):
+    """Document resets (packed rows, reset at step 0 of one row too): CUDA vs the CPU kernel, which
+    tests/test_scan_resets.py checks against per-document scans."""
+    x = random_inputs(batch=2, dim=5, dstate=4, length=150, dtype=dtype, seed=6, requires_grad=False)
+    reset = torch.rand(2, 150, generator=gen(7)) < 0.05
+    reset[0, 0] = True
+    gy = torch.randn(2, 5, 150, generator=gen(8), dtype=torch.float64)
+    vs_cpu = SCAN_TOL[dtype][0]
+
+    def run(device):
+        xs = [t.to(device).requires_grad_() for t in x]
+        y, h = _scan(*xs, block=16, truncation=truncation, reset=reset.to(device, torch.int32))
+        loss = (y.double() * gy.to(device)).sum() + (h.double() ** 2).sum()
+        return (y.detach(), h.detach(), *torch.autograd.grad(loss, xs))
+
+    names = ("y", "h_last", "du", "ddt", "dA", "dB", "dC", "dD", "dz", "dh0")
+    for name, a, c in zip(names, run(DEV), run("cpu")):
+        assert rel_max(a, c) <= vs_cpu, f"{name}: CUDA vs CPU {rel_max(a, c):.3g} > {vs_cpu}"
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_attention_packed(dtype):
+    """Document boundaries on the CUDA block paths (float32: the efficient kernel with a bias; float64:
+    the plain-torch block) against the CPU result."""
+    g = gen(9)
+    q, k, v = (torch.randn(2, 4, 70, 16, generator=g, dtype=dtype) for _ in range(3))
+    cu = torch.tensor([0, 9, 10, 50, 70, 100, 140])
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    outs = []
+    for device in (DEV, "cpu"):
+        qs, ks, vs = (t.to(device).requires_grad_() for t in (q, k, v))
+        out = chunked_attention(qs, ks, vs, chunk_size=16, window=13, cu_seqlens=cu)
+        outs.append([out.detach().cpu()] + [t.cpu() for t in torch.autograd.grad(out.square().sum(), (qs, ks, vs))])
+    for name, a, c in zip(("out", "dq", "dk", "dv"), *outs):
+        assert rel(a, c) <= tol, f"{name}: CUDA vs CPU {rel(a, c):.3g} > {tol}"
+
+
 # -- chunk sampler ----------------------------------------------------------------------------------
 
 @requires_cuda

@@ -32,3 +32,22 @@ def test_lora_finetune_example(tmp_path, engine, extra):
     assert loss > 0
     assert (out / "adapter_config.json").exists()
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_lora_finetune_example_packed(tmp_path):
+    """--pack: several text files of different sizes become documents packed into rows (one longer than a
+    row is split), trained with their boundaries."""
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    cfg.save_pretrained(tmp_path / "cfg")
+    for i, n in enumerate([5, 12, 30, 2, 9]):
+        (tmp_path / f"doc{i}.txt").write_text("packed document %d. " % i * n)
+    out = tmp_path / "adapter"
+    mod = load_example()
+    loss = mod.main(["--model", str(tmp_path / "cfg" / "config.json"), "--text", str(tmp_path / "doc*.txt"),
+                     "--pack", "--chunk-size", "16", "--seq-len", "128", "--steps", "2", "--grad-accum", "2",
+                     "--lr", "1e-3", "--output", str(out)])
+    assert loss > 0
+    assert (out / "adapter_config.json").exists()

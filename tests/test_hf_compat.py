@@ -198,3 +198,17 @@ def test_trainer_internals():
     # set by the training loop for each optimizer step; SeqwrapTrainer divides by it without num_items_in_batch
     assert "self.current_gradient_accumulation_steps =" in inspect.getsource(Trainer)
     assert hasattr(TrainingArguments, "average_tokens_across_devices")
+
+
+def test_packed_rows_need_no_cache_and_no_mask():
+    """hf/packing.py: HF's sdpa / eager attention keeps documents apart when position_ids restart, the call
+    has no attention mask and no cache (use_cache=False); with its default cache it does not."""
+    from .hf_tiny import tiny_model
+
+    model = tiny_model("llama", layers=1)
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(0, 61, (1, 9))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2]])
+    alone = torch.cat([model(ids[:, s:e]).logits for s, e in ((0, 4), (4, 6), (6, 9))], 1)
+    assert (model(ids, position_ids=pos, use_cache=False).logits - alone).abs().max() < 1e-12
+    assert (model(ids, position_ids=pos).logits - alone).abs().max() > 1e-3

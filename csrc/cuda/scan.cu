@@ -1,7 +1,8 @@
 // scan.cu - CUDA driver of the selective scan (see sw_scan.h).
 //
 // One thread per (b, d) row runs exactly the per-row loops the CPU runs
-// (sw_scan_impl.h). Its scratch (state / adjoint: dstate values, block states:
+// (sw_scan_impl.h), document resets included (p->reset, a device pointer to the
+// (batch, len) int32 starts, read by sw_scan_resets). Its scratch (state / adjoint: dstate values, block states:
 // (block+1)*dstate values) lives in p->work, allocated by the caller as
 // (batch*dim) * (block+2) * dstate values of the compute type. dB and dC are
 // summed over channels with atomicAdd into the caller-zeroed outputs.

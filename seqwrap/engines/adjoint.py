@@ -29,6 +29,12 @@ once (one flat buffer).
 Loss semantics follow HF causal-LM training: labels aligned with input_ids (default: input_ids),
 shifted inside, -100 ignored; the loss is the sum of token losses divided by the number of counted
 labels of the whole sequence, or by num_items when given.
+
+Packed rows (several documents each: position_ids restarting per document, cu_seqlens, seq_idx or
+DataCollatorWithFlattening's cu_seq_lens_q / cu_seq_lens_k, as for SeCO): the SSM state is reset at
+every document start inside the scan kernels and the conv state is cut there, also where a chunk
+starts a document, so no state or gradient crosses documents; the target of a document's last token is
+ignored. Exact mode then equals training every document on its own.
 """
 from __future__ import annotations
 
@@ -39,7 +45,9 @@ import torch
 import torch.distributed as dist
 
 from ..hf.mamba import IGNORE_INDEX, MambaAdapter, shifted_targets
+from ..ops import documents as docs_mod
 from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, unstash_grads
+from .packing import BOUNDARY_KEYS, scan_segment
 
 
 @dataclass
@@ -51,6 +59,10 @@ class AdjointOutput:
 
 def _leaf(t):
     return t.detach().requires_grad_()
+
+
+def _no_segment(start, end):
+    return None
 
 
 class AdjointSharding:
@@ -67,12 +79,28 @@ class AdjointSharding:
             if isinstance(truncation, bool) or not isinstance(truncation, int) or truncation < 1:
                 raise ValueError(f"seqwrap.AdjointSharding: truncation must be a positive int, got {truncation!r}")
         self.chunk_size, self.mode, self.truncation, self.group = chunk_size, mode, truncation, group
+        self._seg = _no_segment   # (start, end) -> the document segment of a packed step's tokens, or None
 
     # ---------------------------------------------------------------------------------------------
-    def __call__(self, input_ids, labels=None, *, num_items=None):
+    def __call__(self, input_ids, labels=None, *, num_items=None, position_ids=None, **boundaries):
+        """boundaries: cu_seqlens, seq_idx, cu_seq_lens_q, cu_seq_lens_k (max_length_q / max_length_k are
+        accepted and not needed) for packed rows; position_ids only mark document starts (Mamba has no
+        positions)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("seqwrap.AdjointSharding: input_ids must be a (batch, length) tensor")
+        unknown = sorted(set(boundaries) - set(BOUNDARY_KEYS))
+        if unknown:
+            raise TypeError(f"seqwrap.AdjointSharding: unexpected keyword argument(s) {unknown}")
+        explicit = {k: v for k, v in boundaries.items() if v is not None and not k.startswith("max_length")}
+        if position_ids is not None and (not torch.is_tensor(position_ids) or position_ids.shape != input_ids.shape):
+            raise ValueError(f"seqwrap.AdjointSharding: position_ids must be a tensor shaped like input_ids "
+                             f"{tuple(input_ids.shape)}")
+        docs = docs_mod.resolve(tuple(input_ids.shape), position_ids=position_ids, what="seqwrap.AdjointSharding",
+                                **explicit)
+        docs = None if docs is None else docs.to(input_ids.device)
         targets = shifted_targets(input_ids, labels)
+        if docs is not None:  # a document's last token does not predict the next document's first
+            targets = targets.masked_fill(docs.ends(), IGNORE_INDEX)
         num_tokens = int((targets != IGNORE_INDEX).sum())
         divisor = num_items if num_items is not None else num_tokens
         if isinstance(divisor, torch.Tensor):
@@ -83,6 +111,8 @@ class AdjointSharding:
         divisor = divisor or 1  # no counted label: loss 0, no gradient
         length = input_ids.shape[1]
         bounds = [(s, min(s + self.chunk_size, length)) for s in range(0, length, self.chunk_size)]
+        kconv = self.adapter.kconv
+        self._seg = (lambda s, e: None) if docs is None else (lambda s, e: scan_segment(docs, s, e, kconv))
         params = self._params()
         stash = stash_grads(params)   # a failed step leaves .grad as it was before it
         self.adapter.begin_step()
@@ -97,14 +127,15 @@ class AdjointSharding:
             raise
         finally:
             self.adapter.discard_step()
+            self._seg = _no_segment
         unstash_grads(params, stash)
         return AdjointOutput(loss=loss, num_tokens=num_tokens, num_chunks=len(bounds))
 
     # ---- exact -----------------------------------------------------------------------------------
-    def _chunk_loss(self, ids, targets, states, divisor):
+    def _chunk_loss(self, ids, targets, states, divisor, seg=None):
         """Forward of one chunk with grad: (its loss / divisor, the states after it)."""
         x = self.adapter.embeddings(ids)
-        x, new = self.adapter.stack(x, states)
+        x, new = self.adapter.stack(x, states, seg)
         return self.adapter.loss_sum(x, targets) / divisor, new
 
     def _exact(self, ids, targets, divisor, bounds):
@@ -121,7 +152,7 @@ class AdjointSharding:
         with torch.no_grad():
             for s, e in mine:
                 boundary.append(states)
-                _, states = ad.stack(ad.embeddings(ids[:, s:e]), states)
+                _, states = ad.stack(ad.embeddings(ids[:, s:e]), states, self._seg(s, e))
         if not last_rank:
             self._send_states(states, rank + 1)
 
@@ -135,7 +166,7 @@ class AdjointSharding:
             s, e = mine[i]
             need_in = i > 0 or not first_rank
             start = [tuple(_leaf(t) for t in st) for st in boundary[i]] if need_in else boundary[i]
-            loss, end = self._chunk_loss(ids[:, s:e], targets[:, s:e], start, divisor)
+            loss, end = self._chunk_loss(ids[:, s:e], targets[:, s:e], start, divisor, self._seg(s, e))
             outs, grads = [loss], [torch.ones_like(loss)]
             if adjoint is not None:
                 for st, adj in zip(end, adjoint):
@@ -212,7 +243,7 @@ class AdjointSharding:
         for s, e in mine:
             boundary.append(states)
             with torch.no_grad():
-                x, states = ad.stack(ad.embeddings(ids[:, s:e]), states)
+                x, states = ad.stack(ad.embeddings(ids[:, s:e]), states, self._seg(s, e))
             top = _leaf(x)
             loss = ad.loss_sum(top, targets[:, s:e]) / divisor
             loss.backward()
@@ -239,10 +270,11 @@ class AdjointSharding:
         for i in range(len(mine) - 1, -1, -1):
             s, e = mine[i]
             la_end = min(length, e + T - 1) if T else e
+            seg, seg_la = self._seg(s, e), (self._seg(e, la_end) if la_end > e else None)
             with torch.no_grad():     # inputs of every layer over the chunk and its look-ahead
-                xs_own, xs_la = self._layer_inputs(ids[:, s:e], boundary[i]), None
+                xs_own, xs_la = self._layer_inputs(ids[:, s:e], boundary[i], seg), None
                 if la_end > e:
-                    xs_la = self._layer_inputs(ids[:, e:la_end], boundary[i + 1])
+                    xs_la = self._layer_inputs(ids[:, e:la_end], boundary[i + 1], seg_la)
             v_la = torch.cat(v[i + 1:i + 1 + reach], 1)[:, :la_end - e] if la_end > e else None
             need_in = i > 0 or not first_rank
             start = [tuple(_leaf(t) for t in st) for st in boundary[i]] if need_in else boundary[i]
@@ -255,7 +287,8 @@ class AdjointSharding:
                 if xs_la is not None:
                     la = block.norm(xs_la[k].to(dtype=block.norm.weight.dtype)).detach()
                 out, out_la, conv_end, ssm_end = ad.mixer(block.mixer, h, start[k][0], start[k][1],
-                                                          lookahead=la, truncation=T)
+                                                          lookahead=la, truncation=T, seg=seg,
+                                                          seg_lookahead=seg_la)
                 outs.append(residual + out)
                 grads.append(v[i].to(outs[-1].dtype))
                 if out_la is not None:
@@ -281,12 +314,12 @@ class AdjointSharding:
             total = self._finish_distributed(total)
         return total.to(torch.float32)
 
-    def _layer_inputs(self, ids, states):
+    def _layer_inputs(self, ids, states, seg=None):
         """No grad: the input of every layer for these tokens, starting from `states`."""
         ad = self.adapter
         x = ad.embeddings(ids)
         xs = []
         for block, st in zip(ad.layers, states):
             xs.append(x)
-            x, _ = ad.block(block, x, st)
+            x, _ = ad.block(block, x, st, seg=seg)
         return xs

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.attention_blocks import EMPTY, block_mask
+from ..ops.attention_blocks import EMPTY
+from ..ops.documents import block_mask
 from ..ops.dtypes import real_dtype
 from ..ops.kahan import kahan_accumulate_
 from .offload import HostAccumulator, prefetched
@@ -111,13 +112,18 @@ class ChunkKVStore:
         (Ulysses: each rank holds 1/P of every chunk, attention sees whole chunks)
     compensate: Kahan-compensated relay sums (half-precision models)
     group: the Ulysses process group when the model is sequence-parallel, else None
+    documents: the document layout of a packed batch over attention positions (ops/documents.py),
+        or None: queries only see keys of their own document, past chunks without such keys are
+        not read, and a chunk whose documents end inside it is not stored ("chunked" only)
     """
 
     def __init__(self, bounds: list[tuple[int, int]], sliding: list[bool], window: int | None, *,
                  attention: str = "concat", key_padding: torch.Tensor | None = None, offload=None,
-                 positions_scale: int = 1, compensate: bool = False, group=None):
+                 positions_scale: int = 1, compensate: bool = False, group=None, documents=None):
         if attention not in ("concat", "chunked"):
             raise ValueError(f"attention must be 'concat' or 'chunked', got {attention!r}")
+        if documents is not None and attention != "chunked":
+            raise ValueError("document boundaries need attention='chunked'")
         if offload is not None and attention != "chunked":
             raise ValueError("offload needs attention='chunked'")
         self.bounds = bounds
@@ -133,6 +139,7 @@ class ChunkKVStore:
         self.host_sums = HostAccumulator(offload) if offload is not None else None
         self.compensate = compensate
         self.group = group  # Ulysses process group (the attention all-to-alls around the blocks), or None
+        self.documents = documents
         n = len(sliding)
         self.keys: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]    # layer -> chunk -> (B,H,L,D)
         self.values: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]
@@ -235,8 +242,8 @@ class ChunkKVStore:
         k0, k1 = self.attn_bounds[chunk]
         # key_padding is over local positions, which are the attention positions (no Ulysses with padding)
         pad = self.key_padding if chunk in self.padded_chunks else None
-        return block_mask(q0, q1, k0, k1, causal=True, window=self.layer_window(layer), key_padding=pad,
-                          dtype=dtype, device=device)
+        return block_mask(self.documents, q0, q1, k0, k1, causal=True, window=self.layer_window(layer),
+                          key_padding=pad, dtype=dtype, device=device)
 
     def past_blocks(self, layer: int, dtype, device):
         """Yields (chunk, k, v, mask) for the past chunks `layer` attends to, on the device, in
@@ -256,11 +263,16 @@ class ChunkKVStore:
     def record(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Pass 1: keeps the current chunk's K/V of `layer` (if this chunk stores)."""
         self.attended.add(layer)
-        if self.mode == "record" and self.store:
+        if self.mode == "record" and self.store and self._read_later():
             self.keys[layer][self.chunk] = self._keep(k)
             self.values[layer][self.chunk] = self._keep(v)
         elif self.mode == "replay" and layer not in self.fresh:  # a second call is a checkpoint recompute
             self.fresh[layer] = (k, v)
+
+    def _read_later(self) -> bool:
+        """Whether a later chunk can read the current chunk's keys: always without documents; with them,
+        only when a document runs on past the chunk's end."""
+        return self.documents is None or self.documents.continues(self.attn_bounds[self.chunk][1])
 
     # -- what the HF cache (seqwrap/hf/cache.py) hands over -----------------
     def update(self, key_states, value_states, layer_idx):

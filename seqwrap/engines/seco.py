@@ -32,6 +32,7 @@ from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, sync_d
 from .chunk_loss import chunk_loss_sum
 from .kv_store import ChunkKVStore
 from .offload import Transfers, default_pool, park_activations
+from .packing import prepare as prepare_packed
 
 
 @dataclass
@@ -119,7 +120,8 @@ class SeCO:
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *, num_items=None, loss_scale: float = 1.0,
                  position_ids: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None,
-                 num_items_in_batch=None) -> StepResult:
+                 num_items_in_batch=None, cu_seqlens=None, seq_idx=None, cu_seq_lens_q=None, cu_seq_lens_k=None,
+                 max_length_q=None, max_length_k=None) -> StepResult:
         """Forward and backward of the whole sequence; parameter .grad accumulates as
         `model(input_ids, labels=labels, attention_mask=attention_mask).loss.backward()` would.
 
@@ -133,6 +135,10 @@ class SeCO:
         Under Ulysses, pass this rank's part from seqwrap.parallel.shard_batch(batch, group,
         chunk_size=chunk_size) (`engine(**shard)`): loss and gradients are those of the whole
         sequence on every rank (parameter gradients are summed over the group once per step).
+        Packed rows (several documents each; engines/packing.py): position_ids restarting per
+        document, or explicit boundaries: cu_seqlens (cumulative lengths over the flattened batch),
+        seq_idx (B, T), or DataCollatorWithFlattening's cu_seq_lens_q / cu_seq_lens_k (max_length_q /
+        max_length_k are accepted and not needed). `engine(**collator(features))` works as it is.
         """
         if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not math.isfinite(loss_scale):
             raise ValueError(f"seqwrap.{self.name}: loss_scale must be a finite number, got {loss_scale!r}")
@@ -141,6 +147,11 @@ class SeCO:
                 raise TypeError(f"seqwrap.{self.name}: pass num_items or num_items_in_batch, not both")
             num_items = num_items_in_batch
         ids, shift, mask, pos = self._check_inputs(input_ids, labels, attention_mask, position_ids, shift_labels)
+        boundaries = dict(cu_seqlens=cu_seqlens, seq_idx=seq_idx, cu_seq_lens_q=cu_seq_lens_q,
+                          cu_seq_lens_k=cu_seq_lens_k, max_length_q=max_length_q, max_length_k=max_length_k)
+        docs, pos, shift = prepare_packed(self.name, ids, shift, mask, pos, boundaries, group=self.group,
+                                          chunk_size=self.chunk_size, ignore_index=self.ignore_index,
+                                          attention=self.attention)
         B, T = ids.shape
         group, world = self.group, self._world()
         valid = shift != self.ignore_index
@@ -164,7 +175,7 @@ class SeCO:
                              attention=self.attention, key_padding=None if mask is None else mask.bool(),
                              offload=xfer, positions_scale=world,
                              compensate=adapter.lm_head.weight.dtype in (torch.float16, torch.bfloat16),
-                             group=group)
+                             group=group, documents=docs)
         # the step's gradients accumulate apart from earlier ones: a failed step leaves .grad as it was
         params = self._params()
         stash = stash_grads(params)

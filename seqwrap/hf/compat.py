@@ -23,6 +23,8 @@ release that changes one fails one named test:
                             |                          | gradient_checkpointing_enable (older, deprecated in 5.23)
   causal-LM loss            | mst_lm.py                | loss_utils.ForCausalLMLoss is model.loss_function, its kwargs
   logits_to_keep            | mst_lm.py                | modeling_utils.slice_logits_to_keep (>= 5.23) or int/index slicing
+  packed rows               | packing.py (MsT)         | the attention keeps documents apart from restarting position_ids
+                            |                          | only without a mask and without a cache (use_cache=False)
   Mamba internals           | mamba.py                 | MambaForCausalLM.backbone.{embeddings,layers,norm_f}, MambaBlock
                             |                          | {norm,mixer,residual_in_fp32}, MambaMixer parameters and sizes
   Trainer internals         | trainer.py               | Trainer.training_step(model, inputs, num_items_in_batch),

@@ -10,6 +10,12 @@ rounding.
 
 Shapes: hidden states (batch, T, hidden); conv state (batch, d_inner, conv_kernel-1) in the model dtype;
 SSM state (batch, d_inner, d_state) in float32 (float64 for float64 models).
+
+Packed rows (several documents per row): the engine hands each chunk a `seg` = (reset, taps): reset
+(batch, T) int32 marks document starts for the scan kernels (the SSM state is zeroed there, also a
+state carried in from the previous chunk), taps (batch, conv_kernel, T) says which conv inputs of each
+output lie in its own document (the conv state is cut at a document start, as mamba-ssm's causal_conv1d
+with seq_idx does). Without seg the plain F.conv1d / scan run unchanged.
 """
 from __future__ import annotations
 
@@ -104,10 +110,11 @@ class MambaAdapter:
         return out
 
     # ---- mixer ----------------------------------------------------------------------------------
-    def _pre_scan(self, m, hs, conv_state, params=True, dt_bias=None):
+    def _pre_scan(self, m, hs, conv_state, params=True, dt_bias=None, taps=None):
         """in_proj + causal conv (continuing conv_state) + x_proj/dt_proj: the scan's inputs.
         hs: (batch, T, hidden). Returns u (batch, d_inner, T), dt, B, C (batch, N, T), gate z, new conv state.
-        params=False uses detached parameters (look-ahead steps that must not collect gradients)."""
+        params=False uses detached parameters (look-ahead steps that must not collect gradients).
+        taps: (batch, conv_kernel, T) bool or None: the conv inputs inside each output's document."""
         P = (lambda p: p) if params else (lambda p: None if p is None else p.detach())
         proj = F.linear(hs, P(m.in_proj.weight), P(m.in_proj.bias)).transpose(1, 2)  # (batch, 2*d_inner, T)
         x, gate = proj.chunk(2, dim=1)
@@ -115,7 +122,11 @@ class MambaAdapter:
         xc = torch.cat([conv_state.to(x.dtype), x], dim=-1)                # (batch, d_inner, k-1+T)
         new_conv = xc[:, :, xc.shape[-1] - (self.kconv - 1):]
         w = P(m.conv1d.weight)                                             # (d_inner, 1, k)
-        u = F.conv1d(xc.to(w.dtype), w, P(m.conv1d.bias) if m.use_conv_bias else None, groups=x.shape[1])
+        bias = P(m.conv1d.bias) if m.use_conv_bias else None
+        if taps is None:
+            u = F.conv1d(xc.to(w.dtype), w, bias, groups=x.shape[1])
+        else:
+            u = _document_conv(xc.to(w.dtype), w, bias, taps)
         u = m.act(u).to(x.dtype)                                           # (batch, d_inner, T)
         ts, B, C = torch.split(F.linear(u.transpose(1, 2), P(m.x_proj.weight)),
                                [m.time_step_rank, m.ssm_state_size, m.ssm_state_size], dim=-1)
@@ -124,27 +135,36 @@ class MambaAdapter:
         assert dt.shape[-1] == T
         return u, dt, B.transpose(1, 2), C.transpose(1, 2), gate, new_conv
 
-    def mixer(self, m, hs, conv_state, ssm_state, *, lookahead=None, truncation=0):
+    def mixer(self, m, hs, conv_state, ssm_state, *, lookahead=None, truncation=0, seg=None, seg_lookahead=None):
         """Mixer output (batch, T, hidden) and the states after these T tokens.
 
         lookahead: optional (batch, T2, hidden) normalised inputs of the next T2 tokens: they run through
         the same scan call with detached parameters so that a truncated adjoint (truncation > 0) of the
         own T steps can see the losses up to `truncation` steps ahead; only the own steps collect
         gradients. Returns (out_own, out_lookahead or None, conv_state, ssm_state) where the states are
-        those after the own T tokens (ssm_state only when there is no look-ahead)."""
+        those after the own T tokens (ssm_state only when there is no look-ahead).
+        seg, seg_lookahead: (reset, taps) of the own / look-ahead tokens in a packed batch (module docstring)."""
         A, Dv, dt_bias = self._mixer_params(m)
-        u, dt, B, C, z, conv_end = self._pre_scan(m, hs, conv_state, dt_bias=dt_bias)
+        if seg is not None and lookahead is not None and seg_lookahead is None:
+            raise ValueError("seqwrap.AdjointSharding: a packed chunk needs the document segments of its "
+                             "look-ahead tokens too")
+        u, dt, B, C, z, conv_end = self._pre_scan(m, hs, conv_state, dt_bias=dt_bias,
+                                                  taps=None if seg is None else seg[1])
         own = u.shape[-1]
         parts = [(u, dt, B, C, z)]
         if lookahead is not None:
             with torch.no_grad():
-                parts.append(self._pre_scan(m, lookahead, conv_end, params=False, dt_bias=dt_bias)[:5])
+                parts.append(self._pre_scan(m, lookahead, conv_end, params=False, dt_bias=dt_bias,
+                                            taps=None if seg is None else seg_lookahead[1])[:5])
         cat = lambda i: torch.cat([p[i] for p in parts], -1) if len(parts) > 1 else parts[0][i]  # noqa: E731
         u_all, dt_all, B_all, C_all, z_all = (cat(i) for i in range(5))
         # HF rounds B and u to float32 in the B*u term (a no-op below float64): do the same.
         io = u_all.dtype
+        reset = None
+        if seg is not None:
+            reset = seg[0] if lookahead is None else torch.cat([seg[0], seg_lookahead[0]], -1)
         y, h_end = _scan(u_all.float().to(io), dt_all, A, B_all.float().to(io), C_all, None, z_all, ssm_state,
-                         truncation=truncation, grad_len=own)
+                         truncation=truncation, grad_len=own, reset=reset)
         outs = []
         for k, (uk, _, _, _, zk) in enumerate(parts):
             sl = slice(0, own) if k == 0 else slice(own, None)
@@ -156,7 +176,8 @@ class MambaAdapter:
         return outs[0], (outs[1] if lookahead is not None else None), conv_end, (h_end if lookahead is None else None)
 
     def block(self, block, x, state, **kw):
-        """HF MambaBlock with carried states: x + mixer(norm(x)) (residual in float32 when configured)."""
+        """HF MambaBlock with carried states: x + mixer(norm(x)) (residual in float32 when configured).
+        kw: the mixer's keywords (seg for a packed chunk)."""
         residual = x
         h = block.norm(x.to(dtype=block.norm.weight.dtype))
         if block.residual_in_fp32:
@@ -164,11 +185,12 @@ class MambaAdapter:
         out, _, conv, ssm = self.mixer(block.mixer, h, state[0], state[1], **kw)
         return residual + out, (conv, ssm)
 
-    def stack(self, x, states):
-        """All layers over one chunk; returns the top hidden states and the new per-layer states."""
+    def stack(self, x, states, seg=None):
+        """All layers over one chunk; returns the top hidden states and the new per-layer states.
+        seg: the chunk's document segment in a packed batch (module docstring), or None."""
         new = []
         for block, st in zip(self.layers, states):
-            x, st = self.block(block, x, st)
+            x, st = self.block(block, x, st, seg=seg)
             new.append(st)
         return x, new
 
@@ -180,6 +202,16 @@ class MambaAdapter:
         logits = self.lm_head(h.to(self.lm_head.weight.dtype)).float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _document_conv(xc, w, bias, taps):
+    """Depthwise causal conv whose taps stop at document starts. xc (batch, C, k-1+T) (carried conv inputs,
+    then the chunk's); w (C, 1, k); taps (batch, k, T) bool: tap j of output t (input xc[..., t+j]) is in
+    t's document. Returns (batch, C, T), as F.conv1d(xc, w, bias, groups=C) with the other taps zeroed."""
+    k, T = w.shape[-1], taps.shape[-1]
+    keep = taps.to(xc.dtype)
+    out = sum(w[None, :, 0, j, None] * (xc[:, :, j:j + T] * keep[:, None, j]) for j in range(k))
+    return out if bias is None else out + bias[None, :, None]
 
 
 def shifted_targets(input_ids, labels):

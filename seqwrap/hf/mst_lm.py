@@ -13,6 +13,11 @@ passed; reduction "mean" over non-ignored labels, or "sum" / num_items_in_batch
 when num_items_in_batch is given. Differences, all on purpose: the returned
 logits are None; the loss keeps the float64 dtype of a float64 model (HF casts
 logits to float32 first); with every label ignored the loss is 0 (HF: nan).
+
+Packed rows (position_ids restarting per document, or cu_seq_lens_q / seq_idx / cu_seqlens in the
+kwargs, as DataCollatorWithFlattening gives them): the call is made one in which HF's own attention
+keeps the documents apart (hf/packing.py: no cache, no mask, restarting positions) or refused, and
+the fused loss ignores the target of every document's last token.
 """
 from __future__ import annotations
 
@@ -24,15 +29,20 @@ import torch
 from ..labels import shift_labels as shift
 from ..ops.cross_entropy import linear_cross_entropy
 from .compat import causal_lm_loss_function, causal_lm_output, slice_to_keep
+from .packing import prepare_call as prepare_packed_call
 
 def causal_lm_loss(hidden, lm_head, labels, *, softcap=None, num_items_in_batch=None, ignore_index=-100,
-                   shift_labels=None, **_unused):
+                   shift_labels=None, documents=None, **_unused):
     """ForCausalLMLoss(lm_head(hidden) [softcapped], labels) without the logits.
 
     hidden (B, T, H) (or (N, H) after a boolean logits_to_keep); labels shaped like
-    hidden[..., 0] (before the shift). lm_head: an nn.Linear (V, H)."""
+    hidden[..., 0] (before the shift). lm_head: an nn.Linear (V, H).
+    documents: the Documents of packed rows (hf/packing.py) or None: the target of a document's
+    last token (the next document's first token) is ignored."""
     if shift_labels is None:
         shift_labels = shift(labels, ignore_index)  # token t predicts label t+1; the last one is ignored
+    if documents is not None:
+        shift_labels = shift_labels.masked_fill(documents.ends().to(shift_labels.device), ignore_index)
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     y = shift_labels.reshape(-1).to(h.device)  # (N,)
     reduction = "sum" if num_items_in_batch is not None else "mean"
@@ -108,6 +118,7 @@ def mst_causal_lm_forward(self, *args, **kwargs):
             warnings.warn(f"seqwrap.apply_minisequence: computing full logits for the loss because {reason}",
                           stacklevel=2)
         return original(*args, **kwargs)
+    documents = prepare_packed_call(named, extra, "seqwrap.apply_minisequence")
     logits_to_keep = named.pop("logits_to_keep", 0)
     return_dict = extra.pop("return_dict", None)
     if return_dict is None:
@@ -115,7 +126,7 @@ def mst_causal_lm_forward(self, *args, **kwargs):
     outputs = self.model(**named, **extra)
     hidden = slice_to_keep(outputs.last_hidden_state, logits_to_keep)  # (B, T, H)
     softcap = getattr(self.config, state["softcap_attr"]) if state["softcap_attr"] else None
-    loss = causal_lm_loss(hidden, self.lm_head, labels, softcap=softcap, **extra)
+    loss = causal_lm_loss(hidden, self.lm_head, labels, softcap=softcap, documents=documents, **extra)
     field = state["cache_field"]
     out = causal_lm_output(field, loss=loss, logits=None, cache=getattr(outputs, field, None),
                            hidden_states=outputs.hidden_states, attentions=outputs.attentions)

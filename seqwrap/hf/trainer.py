@@ -26,6 +26,9 @@ from .versions import check_version
 
 _ENGINES = {"seco": SeCO, "spaco": SpaCO}
 _KNOWN_INPUTS = {"input_ids", "labels", "attention_mask"}
+# packed rows (DataCollatorWithFlattening, TRL padding_free, seqwrap.data.pack_documents): passed on as they are
+_PACKED_INPUTS = {"position_ids", "cu_seqlens", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                  "max_length_k"}
 _IGNORED_INPUTS = {"token_type_ids", "num_items_in_batch"}
 
 
@@ -60,10 +63,11 @@ class SeqwrapTrainerMixin:
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        unknown = sorted(k for k in inputs if k not in _KNOWN_INPUTS | _IGNORED_INPUTS)
+        unknown = sorted(k for k in inputs if k not in _KNOWN_INPUTS | _IGNORED_INPUTS | _PACKED_INPUTS)
         if unknown:
-            raise ValueError(f"seqwrap: the chunked training step takes input_ids, labels and attention_mask; "
-                             f"the batch also has {unknown}")
+            raise ValueError(f"seqwrap: the chunked training step takes input_ids, labels, attention_mask and the "
+                             f"packed-row keys {sorted(_PACKED_INPUTS)}; the batch also has {unknown}")
+        packed = {k: inputs[k] for k in _PACKED_INPUTS if inputs.get(k) is not None}
         # Same scaling as Trainer.compute_loss + training_step: a loss normalised by the global
         # label count is multiplied by the number of processes (DDP averages); otherwise each
         # micro-batch's mean loss is divided by the accumulation steps.
@@ -80,7 +84,7 @@ class SeqwrapTrainerMixin:
         with self.compute_loss_context_manager():  # bf16/fp16 autocast
             out = engine(inputs["input_ids"], labels=inputs.get("labels"),
                          attention_mask=inputs.get("attention_mask"), num_items=num_items_in_batch,
-                         loss_scale=grad_scale)
+                         loss_scale=grad_scale, **packed)
         return (out.loss * scale).detach().to(self.args.device)
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
+from ..ops import documents as docs_mod
 from ..parallel.ulysses import ulysses_attend
 from . import attention
 from .versions import check_model_versions
@@ -36,9 +38,31 @@ def ulysses_attention_forward(module, query, key, value, attention_mask, dropout
         raise ValueError("seqwrap.parallel: attention dropout is not supported under Ulysses")
     if attention_mask is not None:
         raise ValueError("seqwrap.parallel: padding masks are not supported under Ulysses; pack sequences instead")
+    documents = shard_documents(query, state.group, kwargs)
     out = ulysses_attend(query, key, value, state.group, chunk_size=state.chunk_size, window=sliding_window,
-                         scale=scaling)
+                         scale=scaling, documents=documents)
     return out.transpose(1, 2).contiguous(), None
+
+
+def shard_documents(query, group, kwargs):
+    """The documents of the whole (B, S) sequence from the decoder call's cu_seq_lens_q / cu_seq_lens_k
+    (what shard_batch emits for packed rows), or None. A shard whose positions restart without them is
+    refused: the attention could not keep its documents apart."""
+    world = dist.get_world_size(group)
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        shape = (query.shape[0], query.shape[2] * world)
+        return docs_mod.resolve(shape, cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, infer=False,
+                                what="seqwrap.parallel (Ulysses attention)")
+    if kwargs.get("seq_idx") is not None or kwargs.get("cu_seqlens") is not None:
+        raise ValueError("seqwrap.parallel: under Ulysses pass packed boundaries as the cu_seq_lens_q / "
+                         "cu_seq_lens_k of the whole sequence, as seqwrap.parallel.shard_batch emits them")
+    pos = kwargs.get("position_ids")
+    if torch.is_tensor(pos) and pos.dim() == 2 and pos.shape[1] > 1 and bool((pos[:, 1:] <= pos[:, :-1]).any()):
+        raise ValueError("seqwrap.parallel: this shard's position_ids restart (packed documents) but the call "
+                         "carries no document boundaries; build the shard with seqwrap.parallel.shard_batch, "
+                         "which adds cu_seq_lens_q / cu_seq_lens_k")
+    return None
 
 
 def attention_modules(model):

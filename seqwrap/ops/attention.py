@@ -15,23 +15,31 @@ Blocks run on torch's fused attention kernel that exposes the LSE
 (aten::_scaled_dot_product_flash_attention_for_cpu and its backward) on CPU;
 other devices use a plain-torch block (matmul + logsumexp), exact but without
 the fused kernel's speed.
+
+Packed sequences (several documents per row): pass the boundaries as `cu_seqlens`, `seq_idx` or
+restarting `position_ids` (conventions: seqwrap/ops/documents.py). Attention is then block-diagonal
+causal (the sliding window applies inside a document), and a block whose query and key chunks share
+no document in any row is skipped: never computed, in forward or backward.
 """
 from __future__ import annotations
 
 import torch
 
-from .attention_blocks import EMPTY, BlockBackward, attend, block_mask
+from . import documents as docs_mod
+from .attention_blocks import EMPTY, BlockBackward, attend
 from .dtypes import real_dtype
 
 
-def _blocks(t, chunk, causal, window, dtype, device):
-    """Yields (q0, q1, [(k0, k1, mask), ...]) over q chunks, skipping empty blocks."""
+def _blocks(t, chunk, causal, window, dtype, device, documents=None):
+    """Yields (q0, q1, [(k0, k1, mask), ...]) over q chunks, skipping empty blocks (no allowed pair;
+    with documents: no shared document)."""
     for q0 in range(0, t, chunk):
         q1 = min(t, q0 + chunk)
         kv = []
         for k0 in range(0, t, chunk):
             k1 = min(t, k0 + chunk)
-            mask = block_mask(q0, q1, k0, k1, causal=causal, window=window, dtype=dtype, device=device)
+            mask = docs_mod.block_mask(documents, q0, q1, k0, k1, causal=causal, window=window, dtype=dtype,
+                                       device=device)
             if mask is not EMPTY:
                 kv.append((k0, k1, mask))
         yield q0, q1, kv
@@ -40,14 +48,17 @@ def _blocks(t, chunk, causal, window, dtype, device):
 # -- the op: seqwrap::chunked_attention and its backward ------------------------------------------------
 @torch.library.custom_op("seqwrap::chunked_attention", mutates_args=())
 def chunked_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, causal: bool,
-                         window: int | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, Hq, T, D), k, v (B, Hkv, T, D) -> (out (B, Hq, T, D), lse (B, Hq, T) real)."""
+                         window: int | None, scale: float, doc_ids: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, Hq, T, D), k, v (B, Hkv, T, D) -> (out (B, Hq, T, D), lse (B, Hq, T) real). doc_ids (B, T):
+    the document of every token (packed rows: block-diagonal causal), or None."""
     real = real_dtype(q.dtype)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=real, device=q.device)
     if q.numel() == 0:  # batch, query heads, T or head_dim is 0: no output element (as SDPA)
         return out, lse.fill_(float("-inf"))
-    for q0, q1, kv in _blocks(q.shape[2], chunk, causal, window, q.dtype, q.device):
+    documents = None if doc_ids is None else docs_mod.Documents(doc_ids)
+    for q0, q1, kv in _blocks(q.shape[2], chunk, causal, window, q.dtype, q.device, documents):
         o, l = attend(q[:, :, q0:q1], ((k[:, :, k0:k1], v[:, :, k0:k1], m) for k0, k1, m in kv), scale)
         out[:, :, q0:q1] = o
         lse[:, :, q0:q1] = l
@@ -55,21 +66,23 @@ def chunked_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chun
 
 
 @chunked_attention_op.register_fake
-def _(q, k, v, chunk, causal, window, scale):
+def _(q, k, v, chunk, causal, window, scale, doc_ids):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=real_dtype(q.dtype))
 
 
 @torch.library.custom_op("seqwrap::chunked_attention_backward", mutates_args=())
 def chunked_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   out: torch.Tensor, lse: torch.Tensor, chunk: int, causal: bool, window: int | None,
-                                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  scale: float, doc_ids: torch.Tensor | None
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) block by block from the final output and the global lse (no block's probabilities kept)."""
     if q.numel() == 0:  # k, v may hold elements (zero query heads): nothing attended to them
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dq = torch.zeros_like(q, dtype=lse.dtype)
     dk = torch.zeros(k.shape, dtype=lse.dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=lse.dtype, device=v.device)
-    for q0, q1, kv in _blocks(q.shape[2], chunk, causal, window, q.dtype, q.device):
+    documents = None if doc_ids is None else docs_mod.Documents(doc_ids)
+    for q0, q1, kv in _blocks(q.shape[2], chunk, causal, window, q.dtype, q.device, documents):
         grads = BlockBackward(dout[:, :, q0:q1], q[:, :, q0:q1], out[:, :, q0:q1], lse[:, :, q0:q1], k.shape[1], scale)
         for k0, k1, mask in kv:
             gk, gv = grads.block(k[:, :, k0:k1], v[:, :, k0:k1], mask)
@@ -80,31 +93,37 @@ def chunked_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.
 
 
 @chunked_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, chunk, causal, window, scale):
+def _(dout, q, k, v, out, lse, chunk, causal, window, scale, doc_ids):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, chunk, causal, window, scale = inputs
+    q, k, v, chunk, causal, window, scale, doc_ids = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, doc_ids)
     ctx.config = (chunk, causal, window, scale)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.seqwrap.chunked_attention_backward(dout.contiguous(), q, k, v, out, lse, *ctx.config)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, lse, doc_ids = ctx.saved_tensors
+    dq, dk, dv = torch.ops.seqwrap.chunked_attention_backward(dout.contiguous(), q, k, v, out, lse, *ctx.config,
+                                                              doc_ids)
+    return dq, dk, dv, None, None, None, None, None
 
 
 torch.library.register_autograd("seqwrap::chunked_attention", _backward, setup_context=_setup_context)
 
 
 def chunked_attention(q, k, v, *, chunk_size: int, causal: bool = True, window: int | None = None,
-                      scale: float | None = None) -> torch.Tensor:
+                      scale: float | None = None, cu_seqlens=None, seq_idx=None, position_ids=None,
+                      documents: docs_mod.Documents | None = None) -> torch.Tensor:
     """Exact attention computed block by block (see the module docstring). Returns (B, Hq, T, D).
     With no output element (B, Hq, T or D is 0) the result is empty, as with SDPA, and the
-    gradients of k and v are zeros."""
+    gradients of k and v are zeros.
+
+    Packed rows: cu_seqlens (D + 1,) over the flattened B * T tokens, seq_idx (B, T), position_ids
+    (B, T) restarting per document, or a ready seqwrap.ops.documents.Documents; no token attends
+    to another document."""
     fn = "seqwrap.ops.chunked_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -127,4 +146,13 @@ def chunked_attention(q, k, v, *, chunk_size: int, causal: bool = True, window: 
     if scale is None:  # head_dim 0: no output element, the scale is unused
         scale = q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
     scale = float(scale)
-    return torch.ops.seqwrap.chunked_attention(q, k, v, chunk_size, causal, window, scale)[0]
+    if documents is None and q.numel():
+        documents = docs_mod.resolve((q.shape[0], q.shape[2]), position_ids=position_ids, cu_seqlens=cu_seqlens,
+                                     seq_idx=seq_idx, what=fn)
+    elif documents is not None and (documents.batch, documents.length) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"{fn}: documents describe {documents.batch} rows of {documents.length} tokens, q has "
+                         f"{q.shape[0]} of {q.shape[2]}")
+    if documents is not None:
+        documents = documents.to(q.device)
+    doc_ids = None if documents is None else documents.ids
+    return torch.ops.seqwrap.chunked_attention(q, k, v, chunk_size, causal, window, scale, doc_ids)[0]

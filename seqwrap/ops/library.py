@@ -129,12 +129,12 @@ def _scan_out_shapes(u, A, block):
 @torch.library.custom_op(f"{NS}::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd_op(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C_: torch.Tensor,
                           D: torch.Tensor | None, z: torch.Tensor | None, h0: torch.Tensor | None,
-                          block: int, truncation: int, grad_len: int
+                          block: int, truncation: int, grad_len: int, reset: torch.Tensor | None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y (batch, dim, len), h_last (batch, dim, dstate), checkpoints (batch, dim, blocks, dstate)), all in
     the compute dtype (float64 for float64 inputs, else float32). truncation and grad_len only shape the
     backward (see csrc/sw_scan.h; grad_len -1: the whole length); its autograd formula is registered in
-    seqwrap/ops/selective_scan.py."""
+    seqwrap/ops/selective_scan.py. reset (batch, len) int32 or None: document starts (packed rows)."""
     comp = real_dtype(u.dtype)
     ys, hs, cs = _scan_out_shapes(u, A, block)
     y = torch.empty(ys, dtype=comp, device=u.device)
@@ -142,12 +142,12 @@ def selective_scan_fwd_op(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
     ckpt = torch.empty(cs, dtype=comp, device=u.device)
     u, dt, A, B, C_, D, z, h0 = (_d(t) for t in (u, dt, A, B, C_, D, z, h0))
     C.selective_scan_fwd(u, dt, A, B, C_, D, z, h0, y, hlast, ckpt, block, _scan_work(u, A.shape[1], block, comp),
-                         stream_for(u))
+                         stream_for(u), reset=reset)
     return y, hlast, ckpt
 
 
 @selective_scan_fwd_op.register_fake
-def _(u, dt, A, B, C_, D, z, h0, block, truncation, grad_len):
+def _(u, dt, A, B, C_, D, z, h0, block, truncation, grad_len, reset):
     comp = real_dtype(u.dtype)
     ys, hs, cs = _scan_out_shapes(u, A, block)
     return u.new_empty(ys, dtype=comp), u.new_empty(hs, dtype=comp), u.new_empty(cs, dtype=comp)
@@ -156,8 +156,8 @@ def _(u, dt, A, B, C_, D, z, h0, block, truncation, grad_len):
 @torch.library.custom_op(f"{NS}::selective_scan_bwd", mutates_args=())
 def selective_scan_bwd_op(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C_: torch.Tensor,
                           D: torch.Tensor | None, z: torch.Tensor | None, ckpt: torch.Tensor, dy: torch.Tensor,
-                          dhlast: torch.Tensor | None, block: int, truncation: int, grad_len: int
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                          dhlast: torch.Tensor | None, block: int, truncation: int, grad_len: int,
+                          reset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor, torch.Tensor, torch.Tensor]:
     """(du, ddt, dA (batch, dim, dstate) per batch row, dB, dC, dD (batch, dim), dz (empty without z),
     dh0), in the compute dtype. dy (batch, dim, len) and dhlast (batch, dim, dstate) or None, compute dtype."""
@@ -172,12 +172,13 @@ def selective_scan_bwd_op(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
     dC = torch.zeros_like(dB)
     dA, dD, dh0 = new(batch, dim, dstate), new(batch, dim), new(batch, dim, dstate)
     C.selective_scan_bwd(u, dt, A, B, C_, D, z, ckpt, dy, dhlast, du, ddt, dz if z is not None else None, dB, dC, dA,
-                         dD, dh0, block, truncation, grad_len, _scan_work(u, dstate, block, comp), stream_for(u))
+                         dD, dh0, block, truncation, grad_len, _scan_work(u, dstate, block, comp), stream_for(u),
+                         reset=reset)
     return du, ddt, dA, dB, dC, dD, dz, dh0
 
 
 @selective_scan_bwd_op.register_fake
-def _(u, dt, A, B, C_, D, z, ckpt, dy, dhlast, block, truncation, grad_len):
+def _(u, dt, A, B, C_, D, z, ckpt, dy, dhlast, block, truncation, grad_len, reset):
     comp = real_dtype(u.dtype)
     batch, dim, length = u.shape
     dstate = A.shape[1]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..ops import documents as docs_mod
+
 
 def _rank_positions(s: int, p: int, r: int, chunk_size: int | None) -> torch.Tensor:
     """Global positions held by rank r of p: one contiguous slice of s / p tokens, or (chunk_size
@@ -37,6 +39,13 @@ def shard_batch(batch: dict, group=None, *, chunk_size: int | None = None, ignor
     num_items_in_batch: the number of non-ignored labels of the whole batch, so
     each rank's loss is its share of the global mean and the ranks' losses
     (and gradients) add up to the single-process ones.
+
+    Packed rows (several documents each): give position_ids restarting per document, or cu_seqlens,
+    seq_idx, or DataCollatorWithFlattening's cu_seq_lens_q / cu_seq_lens_k in `batch`. The shard then
+    holds each token's position inside its document, the target of every document's last token is
+    ignored, and cu_seq_lens_q / cu_seq_lens_k (int32) describe the documents of the *whole* (B, S)
+    batch: the Ulysses attention (and SeCO / SpaCO under Ulysses) read them after the all-to-all, when
+    every rank holds the whole sequence.
     """
     group = group or dist.group.WORLD
     p, r = dist.get_world_size(group), dist.get_rank(group)
@@ -57,12 +66,24 @@ def shard_batch(batch: dict, group=None, *, chunk_size: int | None = None, ignor
     if labels.shape != ids.shape:
         raise ValueError(f"shard_batch: labels {tuple(labels.shape)} must match input_ids {tuple(ids.shape)}")
     shifted = torch.cat([labels[:, 1:], torch.full((b, 1), ignore_index, dtype=labels.dtype, device=labels.device)], 1)
+    docs = docs_mod.resolve((b, s), position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"),
+                            seq_idx=batch.get("seq_idx"), cu_seq_lens_q=batch.get("cu_seq_lens_q"),
+                            cu_seq_lens_k=batch.get("cu_seq_lens_k"), what="shard_batch")
     pos = _rank_positions(s, p, r, chunk_size).to(ids.device)
+    positions = pos.expand(b, pos.numel())
+    if docs is not None:
+        docs = docs.to(ids.device)
+        shifted = shifted.masked_fill(docs.ends(), ignore_index)
+        positions = docs.positions()[:, pos]
     shift = shifted[:, pos].contiguous()
-    return {
+    out = {
         "input_ids": ids[:, pos].contiguous(),
-        "position_ids": pos.expand(b, pos.numel()),
+        "position_ids": positions,
         "labels": shift,
         "shift_labels": shift,
         "num_items_in_batch": (shifted != ignore_index).sum(),
     }
+    if docs is not None:
+        cu = docs.cu_seqlens().to(ids.device)
+        out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    return out

@@ -15,7 +15,8 @@ sliding window if it has one), and a second all-to-all trades back. K/V heads
 fewer than the ranks (or not divisible by them) are replicated to the query
 heads first. Attention inside a rank is F.scaled_dot_product_attention, or
 seqwrap.ops.chunked_attention when `chunk_size` is given (and always for
-sliding-window layers).
+sliding-window layers and packed rows: `documents`, the document layout of the
+whole sequence, keeps every token to its own document).
 """
 from __future__ import annotations
 
@@ -54,15 +55,17 @@ def from_head_shards(out, group):
 
 
 def ulysses_attend(query, key, value, group, *, chunk_size: int | None = None, window: int | None = None,
-                   scale: float | None = None):
+                   scale: float | None = None, documents=None):
     """Causal attention of this rank's sequence shard, computed over the whole sequence for H/P heads.
 
     query (B, Hq, s, D), key/value (B, Hkv, s, D) for the local shard; returns (B, Hq, s, D).
-    Inside the rank: seqwrap.ops.chunked_attention when chunk_size or a sliding window is given,
-    else F.scaled_dot_product_attention."""
+    Inside the rank: seqwrap.ops.chunked_attention when chunk_size, a sliding window or documents
+    (a seqwrap.ops.documents.Documents over the whole (B, S) sequence) are given, else
+    F.scaled_dot_product_attention."""
     q, k, v = to_head_shards(query, key, value, group)
-    if window is not None or chunk_size is not None:
-        out = chunked_attention(q, k, v, chunk_size=chunk_size or q.shape[2], window=window, scale=scale)
+    if window is not None or chunk_size is not None or documents is not None:
+        out = chunked_attention(q, k, v, chunk_size=chunk_size or q.shape[2], window=window, scale=scale,
+                                documents=documents)
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return from_head_shards(out, group)
