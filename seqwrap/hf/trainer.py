@@ -11,7 +11,10 @@ args.average_tokens_across_devices, accelerator.num_processes and accelerator.sc
 
 Everything else is the stock Trainer: TrainingArguments keep their meaning
 (gradient accumulation through num_items_in_batch, logging, bf16 autocast,
-fp16 loss scaling, DDP with one gradient all-reduce per optimizer step).
+fp16 loss scaling, DDP with one gradient all-reduce per optimizer step, FSDP2 through accelerate
+(`fsdp=True, fsdp_config={"version": 2, ...}`): each FSDP group all-gathered once per micro-batch and
+reduce-scattered once per optimizer step, accelerate's no_sync kept; pick another schedule with
+seqwrap_options={"fsdp": seqwrap.parallel.FSDPSchedule(...)}).
 Or mix SeqwrapTrainerMixin into your own Trainer subclass, before Trainer.
 """
 from __future__ import annotations

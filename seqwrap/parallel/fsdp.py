@@ -141,7 +141,10 @@ class FSDPStep:
 
     # -- the groups ------------------------------------------------------------------------------
     def _groups(self, modules=None):
-        return [g for m in (modules or self.modules) for g in m._get_fsdp_state()._fsdp_param_groups]
+        """The FSDP param groups of `modules` (default: all), each once (fully_shard([a, b]) gives two
+        modules one state)."""
+        states = {id(s): s for s in (m._get_fsdp_state() for m in (modules or self.modules))}
+        return [g for s in states.values() for g in s._fsdp_param_groups]
 
     def _lazy_init(self) -> None:
         """FSDP2 picks its root at the first forward; the engine never runs the root's forward, so the
