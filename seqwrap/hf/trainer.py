@@ -84,7 +84,11 @@ class SeqwrapTrainerMixin:
             out = engine(inputs["input_ids"], labels=inputs.get("labels"),
                          attention_mask=inputs.get("attention_mask"), num_items=num_items_in_batch,
                          loss_scale=grad_scale)
+        self._seqwrap_after_step(inputs, out)
         return (out.loss * scale).detach().to(self.args.device)
+
+    def _seqwrap_after_step(self, inputs: dict[str, Any], out) -> None:
+        """Called after each engine step with its inputs and StepResult (SeqwrapSFTTrainer logs metrics)."""
 
 
 class SeqwrapTrainer(SeqwrapTrainerMixin, Trainer):
