@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 from ..hf.mamba import IGNORE_INDEX, MambaAdapter, shifted_targets
 from ..ops import documents as docs_mod
+from ..parallel.fsdp import fsdp_step, fsdp_step_for
 from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, unstash_grads
 from .packing import BOUNDARY_KEYS, scan_segment
 
@@ -66,9 +67,15 @@ def _no_segment(start, end):
 
 
 class AdjointSharding:
-    def __init__(self, model, chunk_size=2048, *, mode="exact", truncation=None, group=None):
+    def __init__(self, model, chunk_size=2048, *, mode="exact", truncation=None, group=None, fsdp=None):
         self.adapter = MambaAdapter(model)
         self.model = model
+        # FSDP2 (fully_shard): every group is all-gathered once per step and reduce-scattered once at its
+        # end (seqwrap/parallel/fsdp.py); the mixer runs outside module calls, so no other schedule applies
+        self._fsdp = fsdp_step_for(model, fsdp, "AdjointSharding", hooks=False)
+        if self._fsdp is not None and group is not None:
+            raise NotImplementedError("seqwrap.AdjointSharding: group= (chunks split over ranks) on an FSDP2 model "
+                                      "is not supported; FSDP2 ranks each train on their own batch")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"seqwrap.AdjointSharding: chunk_size must be a positive int, got {chunk_size!r}")
         if mode not in ("exact", "sharded"):
@@ -82,6 +89,7 @@ class AdjointSharding:
         self._seg = _no_segment   # (start, end) -> the document segment of a packed step's tokens, or None
 
     # ---------------------------------------------------------------------------------------------
+    @fsdp_step
     def __call__(self, input_ids, labels=None, *, num_items=None, position_ids=None, **boundaries):
         """boundaries: cu_seqlens, seq_idx, cu_seq_lens_q, cu_seq_lens_k (max_length_q / max_length_k are
         accepted and not needed) for packed rows; position_ids only mark document starts (Mamba has no

@@ -28,6 +28,7 @@ from torch import nn
 from ..hf.decoder import HFDecoderAdapter, UnsupportedModelError, unwrap_ddp
 from ..labels import shift_labels as shifted
 from ..ops.dtypes import real_dtype
+from ..parallel.fsdp import FSDPSchedule, fsdp_step, fsdp_step_for
 from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, sync_ddp_gradients, unstash_grads
 from .chunk_loss import chunk_loss_sum
 from .kv_store import ChunkKVStore
@@ -69,13 +70,16 @@ class SeCO:
         (with HF gradient checkpointing: the checkpointed layers' inputs) on the host too.
         offload_min_bytes: smaller saved tensors stay on the device.
     ignore_index: label value that does not count (default -100).
+    fsdp: for an FSDP2 (`fully_shard`) model, a seqwrap.FSDPSchedule (default: all-gather once and
+        reduce-scatter once per step; see seqwrap/parallel/fsdp.py).
     """
 
     name = "SeCO"
     exact_loss = True  # SpaCO(exact_loss=False) reports the unbiased estimate instead
 
     def __init__(self, model: nn.Module, chunk_size: int = 2048, *, ignore_index: int = -100,
-                 attention: str = "chunked", offload: bool = False, offload_min_bytes: int = 1 << 20, **options):
+                 attention: str = "chunked", offload: bool = False, offload_min_bytes: int = 1 << 20,
+                 fsdp: FSDPSchedule | None = None, **options):
         if options:
             raise TypeError(f"seqwrap.{self.name}: unknown option(s) {sorted(options)}")
         if not isinstance(model, nn.Module):
@@ -104,6 +108,11 @@ class SeCO:
         self.group = self.adapter.ulysses_group()
         if self.group is not None and attention != "chunked":
             raise ValueError(f"seqwrap.{self.name}: a model patched for Ulysses needs attention='chunked'")
+        # FSDP2: the step runs inside self._fsdp.step() (the @fsdp_step on __call__)
+        self._fsdp = fsdp_step_for(model, fsdp, self.name)
+        if self._fsdp is not None and self.group is not None:
+            raise NotImplementedError(f"seqwrap.{self.name}: Ulysses sequence parallelism on an FSDP2 model is not "
+                                      "supported yet")
         self.pool = default_pool() if self.offload else None
         self._xfer = None
         # with offload, per step: host_peak_bytes / host_reserved_bytes (the pool), parked_bytes,
@@ -117,6 +126,7 @@ class SeCO:
         return [1.0] * len(label_counts)
 
     # -- one step --------------------------------------------------------------
+    @fsdp_step
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *, num_items=None, loss_scale: float = 1.0,
                  position_ids: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None,

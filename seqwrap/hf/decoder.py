@@ -34,17 +34,18 @@ def unwrap_ddp(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
 
 
 def refuse_sharded(model: nn.Module, engine: str) -> None:
-    """FSDP (1 or 2) reshards parameters around each forward/backward; not supported."""
+    """FSDP1 (FullyShardedDataParallel) flattens the parameters behind its own forward: refused.
+    FSDP2 (`fully_shard`) models are driven by seqwrap.parallel.fsdp (the engine's `fsdp` option)."""
     try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # pragma: no cover - torch without distributed
         return
     for m in model.modules():
-        if isinstance(m, (FSDPModule, FullyShardedDataParallel)):
+        if isinstance(m, FullyShardedDataParallel):
             raise NotImplementedError(
-                f"seqwrap.{engine} does not support FSDP / FSDP2 (`fully_shard`) models yet: the chunk-wise "
-                "backward would all-gather and reduce-scatter the parameters once per chunk. Use "
-                "DistributedDataParallel (gradients are reduced once per step) or a single device."
+                f"seqwrap.{engine} does not support FSDP1 (FullyShardedDataParallel) models: shard with FSDP2 "
+                "(torch.distributed.fsdp.fully_shard on each decoder layer, then on the model), use "
+                "DistributedDataParallel, or a single device."
             )
 
 

@@ -11,7 +11,10 @@ args.average_tokens_across_devices, accelerator.num_processes and accelerator.sc
 
 Everything else is the stock Trainer: TrainingArguments keep their meaning
 (gradient accumulation through num_items_in_batch, logging, bf16 autocast,
-fp16 loss scaling, DDP with one gradient all-reduce per optimizer step).
+fp16 loss scaling, DDP with one gradient all-reduce per optimizer step, FSDP2 through accelerate
+(`fsdp=True, fsdp_config={"version": 2, ...}`): each FSDP group all-gathered once per micro-batch and
+reduce-scattered once per optimizer step, accelerate's no_sync kept; pick another schedule with
+seqwrap_options={"fsdp": seqwrap.parallel.FSDPSchedule(...)}).
 Or mix SeqwrapTrainerMixin into your own Trainer subclass, before Trainer.
 """
 from __future__ import annotations
@@ -85,7 +88,11 @@ class SeqwrapTrainerMixin:
             out = engine(inputs["input_ids"], labels=inputs.get("labels"),
                          attention_mask=inputs.get("attention_mask"), num_items=num_items_in_batch,
                          loss_scale=grad_scale, **packed)
+        self._seqwrap_after_step(inputs, out)
         return (out.loss * scale).detach().to(self.args.device)
+
+    def _seqwrap_after_step(self, inputs: dict[str, Any], out) -> None:
+        """Called after each engine step with its inputs and StepResult (SeqwrapSFTTrainer logs metrics)."""
 
 
 class SeqwrapTrainer(SeqwrapTrainerMixin, Trainer):
