@@ -29,6 +29,7 @@ from ..hf.decoder import HFDecoderAdapter, UnsupportedModelError, unwrap_ddp
 from ..labels import shift_labels as shifted
 from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, sync_ddp_gradients, unstash_grads
 from .chunk_loss import chunk_loss_sum
+from .hybrid_store import make_store
 from .kv_store import ChunkKVStore
 from .offload import Transfers, default_pool, park_activations
 
@@ -102,6 +103,7 @@ class SeCO:
         self.group = self.adapter.ulysses_group()
         if self.group is not None and attention != "chunked":
             raise ValueError(f"seqwrap.{self.name}: a model patched for Ulysses needs attention='chunked'")
+        self.adapter.check_recurrent(self.name, attention, chunk_size, self.group is not None)
         self.pool = default_pool() if self.offload else None
         self._xfer = None
         # with offload, per step: host_peak_bytes / host_reserved_bytes (the pool), parked_bytes,
@@ -152,6 +154,8 @@ class SeCO:
         norm = norm or 1.0  # no label at all: loss 0, no gradient (HF would give nan)
         C = self.chunk_size // world  # tokens of each chunk on this rank
         bounds = [(s, min(s + C, T)) for s in range(0, T, C)]
+        if self.adapter.recurrent_layers:
+            bounds = _no_single_token_tail(bounds)
         counts = self._group_sum(torch.stack([valid[:, s:e].sum() for s, e in bounds])).tolist()
         weights = self._same_on_all_ranks([float(w) for w in self.chunk_weights([int(c) for c in counts])])
         selected = [i for i, w in enumerate(weights) if w != 0.0]
@@ -159,11 +163,10 @@ class SeCO:
 
         adapter = self.adapter
         xfer = self._transfers(ids.device) if self.offload else None
-        cache = ChunkKVStore(bounds, [k == "sliding_attention" for k in adapter.layer_kinds], adapter.sliding_window,
-                             attention=self.attention, key_padding=None if mask is None else mask.bool(),
-                             offload=xfer, positions_scale=world,
-                             compensate=adapter.lm_head.weight.dtype in (torch.float16, torch.bfloat16),
-                             group=group)
+        cache = make_store(adapter.recurrent_layers, bounds, [k == "sliding_attention" for k in adapter.layer_kinds],
+                           adapter.sliding_window, attention=self.attention,
+                           key_padding=None if mask is None else mask.bool(), offload=xfer, positions_scale=world,
+                           compensate=adapter.lm_head.weight.dtype in (torch.float16, torch.bfloat16), group=group)
         # the step's gradients accumulate apart from earlier ones: a failed step leaves .grad as it was
         params = self._params()
         stash = stash_grads(params)
@@ -377,18 +380,31 @@ class SeCO:
 
     def _check_updates(self, cache: ChunkKVStore, chunk: int) -> None:
         n = len(cache.updated)
-        if n != self.adapter.num_layers:
+        if n != self.adapter.num_attention_layers:
             raise UnsupportedModelError(
                 f"seqwrap.{self.name} does not support model_type '{self.adapter.model_type}': only {n} of its "
-                f"{self.adapter.num_layers} layers passed their keys/values through the HF Cache API "
-                f"(cache.update) in chunk {chunk}"
+                f"{self.adapter.num_attention_layers} attention layers passed their keys/values through the HF Cache "
+                f"API (cache.update) in chunk {chunk}"
             )
+        missing = cache.states.missing() if hasattr(cache, "states") else []
+        if missing:
+            raise UnsupportedModelError(
+                f"seqwrap.{self.name} does not support model_type '{self.adapter.model_type}': its recurrent layers "
+                f"{missing} did not write their state through the HF cache in chunk {chunk}")
         if self.attention == "chunked" and len(cache.attended) != n:
             raise UnsupportedModelError(
                 f"seqwrap.{self.name}: model_type '{self.adapter.model_type}' ran attention outside transformers' "
                 f"attention-function registry in {n - len(cache.attended)} of its {n} layers; use "
                 f"seqwrap.{self.name}(model, attention='concat')"
             )
+
+
+def _no_single_token_tail(bounds):
+    """Merges a last chunk of one token into the chunk before it (HF's recurrent mixers run a single
+    token through an in-place state update that a chunked step cannot replay)."""
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        return bounds[:-2] + [(bounds[-2][0], bounds[-1][1])]
+    return bounds
 
 
 def _rng_state(cuda_dev):
