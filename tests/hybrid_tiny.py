@@ -43,6 +43,12 @@ FAMILIES = {
         linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, num_experts=4,
         num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
         max_position_embeddings=256)),
+    "mamba": ("MambaConfig", "MambaForCausalLM", dict(
+        state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4, time_step_rank=4)),
+    "jamba": ("JambaConfig", "JambaForCausalLM", dict(
+        num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+        num_experts=2, num_experts_per_tok=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+        mamba_d_state=8, mamba_dt_rank=4, mamba_expand=2, mamba_d_conv=4, max_position_embeddings=256)),
 }
 
 

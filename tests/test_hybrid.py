@@ -192,20 +192,13 @@ def test_gradients_accumulate_over_steps():
 
 
 # -- refused ---------------------------------------------------------------------------------------
-def test_mamba1_families_refused_with_reason():
+def test_falcon_mamba_refused_with_reason():
     import transformers
 
-    mamba = transformers.MambaForCausalLM(transformers.MambaConfig(
+    model = transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(
         vocab_size=VOCAB, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2))
-    with pytest.raises(UnsupportedModelError, match=r"model_type 'mamba'.*ignores the cached SSM state.*"
-                                                    r"AdjointSharding"):
-        seqwrap.SeCO(mamba, chunk_size=4)
-    jamba = transformers.JambaForCausalLM(transformers.JambaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
-        expert_layer_offset=1, num_experts=2, mamba_d_state=4, mamba_dt_rank=4))
-    with pytest.raises(UnsupportedModelError, match=r"model_type 'jamba'.*Mamba-1 mixer"):
-        seqwrap.SpaCO(jamba, chunk_size=4)
+    with pytest.raises(UnsupportedModelError, match=r"model_type 'falcon_mamba'.*ignores the cached SSM state"):
+        seqwrap.SeCO(model, chunk_size=4)
 
 
 def test_unlisted_recurrent_family_refused():

@@ -173,7 +173,7 @@ class SeCO:
         if self.pool is not None:
             self.pool.reset_peak()
         try:
-            with self._attention_context(), adapter.checkpointing(self.name):
+            with self._attention_context(), adapter.step_context(self.name):
                 total = self._passes(ids, shift, mask, pos, cache, bounds, weights, selected, norm, loss_scale, xfer)
             if group is not None:
                 total = reduce_step(params, group, total)

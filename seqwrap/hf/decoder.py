@@ -7,12 +7,13 @@ window), and refuses clearly what the chunked engines cannot drive.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import attention, hybrid, hybrid_cache
+from . import attention, hybrid, hybrid_cache, mamba1_mixer
 from .cache import ChunkCache
 from .checkpointing import CheckpointWithCache
 from .compat import ModelCompat, UnsupportedModelError, resolve
@@ -170,6 +171,13 @@ class HFDecoderAdapter:
     def checkpointing(self, name: str) -> CheckpointWithCache:
         """Context for a step: checkpointed decoder layers keep the chunk cache."""
         return CheckpointWithCache(self.decoder_layers(), name)
+
+    @contextmanager
+    def step_context(self, name: str):
+        """Context for a chunked step: checkpointing() plus, in models with Mamba-1 mixers, seqwrap's mixer
+        forward on them (mamba1_mixer.py: HF's own ignores the cached SSM state in multi-token calls)."""
+        with self.checkpointing(name), mamba1_mixer.patched(self.causal_lm):
+            yield
 
     def chunked_attention(self):
         """Context for a step: attention runs through seqwrap's registry entry (attend_chunk)."""

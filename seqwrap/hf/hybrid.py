@@ -10,9 +10,12 @@ sequence correctly, which was checked per mixer (transformers 5.15 and 5.24):
       cached recurrent state (initial_states) and returns the final one. Exact.
   qwen3_next (gated DeltaNet): same conv handling; torch_chunk_gated_delta_rule takes
       initial_state and returns the final state. Exact.
-  mamba, falcon_mamba, jamba (Mamba-1 mixers): the multi-token path runs the selective scan from a
-      zero state, ignoring the cached SSM state: chunks after the first would be wrong. Refused
-      (HF Mamba: use seqwrap.AdjointSharding, which runs its own chunked mixer).
+  mamba, jamba (Mamba-1 mixers): the multi-token path runs the selective scan from a zero state,
+      ignoring the cached SSM state: through HF's forward, chunks after the first would be wrong. During
+      a step their mixers run seqwrap's forward instead (mamba1_mixer.py: same maths, seqwrap's
+      selective scan started from the cached state). Exact. (seqwrap.AdjointSharding stays the
+      SSM-specific API for HF Mamba, with its sharded / truncated modes.)
+  falcon_mamba: a Mamba-1 mixer with its own norms, not checked: refused.
 
 Model-specific conditions are listed in REQUIREMENTS and checked by check_model().
 """
@@ -25,14 +28,13 @@ STATE_KINDS = ("linear_attention", "hybrid")
 # layers that keep nothing in the cache (NemotronH's MLP / MoE blocks)
 STATELESS_KINDS = ("dummy",)
 
-SUPPORTED = ("mamba2", "bamba", "nemotron_h", "granitemoehybrid", "zamba2", "qwen3_next")
+SUPPORTED = ("mamba2", "bamba", "nemotron_h", "granitemoehybrid", "zamba2", "qwen3_next", "mamba", "jamba")
 
 _MAMBA1 = ("its Mamba-1 mixer's multi-token cached forward runs the selective scan from a zero state and "
            "ignores the cached SSM state, so a chunk cannot continue the previous one")
 REFUSED = {
-    "mamba": _MAMBA1 + "; use seqwrap.AdjointSharding for HF Mamba",
-    "falcon_mamba": _MAMBA1,
-    "jamba": _MAMBA1,
+    "falcon_mamba": _MAMBA1 + " (seqwrap's own Mamba-1 mixer forward covers HF Mamba and Jamba, not FalconMamba's "
+                    "extra norms)",
 }
 
 
