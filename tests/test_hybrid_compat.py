@@ -1,10 +1,13 @@
 """Pins what the hybrid engine relies on in transformers, one test per item (see seqwrap/hf/hybrid.py):
-HF's cached multi-token forward continues a sequence exactly for the families driven through HF's mixers,
-and does not for the Mamba-1 mixers (the reason seqwrap runs its own forward for those)."""
+HF's cached multi-token forward continues a sequence exactly for the Mamba-2 / DeltaNet families, and does
+not for the Mamba-1 mixers (the reason seqwrap runs its own forward for those); seqwrap's Mamba-2 mixer
+forward (on its SSD kernel) equals HF's."""
+import contextlib
+
 import pytest
 import torch
 
-from seqwrap.hf import mamba1_mixer
+from seqwrap.hf import mamba1_mixer, mamba2_mixer
 from seqwrap.hf.compat import cache_argument
 from seqwrap.hf.hybrid import SUPPORTED
 
@@ -66,3 +69,27 @@ def test_mamba1_patch_restores_the_instances():
 
 def test_every_supported_family_is_pinned():
     assert sorted(SUPPORTED) == sorted(FAMILIES)
+
+
+MAMBA2 = ("mamba2", "bamba", "nemotron_h", "granitemoehybrid", "zamba2")
+
+
+@pytest.mark.parametrize("family", MAMBA2)
+def test_seqwrap_mamba2_forward_equals_hf(family):
+    """mamba2_mixer.mamba2_forward (seqwrap's SSD scan) equals HF's mixer forward, outputs and gradients; if
+    HF changes its Mamba-2 mixer, this names the family."""
+    model = tiny_hybrid(family)
+    ids = torch.randint(0, VOCAB, (2, 21), generator=torch.Generator().manual_seed(1))
+    assert len(mamba2_mixer.mixers(model)) >= 1
+    outs = []
+    with pure_float64():
+        for patch in (False, True):
+            model.zero_grad(set_to_none=True)
+            with mamba2_mixer.patched(model) if patch else contextlib.nullcontext():
+                logits = model(ids).logits
+                logits.square().mean().backward()
+            outs.append((logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (a, ga), (b, gb) = outs
+    assert (a - b).abs().max() <= 1e-12 * a.abs().max()
+    assert len(ga) == len(gb) and all((x - y).norm() <= 1e-10 * x.norm() for x, y in zip(ga, gb))
+    assert all("forward" not in m.__dict__ for m in mamba2_mixer.mixers(model))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import attention, hybrid, hybrid_cache, mamba1_mixer
+from . import attention, hybrid, hybrid_cache, mamba1_mixer, mamba2_mixer
 from .cache import ChunkCache
 from .checkpointing import CheckpointWithCache
 from .compat import ModelCompat, UnsupportedModelError, resolve
@@ -174,9 +174,10 @@ class HFDecoderAdapter:
 
     @contextmanager
     def step_context(self, name: str):
-        """Context for a chunked step: checkpointing() plus, in models with Mamba-1 mixers, seqwrap's mixer
-        forward on them (mamba1_mixer.py: HF's own ignores the cached SSM state in multi-token calls)."""
-        with self.checkpointing(name), mamba1_mixer.patched(self.causal_lm):
+        """Context for a chunked step: checkpointing() plus seqwrap's forward on the recurrent mixers that need
+        one: Mamba-1 (mamba1_mixer.py: HF's ignores the cached SSM state in multi-token calls) and Mamba-2
+        (mamba2_mixer.py: HF's torch SSD keeps (chunk x chunk) tensors per head for backward)."""
+        with self.checkpointing(name), mamba1_mixer.patched(self.causal_lm), mamba2_mixer.patched(self.causal_lm):
             yield
 
     def chunked_attention(self):

@@ -7,7 +7,8 @@ sequence correctly, which was checked per mixer (transformers 5.15 and 5.24):
 
   mamba2, bamba, nemotron_h, granitemoehybrid, zamba2 (Mamba-2 / SSD mixers): the conv input is
       [cached conv state ; new inputs] (update_conv_state) and the chunked SSD scan starts from the
-      cached recurrent state (initial_states) and returns the final one. Exact.
+      cached recurrent state (initial_states) and returns the final one. Exact. During a step their
+      mixers run the same forward on seqwrap's SSD kernel (mamba2_mixer.py), for memory.
   qwen3_next (gated DeltaNet): same conv handling; torch_chunk_gated_delta_rule takes
       initial_state and returns the final state. Exact.
   mamba, jamba (Mamba-1 mixers): the multi-token path runs the selective scan from a zero state,
