@@ -73,12 +73,19 @@ def _dtype_arg(args, kwargs):
     return next((a for a in args[1:] if isinstance(a, torch.dtype)), None)
 
 
+_PRODUCTS = (torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.bmm, torch.mm)
+
+
 class pure_float64(TorchFunctionMode):
     """Within the block, casting a float64 tensor to float32 (`.float()`, `.to(torch.float32, ...)`) returns
-    it unchanged (other arguments of `.to` still apply)."""
+    it unchanged (other arguments of `.to` still apply); a matrix product of float64 and float32 operands
+    (a float64 buffer kept by the first rule times a value cast from integers) runs in float64."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _PRODUCTS and len(args) == 2 and all(isinstance(a, torch.Tensor) for a in args) \
+                and {args[0].dtype, args[1].dtype} == {torch.float32, torch.float64}:
+            args = tuple(a.double() for a in args)
         if args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64:
             if func is torch.Tensor.float:
                 return args[0]

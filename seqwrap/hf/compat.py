@@ -6,7 +6,8 @@ release that changes one fails one named test:
 
   item                      | used by                  | what we rely on
   cache argument            | decoder.py, mst_lm.py    | decoder / CausalLM forward takes the cache as `cache` (>= 5.24)
-                            |                          | or `past_key_values` (< 5.24): resolved from the signature
+                            |                          | or `past_key_values` (< 5.24; `cache_params` for Mamba / Mamba2
+                            |                          | before 5.2x): resolved from the signature
   output cache field        | mst_lm.py                | output dataclasses hold it as `cache` or `past_key_values`
   layer kinds               | decoder.py               | cache_utils.get_layer_types_and_kwargs(config): kinds + per-layer
                             |                          | kwargs (a list >= 5.20, one dict for all layers before)
@@ -86,7 +87,7 @@ def resolve(causal_lm, decoder, engine: str) -> ModelCompat:
 def cache_argument(forward_owner: type, engine: str = "seqwrap") -> str:
     """'cache' or 'past_key_values': the keyword `forward_owner.forward` takes the cache under."""
     params = inspect.signature(forward_owner.forward).parameters
-    for name in ("cache", "past_key_values"):
+    for name in ("cache", "past_key_values", "cache_params"):  # cache_params: Mamba / Mamba2 < 5.2x
         if name in params:
             return name
     raise UnsupportedModelError(

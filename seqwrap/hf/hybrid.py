@@ -26,8 +26,8 @@ from .compat import UnsupportedModelError
 
 # kinds of layer (transformers' layer_types) that keep a recurrent state; "hybrid" layers keep K/V too
 STATE_KINDS = ("linear_attention", "hybrid")
-# layers that keep nothing in the cache (NemotronH's MLP / MoE blocks)
-STATELESS_KINDS = ("dummy",)
+# layers that keep nothing in the cache (NemotronH's MLP / MoE blocks: "dummy" >= 5.2x, "mlp" / "moe" in 5.15)
+STATELESS_KINDS = ("dummy", "mlp", "moe")
 
 SUPPORTED = ("mamba2", "bamba", "nemotron_h", "granitemoehybrid", "zamba2", "qwen3_next", "mamba", "jamba")
 
