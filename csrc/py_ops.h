@@ -12,5 +12,7 @@ PyObject *sw_py_lse_merge(PyObject *self, PyObject *args, PyObject *kwargs);
 PyObject *sw_py_sample_chunks(PyObject *self, PyObject *args, PyObject *kwargs);
 PyObject *sw_py_selective_scan_fwd(PyObject *self, PyObject *args, PyObject *kwargs);
 PyObject *sw_py_selective_scan_bwd(PyObject *self, PyObject *args, PyObject *kwargs);
+PyObject *sw_py_ssd_scan_fwd(PyObject *self, PyObject *args, PyObject *kwargs);
+PyObject *sw_py_ssd_scan_bwd(PyObject *self, PyObject *args, PyObject *kwargs);
 
 #endif /* SEQWRAP_PY_OPS_H */

@@ -143,9 +143,9 @@ def test_bad_inputs():
 def test_unsupported_models_named():
     import transformers
 
-    mamba = transformers.MambaForCausalLM(transformers.MambaConfig(
+    mamba = transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(
         vocab_size=VOCAB, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2))
-    with pytest.raises(UnsupportedModelError, match="model_type 'mamba'"):
+    with pytest.raises(UnsupportedModelError, match="model_type 'falcon_mamba'"):
         seqwrap.SeCO(mamba, chunk_size=4)(torch.randint(0, VOCAB, (1, 8)))
     bert = transformers.BertModel(transformers.BertConfig(
         vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))

@@ -31,6 +31,7 @@ from ..ops.dtypes import real_dtype
 from ..parallel.fsdp import FSDPSchedule, fsdp_step, fsdp_step_for
 from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, sync_ddp_gradients, unstash_grads
 from .chunk_loss import chunk_loss_sum
+from .hybrid_store import make_store
 from .kv_store import ChunkKVStore
 from .offload import Transfers, default_pool, park_activations
 from .packing import prepare as prepare_packed
@@ -113,6 +114,7 @@ class SeCO:
         if self._fsdp is not None and self.group is not None:
             raise NotImplementedError(f"seqwrap.{self.name}: Ulysses sequence parallelism on an FSDP2 model is not "
                                       "supported yet")
+        self.adapter.check_recurrent(self.name, attention, chunk_size, self.group is not None)
         self.pool = default_pool() if self.offload else None
         self._xfer = None
         # with offload, per step: host_peak_bytes / host_reserved_bytes (the pool), parked_bytes,
@@ -174,6 +176,8 @@ class SeCO:
         norm = norm or 1.0  # no label at all: loss 0, no gradient (HF would give nan)
         C = self.chunk_size // world  # tokens of each chunk on this rank
         bounds = [(s, min(s + C, T)) for s in range(0, T, C)]
+        if self.adapter.recurrent_layers:
+            bounds = _no_single_token_tail(bounds)
         counts = self._group_sum(torch.stack([valid[:, s:e].sum() for s, e in bounds])).tolist()
         weights = self._same_on_all_ranks([float(w) for w in self.chunk_weights([int(c) for c in counts])])
         selected = [i for i, w in enumerate(weights) if w != 0.0]
@@ -181,18 +185,23 @@ class SeCO:
 
         adapter = self.adapter
         xfer = self._transfers(ids.device) if self.offload else None
-        cache = ChunkKVStore(bounds, [k == "sliding_attention" for k in adapter.layer_kinds], adapter.sliding_window,
-                             attention=self.attention, key_padding=None if mask is None else mask.bool(),
-                             offload=xfer, positions_scale=world,
-                             compensate=adapter.lm_head.weight.dtype in (torch.float16, torch.bfloat16),
-                             group=group, documents=docs)
+        if docs is not None and adapter.recurrent_layers:
+            # the recurrent layers' state would flow from one document into the next
+            raise NotImplementedError(f"seqwrap.{self.name}: packed rows (several documents per row) are not supported "
+                                      "for models with recurrent layers yet: their state is not reset at document "
+                                      "starts inside a chunked step; pass one document per row")
+        cache = make_store(adapter.recurrent_layers, bounds, [k == "sliding_attention" for k in adapter.layer_kinds],
+                           adapter.sliding_window, attention=self.attention,
+                           key_padding=None if mask is None else mask.bool(), offload=xfer, positions_scale=world,
+                           compensate=adapter.lm_head.weight.dtype in (torch.float16, torch.bfloat16), group=group,
+                           documents=docs)
         # the step's gradients accumulate apart from earlier ones: a failed step leaves .grad as it was
         params = self._params()
         stash = stash_grads(params)
         if self.pool is not None:
             self.pool.reset_peak()
         try:
-            with self._attention_context(), adapter.checkpointing(self.name):
+            with self._attention_context(), adapter.step_context(self.name):
                 total = self._passes(ids, shift, mask, pos, cache, bounds, weights, selected, norm, loss_scale, xfer)
             if group is not None:
                 total = reduce_step(params, group, total)
@@ -399,18 +408,31 @@ class SeCO:
 
     def _check_updates(self, cache: ChunkKVStore, chunk: int) -> None:
         n = len(cache.updated)
-        if n != self.adapter.num_layers:
+        if n != self.adapter.num_attention_layers:
             raise UnsupportedModelError(
                 f"seqwrap.{self.name} does not support model_type '{self.adapter.model_type}': only {n} of its "
-                f"{self.adapter.num_layers} layers passed their keys/values through the HF Cache API "
-                f"(cache.update) in chunk {chunk}"
+                f"{self.adapter.num_attention_layers} attention layers passed their keys/values through the HF Cache "
+                f"API (cache.update) in chunk {chunk}"
             )
+        missing = cache.states.missing() if hasattr(cache, "states") else []
+        if missing:
+            raise UnsupportedModelError(
+                f"seqwrap.{self.name} does not support model_type '{self.adapter.model_type}': its recurrent layers "
+                f"{missing} did not write their state through the HF cache in chunk {chunk}")
         if self.attention == "chunked" and len(cache.attended) != n:
             raise UnsupportedModelError(
                 f"seqwrap.{self.name}: model_type '{self.adapter.model_type}' ran attention outside transformers' "
                 f"attention-function registry in {n - len(cache.attended)} of its {n} layers; use "
                 f"seqwrap.{self.name}(model, attention='concat')"
             )
+
+
+def _no_single_token_tail(bounds):
+    """Merges a last chunk of one token into the chunk before it (HF's recurrent mixers run a single
+    token through an in-place state update that a chunked step cannot replay)."""
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        return bounds[:-2] + [(bounds[-2][0], bounds[-1][1])]
+    return bounds
 
 
 def _rng_state(cuda_dev):

@@ -6,10 +6,15 @@ release that changes one fails one named test:
 
   item                      | used by                  | what we rely on
   cache argument            | decoder.py, mst_lm.py    | decoder / CausalLM forward takes the cache as `cache` (>= 5.24)
-                            |                          | or `past_key_values` (< 5.24): resolved from the signature
+                            |                          | or `past_key_values` (< 5.24; `cache_params` for Mamba / Mamba2
+                            |                          | before 5.2x): resolved from the signature
   output cache field        | mst_lm.py                | output dataclasses hold it as `cache` or `past_key_values`
   layer kinds               | decoder.py               | cache_utils.get_layer_types_and_kwargs(config): kinds + per-layer
                             |                          | kwargs (a list >= 5.20, one dict for all layers before)
+  recurrent-state cache API | hybrid_cache.py          | mixers call get_conv_state / get_recurrent_state (>= 5.2x) or
+                            |                          | has_previous_state + layers[i].conv_states (5.15), then
+                            |                          | update_conv_state(x, layer, conv_kernel_size=k) -> [state ; x] and
+                            |                          | update_recurrent_state(final, layer); families: hybrid.py
   Cache contract            | cache.py                 | Cache(layers=[CacheLayerMixin...]); HF calls update(k, v, layer_idx,
                             |                          | ...) once per layer after RoPE, get_seq_length, get_mask_sizes,
                             |                          | get_query_offset, is_sliding
@@ -58,7 +63,8 @@ class ModelCompat:
 
     cache_arg: keyword under which the decoder and the causal LM take the cache
     output_cache_field: field of the model outputs holding the cache
-    layer_kinds: per decoder layer, one of ATTENTION_KINDS
+    layer_kinds: per decoder layer, one of ATTENTION_KINDS, or of hybrid.STATE_KINDS / STATELESS_KINDS
+        (recurrent and cache-less layers of the hybrid families hybrid.py supports)
     sliding_window: the window of the sliding layers (None: no sliding layer)
     """
 
@@ -83,7 +89,7 @@ def resolve(causal_lm, decoder, engine: str) -> ModelCompat:
 def cache_argument(forward_owner: type, engine: str = "seqwrap") -> str:
     """'cache' or 'past_key_values': the keyword `forward_owner.forward` takes the cache under."""
     params = inspect.signature(forward_owner.forward).parameters
-    for name in ("cache", "past_key_values"):
+    for name in ("cache", "past_key_values", "cache_params"):  # cache_params: Mamba / Mamba2 < 5.2x
         if name in params:
             return name
     raise UnsupportedModelError(
@@ -140,9 +146,14 @@ def layer_kinds(config, mtype: str, engine: str) -> tuple[list[str], int | None]
     kinds, kwargs = kinds[:n], kwargs[:n]
     bad = sorted({k for k in kinds if k not in ATTENTION_KINDS})
     if bad:
-        raise UnsupportedModelError(
-            f"seqwrap.{engine} does not support model_type '{mtype}': it has layers of type {bad}; only full and "
-            "sliding-window attention layers that go through the HF Cache API can be chunked")
+        from .hybrid import STATE_KINDS, STATELESS_KINDS, check_family  # recurrent layers: see hybrid.py
+
+        if any(k not in STATE_KINDS + STATELESS_KINDS for k in bad):
+            raise UnsupportedModelError(
+                f"seqwrap.{engine} does not support model_type '{mtype}': it has layers of type {bad}; only full and "
+                "sliding-window attention layers that go through the HF Cache API, and the recurrent layers of the "
+                "families listed in seqwrap/hf/hybrid.py, can be chunked")
+        check_family(mtype, kinds, engine)
     windows = {kw.get("sliding_window") for k, kw in zip(kinds, kwargs) if k == "sliding_attention"}
     if None in windows:
         raise UnsupportedModelError(f"seqwrap.{engine}: model_type '{mtype}' has sliding layers without a window")

@@ -7,12 +7,13 @@ window), and refuses clearly what the chunked engines cannot drive.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import attention
+from . import attention, hybrid, hybrid_cache, mamba1_mixer, mamba2_mixer
 from .cache import ChunkCache
 from .checkpointing import CheckpointWithCache
 from .compat import ModelCompat, UnsupportedModelError, resolve
@@ -113,6 +114,30 @@ class HFDecoderAdapter:
     def num_layers(self) -> int:
         return len(self.compat.layer_kinds)
 
+    # -- hybrid / SSM models (seqwrap/hf/hybrid.py) ------------------------------------------
+    @property
+    def recurrent_layers(self) -> list[int]:
+        """Indices of the layers that carry a recurrent state (Mamba-2 mixers, linear attention)."""
+        return [i for i, k in enumerate(self.compat.layer_kinds) if k in hybrid.STATE_KINDS]
+
+    @property
+    def num_attention_layers(self) -> int:
+        """Layers whose attention keeps K/V in the cache (hybrid layers count: they have both)."""
+        return sum(k not in hybrid.STATELESS_KINDS and k != "linear_attention" for k in self.compat.layer_kinds)
+
+    def check_recurrent(self, engine: str, attention: str, chunk_size: int, ulysses: bool) -> None:
+        """Refuses what a chunked step cannot do with this model's recurrent layers (none: no check)."""
+        if not self.recurrent_layers:
+            return
+        hybrid.check_model(self.causal_lm, attention, engine)
+        if ulysses:
+            raise UnsupportedModelError(
+                f"seqwrap.{engine}: Ulysses sequence parallelism is not supported for model_type "
+                f"'{self.model_type}': its recurrent layers would each see only this rank's part of a chunk")
+        if chunk_size < 2:
+            raise ValueError(f"seqwrap.{engine}: chunk_size must be >= 2 for model_type '{self.model_type}' (HF's "
+                             "recurrent mixers take a single-token path that updates their cached state in place)")
+
     @property
     def logit_transforms(self) -> tuple[float | None, float | None]:
         """(multiplier or None, softcap or None) of the model's head: Cohere's `logit_scale`, Granite's
@@ -148,6 +173,14 @@ class HFDecoderAdapter:
         """Context for a step: checkpointed decoder layers keep the chunk cache."""
         return CheckpointWithCache(self.decoder_layers(), name)
 
+    @contextmanager
+    def step_context(self, name: str):
+        """Context for a chunked step: checkpointing() plus seqwrap's forward on the recurrent mixers that need
+        one: Mamba-1 (mamba1_mixer.py: HF's ignores the cached SSM state in multi-token calls) and Mamba-2
+        (mamba2_mixer.py: HF's torch SSD keeps (chunk x chunk) tensors per head for backward)."""
+        with self.checkpointing(name), mamba1_mixer.patched(self.causal_lm), mamba2_mixer.patched(self.causal_lm):
+            yield
+
     def chunked_attention(self):
         """Context for a step: attention runs through seqwrap's registry entry (attend_chunk)."""
         return attention.chunked_attention(self.causal_lm)
@@ -158,7 +191,13 @@ class HFDecoderAdapter:
 
         chunked: the attention reads the store through seqwrap's registry entry (inside
         chunked_attention()); else HF's own attention gets [past ; fresh] K/V from the cache."""
-        kwargs = {self.compat.cache_arg: ChunkCache(store), "use_cache": True}
+        recurrent = self.recurrent_layers
+        cache = hybrid_cache.HybridChunkCache(store) if recurrent else ChunkCache(store)
+        kwargs = {self.compat.cache_arg: cache, "use_cache": True}
+        if position_ids is None and recurrent and self.num_attention_layers:
+            # some hybrid decoders (Bamba) default to positions 0..L-1 whatever the cache holds
+            start = store.query_offset
+            position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         if chunked:

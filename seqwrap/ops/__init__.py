@@ -5,6 +5,7 @@ from .cross_entropy import linear_cross_entropy
 from .kahan import KahanAccumulator, kahan_accumulate_
 from .sampler import sample_chunks
 from .selective_scan import selective_scan
+from .ssd_scan import ssd_scan
 
 __all__ = ["KahanAccumulator", "chunked_attention", "kahan_accumulate_", "linear_cross_entropy", "sample_chunks",
-           "selective_scan"]
+           "selective_scan", "ssd_scan"]
