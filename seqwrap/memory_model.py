@@ -43,6 +43,7 @@ temporaries below a chunk.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 
 from .ops.cross_entropy import default_chunk_rows
