@@ -353,6 +353,17 @@ def refusal_case(rank, world):
         FSDPSchedule(params="always")
     except ValueError as e:
         msgs["bad_schedule"] = str(e)
+    from seqwrap.parallel.fsdp import check_internals
+
+    sharded = shard(llama())
+    check_internals(sharded._get_fsdp_state(), "SeCO")   # this torch has every internal the step uses
+    state = sharded.model.layers[0]._get_fsdp_state()
+    group = state._fsdp_param_groups[0]
+    del group.reduce_grads                               # as if a torch release renamed it
+    try:
+        check_internals(state, "SeCO")
+    except RuntimeError as e:
+        msgs["internals"] = str(e)
     return msgs
 
 
@@ -362,3 +373,4 @@ def test_refusals_name_the_problem():
     assert "no FSDP2" in msgs["not_sharded"]
     assert "params='step'" in msgs["adjoint_layer"]
     assert "params must be one of" in msgs["bad_schedule"]
+    assert "FSDPParamGroup.reduce_grads" in msgs["internals"]

@@ -33,7 +33,8 @@ FSDP2 internals used (torch 2.13; `check_internals` names the one that is missin
   FSDPModule._get_fsdp_state(); FSDPState._is_root, _lazy_init(), _fsdp_param_groups,
   _training_state, _root_post_backward_final_callback() (the reduction FSDP runs at the end of a
   backward); FSDPParamGroup.post_forward_mesh_info, reshard_after_backward, reduce_grads,
-  all_reduce_grads, fsdp_params; FSDPParam.unsharded_accumulated_grad, _unsharded_param (its .grad).
+  all_reduce_grads, fsdp_params; FSDPParam.sharded_param, unsharded_accumulated_grad, _unsharded_param
+  (its .grad).
 Public API used: FSDPModule.unshard(), reset_iter_state(); torch.distributed.all_gather_single /
 reduce_scatter_single (what FSDP2's default collectives call; count_collectives wraps them).
 
@@ -100,9 +101,8 @@ def check_internals(state, engine: str) -> None:
     for group in getattr(state, "_fsdp_param_groups", []):
         missing += [f"FSDPParamGroup.{a}" for a in _GROUP_ATTRS if not hasattr(group, a)]
         for fp in getattr(group, "fsdp_params", []):
-            if not hasattr(fp, "unsharded_accumulated_grad"):
-                missing.append("FSDPParam.unsharded_accumulated_grad")
-                break
+            missing += [f"FSDPParam.{a}" for a in ("sharded_param", "unsharded_accumulated_grad")
+                        if not hasattr(fp, a)]
     if missing:
         raise RuntimeError(f"seqwrap.{engine}: this torch ({torch.__version__}) lacks the FSDP2 internals the "
                            f"chunked step relies on: {sorted(set(missing))} (tested with torch 2.13)")
@@ -166,8 +166,8 @@ class FSDPStep:
         self._lazy_init()
         groups = self._groups()
         settings = [{a: getattr(g, a) for a in _SETTINGS} for g in groups]
-        sharded = [p for p in self.root.parameters() if p.requires_grad]   # DTensors while sharded
         fsdp_params = [fp for g in groups for fp in g.fsdp_params]
+        sharded = [fp.sharded_param for fp in fsdp_params if fp.sharded_param.requires_grad]  # DTensors
         accumulated = [fp.unsharded_accumulated_grad for fp in fsdp_params]
         unsharded = [_unsharded_grad(fp) for fp in fsdp_params]
         stash = stash_grads(sharded)
