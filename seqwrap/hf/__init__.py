@@ -10,6 +10,9 @@
   ulysses.py        apply_ulysses / remove_ulysses
   minisequence.py, mst_lm.py, mst_mlp.py   MsT patches (apply_minisequence / remove_minisequence)
   mamba.py          MambaAdapter for AdjointSharding
+  hybrid.py         which SSM / hybrid families the chunked engines drive, and why others are refused;
+                    hybrid_cache.py (the recurrent-state cache view), mamba1_mixer.py / mamba2_mixer.py
+                    (seqwrap's mixer forwards during a chunked step)
   trainer.py        SeqwrapTrainer (imported on first use: it imports transformers.Trainer)
 
 transformers itself is imported lazily: importing seqwrap never needs it.
