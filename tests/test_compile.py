@@ -188,3 +188,22 @@ def test_seco_with_a_compiled_decoder_equals_eager():
     assert abs(got.loss.item() - want.loss.item()) < 1e-10
     for p, q in zip(compiled.parameters(), eager.parameters()):
         assert (p.grad - q.grad).norm() <= 1e-10 * q.grad.norm()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("optional", [False, True])
+def test_opcheck_ssd_scan(dtype, optional):
+    b, t, h, p, g, n = 2, 7, 4, 3, 2, 5
+    x, B, C = rand(b, t, h, p, dtype=dtype, grad=True), rand(b, t, g, n, dtype=dtype, grad=True), \
+        rand(b, t, g, n, dtype=dtype, grad=True)
+    dt = (torch.rand(b, t, h, dtype=dtype) + 0.1).requires_grad_()
+    A = (-torch.rand(h, dtype=dtype) - 0.1).requires_grad_()
+    D = rand(h, dtype=dtype, grad=True) if optional else None
+    z = rand(b, t, h, p, dtype=dtype, grad=True) if optional else None
+    h0 = rand(b, h, p, n, dtype=dtype, grad=True) if optional else None
+    opcheck(ops.ssd_scan_fwd.default, (x, dt, A, B, C, D, z, h0, 4))
+
+    def fn(x, dt, A, B, C):
+        y, hl = seqwrap.ops.ssd_scan(x, dt, A, B, C, D, z, h0, return_final_state=True)
+        return y.square().sum() + hl.sum()
+    _compare(fn, [x, dt, A, B, C], tol=1e-5)

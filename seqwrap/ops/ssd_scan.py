@@ -48,47 +48,95 @@ def _work(x: torch.Tensor, dstate: int, block: int, comp: torch.dtype):
     return torch.empty(batch * heads * headdim * (block + 2) * dstate, dtype=comp, device=x.device)
 
 
-class _SSDScanFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, h0, block):
-        comp = _compute_dtype(x)
-        batch, length, heads, headdim = x.shape
-        dstate = B.shape[-1] if B.dim() == 4 else 1   # a bad B is reported by the C glue
-        nblk = -(-length // block) if block > 0 else 1  # a bad block is reported by the C glue
-        y = torch.empty(batch, length, heads, headdim, dtype=comp, device=x.device)
-        hlast = torch.empty(batch, heads, headdim, dstate, dtype=comp, device=x.device)
-        ckpt = torch.empty(batch, heads, headdim, nblk, dstate, dtype=comp, device=x.device)
-        x, dt, A, B, C, D, z, h0 = (t.detach() if isinstance(t, torch.Tensor) else t for t in (x, dt, A, B, C, D, z, h0))
-        _C.ssd_scan_fwd(x, dt, A, B, C, D, z, h0, y, hlast, ckpt, block, _work(x, dstate, block, comp), stream_for(x))
-        ctx.save_for_backward(x, dt, A, B, C, D, z, ckpt)
-        ctx.block = block
-        ctx.has = (D is not None, z is not None, h0 is not None)
-        ctx.mark_non_differentiable(ckpt)
-        return y.to(x.dtype), hlast
+def _shapes(x, B, block):
+    batch, length, heads, headdim = x.shape
+    dstate = B.shape[-1] if B.dim() == 4 else 1     # a bad B is reported by the C glue
+    nblk = -(-length // block) if block > 0 else 1  # a bad block is reported by the C glue
+    return (batch, length, heads, headdim), (batch, heads, headdim, dstate), (batch, heads, headdim, nblk, dstate)
 
-    @staticmethod
-    def backward(ctx, dy, dhlast):
-        x, dt, A, B, C, D, z, ckpt = ctx.saved_tensors
-        comp = _compute_dtype(x)
-        batch, length, heads, headdim = x.shape
-        dstate = B.shape[-1]
-        dev = x.device
-        dy = torch.zeros(x.shape, dtype=comp, device=dev) if dy is None else dy.to(comp).contiguous()
-        dhlast = None if dhlast is None else dhlast.to(comp).contiguous()
-        new = lambda *s: torch.empty(*s, dtype=comp, device=dev)  # noqa: E731
-        dx = new(batch, length, heads, headdim)
-        dz = new(batch, length, heads, headdim) if z is not None else None
-        ddt = torch.zeros(batch, length, heads, dtype=comp, device=dev)
-        dB = torch.zeros(B.shape, dtype=comp, device=dev)
-        dC = torch.zeros(B.shape, dtype=comp, device=dev)
-        dA, dD = new(batch, heads, headdim), new(batch, heads, headdim)
-        dh0 = new(batch, heads, headdim, dstate)
-        _C.ssd_scan_bwd(x, dt, A, B, C, D, z, ckpt, dy, dhlast, dx, ddt, dz, dB, dC, dA, dD, dh0, ctx.block,
-                        _work(x, dstate, ctx.block, comp), stream_for(x))
-        has_D, has_z, has_h0 = ctx.has
-        io = x.dtype
-        return (dx.to(io), ddt.to(io), dA.sum((0, 2)), dB.to(io), dC.to(io), dD.sum((0, 2)) if has_D else None,
-                dz.to(io) if has_z else None, dh0 if has_h0 else None, None)
+
+def _d(t):
+    """Below the op's autograd layer the inputs still carry requires_grad; the bridge refuses that."""
+    return t.detach() if isinstance(t, torch.Tensor) else t
+
+
+@torch.library.custom_op("seqwrap::ssd_scan_fwd", mutates_args=())
+def ssd_scan_fwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                    D: torch.Tensor | None, z: torch.Tensor | None, h0: torch.Tensor | None,
+                    block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (batch, len, heads, headdim), h_last (batch, heads, headdim, dstate), block checkpoints), in
+    the compute dtype. Its autograd formula is registered below."""
+    comp = _compute_dtype(x)
+    ys, hs, cs = _shapes(x, B, block)
+    y, hlast, ckpt = (torch.empty(sh, dtype=comp, device=x.device) for sh in (ys, hs, cs))
+    x, dt, A, B, C, D, z, h0 = (_d(t) for t in (x, dt, A, B, C, D, z, h0))
+    _C.ssd_scan_fwd(x, dt, A, B, C, D, z, h0, y, hlast, ckpt, block, _work(x, hs[-1], block, comp), stream_for(x))
+    return y, hlast, ckpt
+
+
+@ssd_scan_fwd_op.register_fake
+def _(x, dt, A, B, C, D, z, h0, block):
+    comp = _compute_dtype(x)
+    return tuple(x.new_empty(sh, dtype=comp) for sh in _shapes(x, B, block))
+
+
+@torch.library.custom_op("seqwrap::ssd_scan_bwd", mutates_args=())
+def ssd_scan_bwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                    D: torch.Tensor | None, z: torch.Tensor | None, ckpt: torch.Tensor, dy: torch.Tensor,
+                    dhlast: torch.Tensor | None, block: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor, torch.Tensor]:
+    """(dx, ddt, dA (batch, heads, headdim), dB, dC, dD (batch, heads, headdim), dz ((0,) without z), dh0),
+    compute dtype."""
+    x, dt, A, B, C, D, z, ckpt, dy, dhlast = (_d(t) for t in (x, dt, A, B, C, D, z, ckpt, dy, dhlast))
+    comp = _compute_dtype(x)
+    batch, length, heads, headdim = x.shape
+    dstate = B.shape[-1]
+    dev = x.device
+    new = lambda *s: torch.empty(*s, dtype=comp, device=dev)  # noqa: E731
+    dx = new(batch, length, heads, headdim)
+    dz = new(batch, length, heads, headdim) if z is not None else new(0)
+    ddt = torch.zeros(batch, length, heads, dtype=comp, device=dev)
+    dB = torch.zeros(B.shape, dtype=comp, device=dev)
+    dC = torch.zeros(B.shape, dtype=comp, device=dev)
+    dA, dD = new(batch, heads, headdim), new(batch, heads, headdim)
+    dh0 = new(batch, heads, headdim, dstate)
+    _C.ssd_scan_bwd(x, dt, A, B, C, D, z, ckpt, dy, dhlast, dx, ddt, dz if z is not None else None, dB, dC, dA, dD,
+                    dh0, block, _work(x, dstate, block, comp), stream_for(x))
+    return dx, ddt, dA, dB, dC, dD, dz, dh0
+
+
+@ssd_scan_bwd_op.register_fake
+def _(x, dt, A, B, C, D, z, ckpt, dy, dhlast, block):
+    comp = _compute_dtype(x)
+    batch, length, heads, headdim = x.shape
+    e = lambda *s: x.new_empty(s, dtype=comp)  # noqa: E731
+    return (e(batch, length, heads, headdim), e(batch, length, heads), e(batch, heads, headdim), e(*B.shape),
+            e(*B.shape), e(batch, heads, headdim), e(batch, length, heads, headdim) if z is not None else e(0),
+            e(batch, heads, headdim, B.shape[-1]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, z, h0, block = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, output[2])
+    ctx.block = block
+    ctx.has = (D is not None, z is not None, h0 is not None)
+
+
+def _backward(ctx, dy, dhlast, _dckpt):
+    x, dt, A, B, C, D, z, ckpt = ctx.saved_tensors
+    comp = _compute_dtype(x)
+    dy = torch.zeros(x.shape, dtype=comp, device=x.device) if dy is None else dy.to(comp).contiguous()
+    dhlast = None if dhlast is None else dhlast.to(comp).contiguous()
+    dx, ddt, dA, dB, dC, dD, dz, dh0 = torch.ops.seqwrap.ssd_scan_bwd(x, dt, A, B, C, D, z, ckpt, dy, dhlast,
+                                                                      ctx.block)
+    has_D, has_z, has_h0 = ctx.has
+    io = x.dtype
+    return (dx.to(io), ddt.to(io), dA.sum((0, 2)), dB.to(io), dC.to(io), dD.sum((0, 2)) if has_D else None,
+            dz.to(io) if has_z else None, dh0 if has_h0 else None, None)
+
+
+torch.library.register_autograd("seqwrap::ssd_scan_fwd", _backward, setup_context=_setup_context)
 
 
 def _prepare(name, t, comp, required=False):
@@ -132,5 +180,6 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, h0=None, return_final_state=False, 
     if B is None:
         raise TypeError(f"{_FN}: argument 'B' must be a tensor, not None")
     ct = lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t  # noqa: E731
-    y, hlast = _SSDScanFn.apply(ct(x), ct(dt), A, ct(B), ct(C), D, ct(z), h0, block)
+    y, hlast, _ = torch.ops.seqwrap.ssd_scan_fwd(ct(x), ct(dt), A, ct(B), ct(C), D, ct(z), h0, block)
+    y = y.to(x.dtype)
     return (y, hlast) if return_final_state else y
