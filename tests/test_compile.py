@@ -159,6 +159,11 @@ def _llama(seed=0, dtype=torch.float32):
 
 
 def test_mst_step_compiles_without_graph_break_and_equals_eager():
+    from seqwrap.hf import versions
+
+    if versions.parse_version(versions.installed("transformers") or "0") < (5, 23):
+        pytest.skip("transformers < 5.23 breaks the graph inside its own Llama forward (seen on 5.15.1); "
+                    "the zero-break guarantee is checked on the locked and newer releases")
     ids = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(1))
     eager, compiled = _llama(), _llama()
     for m in (eager, compiled):

@@ -76,3 +76,15 @@ class HybridChunkCache(ChunkCache):
 
     def update_recurrent_state(self, recurrent_states, layer_idx: int, state_idx: int = 0, **kwargs):
         return self.states.update_ssm(layer_idx, recurrent_states, state_idx)
+
+
+def recurrent_state(cache, layer: int):
+    """The SSM state a mixer continues from (None: no previous state), from seqwrap's view or from HF's
+    own cache in either API form (get_recurrent_state >= 5.23; has_previous_state + layers[i]
+    .recurrent_states before)."""
+    get = getattr(cache, "get_recurrent_state", None)
+    if get is not None:
+        return get(layer, state_idx=0)
+    if not cache.has_previous_state(layer):
+        return None
+    return cache.layers[layer].recurrent_states[0]

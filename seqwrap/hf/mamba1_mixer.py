@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.selective_scan import selective_scan
+from .hybrid_cache import recurrent_state
 
 MIXERS = ("MambaMixer", "JambaMambaMixer")
 
@@ -37,7 +38,7 @@ def mamba1_forward(self, hidden_states, cache=None, attention_mask=None, cache_p
     """HF Mamba / Jamba mixer forward with a scan that continues the cached state. Returns (B, L, hidden)."""
     cache = cache if cache is not None else cache_params
     seq_len, dtype = hidden_states.shape[1], hidden_states.dtype
-    h0 = cache.get_recurrent_state(self.layer_idx, state_idx=0) if cache is not None else None
+    h0 = recurrent_state(cache, self.layer_idx) if cache is not None else None
     hidden_states = _masked(hidden_states, attention_mask)
     x, gate = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)     # (B, d_inner, L) each
     A = -torch.exp(self.A_log.float())                                          # (d_inner, d_state)

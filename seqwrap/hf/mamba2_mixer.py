@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.ssd_scan import ssd_scan
+from .hybrid_cache import recurrent_state
 
 MIXERS = ("Mamba2Mixer", "BambaMixer", "NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer", "Zamba2MambaMixer")
 
@@ -40,7 +41,7 @@ def mamba2_forward(self, hidden_states, cache=None, attention_mask=None, cache_p
     batch, seq_len, _ = hidden_states.shape
     dtype = hidden_states.dtype
     H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
-    h0 = cache.get_recurrent_state(self.layer_idx, state_idx=0) if cache is not None else None
+    h0 = recurrent_state(cache, self.layer_idx) if cache is not None else None
     proj = self.in_proj(_masked(hidden_states, attention_mask))
     A = -torch.exp(self.A_log.float())                                                     # (heads,)
     gate, xbc, dt = proj.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
