@@ -120,7 +120,11 @@ def test_rng_is_left_past_every_state_the_step_used(monkeypatch):
     assert len(rewound) >= 3
     after = torch.get_rng_state()
     draw = torch.rand(64)
-    for state in rewound[:-1]:  # the last entry is the restore of the advanced state itself
+    # each replayed chunk rewinds (even entries) and then puts back the state it found (odd entries),
+    # which is where the generator is left: past every state the step used
+    rewinds, restores = rewound[0::2], rewound[1::2]
+    assert len(rewinds) == len(restores) and all(torch.equal(state, after) for state in restores)
+    for state in rewinds:
         assert not torch.equal(state, after)
         torch.set_rng_state(state)
         assert not torch.equal(torch.rand(64), draw)

@@ -1,6 +1,7 @@
 """SeCO equals full backprop (float64, relative error <= 1e-10) for every listed family."""
 import pytest
 import torch
+import transformers
 
 import seqwrap
 from seqwrap.hf import UnsupportedModelError
@@ -133,8 +134,11 @@ def test_bad_inputs():
         engine(ids, attention_mask=torch.ones(2, 11))
     with pytest.raises(TypeError, match="integer token ids"):
         engine(ids.float())
-    with pytest.raises(ValueError, match=r"129 tokens is longer than the model's limit \(max_position_embeddings=128"):
-        engine(torch.randint(0, VOCAB, (1, 129)))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2,
+                                                                n_positions=32))
+    with pytest.raises(ValueError, match=r"33 tokens is longer than the model's limit \(max_position_embeddings=32"):
+        seqwrap.SeCO(gpt2, chunk_size=8)(torch.randint(0, VOCAB, (1, 33)))  # learned absolute positions
+    assert all(p.grad is None for p in gpt2.parameters())
     with pytest.raises(ValueError, match="num_items must be > 0"):
         engine(ids, num_items=0)
     assert all(p.grad is None for p in model.parameters()), "a refused call must not touch gradients"

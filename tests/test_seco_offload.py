@@ -107,7 +107,8 @@ def test_bfloat16_offload_close_to_float32():
 
 def test_attention_outside_the_registry_is_refused():
     """A layer whose attention does not go through transformers' registry would silently see only its
-    own chunk: the engine notices and points to attention='concat', which handles it."""
+    own chunk: the engine notices. Asked for attention='chunked' it refuses before any gradient and points
+    to attention='concat'; by default it switches to 'concat' (exact) with a warning."""
     model = tiny_model("llama")
     attn = model.model.layers[1].self_attn
     forward = attn.forward
@@ -123,10 +124,17 @@ def test_attention_outside_the_registry_is_refused():
     attn.forward = own_attention
     ids, labels, mask = batch()
     with pytest.raises(UnsupportedModelError, match="attention='concat'"):
-        seqwrap.SeCO(model, chunk_size=6)(ids, labels=labels, attention_mask=mask)
+        seqwrap.SeCO(model, chunk_size=6, attention="chunked")(ids, labels=labels, attention_mask=mask)
+    assert all(p.grad is None for p in model.parameters()), "refused before any gradient"
     assert model.config._attn_implementation == "sdpa", "the attention implementation is restored"
+    with pytest.raises(UnsupportedModelError, match="needs attention='chunked'"):
+        seqwrap.SeCO(model, chunk_size=6, offload=True)(ids, labels=labels, attention_mask=mask)
+    assert all(p.grad is None for p in model.parameters())
     model.zero_grad(set_to_none=True)
     check(model, 6, ids, labels, mask, attention="concat")
+    model.zero_grad(set_to_none=True)
+    with pytest.warns(UserWarning, match="uses attention='concat'"):
+        check(model, 6, ids, labels, mask)  # default: switches to 'concat' in the first chunk, exact
 
 
 def test_engine_option_errors():

@@ -151,6 +151,10 @@ class ChunkKVStore:
         self.grad_chunks: set[int] = set()
         self.updated: set[int] = set()    # layers that called update() in the current chunk
         self.attended: set[int] = set()   # layers whose attention went through attend()
+        # calls per layer in the current chunk's forward (the engine checks each is 1 right after the
+        # forward; a gradient-checkpointing recompute during the backward adds more, unchecked)
+        self.update_calls: dict[int, int] = {}
+        self.attend_calls: dict[int, int] = {}
 
     # -- engine side -------------------------------------------------------
     def begin(self, chunk: int, mode: str, store: bool = True, grad_chunks=()) -> None:
@@ -161,6 +165,8 @@ class ChunkKVStore:
         self.fresh = {}
         self.updated = set()
         self.attended = set()
+        self.update_calls = {}
+        self.attend_calls = {}
         if mode == "replay":  # its own stored K/V are recomputed fresh: drop them now
             self._drop_kv(chunk)
 
@@ -263,6 +269,7 @@ class ChunkKVStore:
     def record(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Pass 1: keeps the current chunk's K/V of `layer` (if this chunk stores)."""
         self.attended.add(layer)
+        self.attend_calls[layer] = self.attend_calls.get(layer, 0) + 1
         if self.mode == "record" and self.store and self._read_later():
             self.keys[layer][self.chunk] = self._keep(k)
             self.values[layer][self.chunk] = self._keep(v)
@@ -276,6 +283,7 @@ class ChunkKVStore:
 
     # -- what the HF cache (seqwrap/hf/cache.py) hands over -----------------
     def update(self, key_states, value_states, layer_idx):
+        self.update_calls[layer_idx] = self.update_calls.get(layer_idx, 0) + 1
         if self.attention == "chunked":  # the attention function reads the past itself
             self.updated.add(layer_idx)
             return key_states, value_states

@@ -18,6 +18,8 @@ SpaCO (spaco.py) is this engine with a chunk sampler: it overrides
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -25,11 +27,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..hf.attention import NeedsConcat
 from ..hf.decoder import HFDecoderAdapter, UnsupportedModelError, unwrap_ddp
 from ..labels import shift_labels as shifted
 from ..ops.dtypes import real_dtype
 from ..parallel.fsdp import FSDPSchedule, fsdp_step, fsdp_step_for
 from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, sync_ddp_gradients, unstash_grads
+from ..hf.positions import has_dynamic_rope, rope_types
+from ..hf.router_aux import RouterAux, aux_coefficient, wants_router_logits
 from .chunk_loss import chunk_loss_sum
 from .hybrid_store import make_store
 from .kv_store import ChunkKVStore
@@ -62,10 +67,12 @@ class SeCO:
         patched by seqwrap.parallel.apply_ulysses (sequence parallelism: see __call__).
     chunk_size: tokens per chunk (> 0); the last chunk may be shorter. Under Ulysses, tokens
         of the whole sequence per chunk (each of the P ranks holds chunk_size / P of them).
-    attention: "chunked" (default): the recompute reads the past K/V block by block through
-        the LSE-merging attention (seco_attention.py), never concatenating it; "concat": the
-        cache hands HF's own attention [past ; fresh] K/V (models whose attention does not go
-        through transformers' attention-function registry).
+    attention: "chunked": the recompute reads the past K/V block by block through the
+        LSE-merging attention (seco_attention.py), never concatenating it; "concat": the cache
+        hands HF's own attention [past ; fresh] K/V (models whose attention does not go through
+        transformers' attention-function registry, or calls it more than once per layer).
+        None (default): "chunked", unless the first chunk of the first step shows that the model
+        needs "concat" (checked before any gradient): then "concat" from then on, with a warning.
     offload: keep past K/V and their relayed gradients in (pinned) host memory, prefetched one
         chunk ahead on a side CUDA stream, and park the tensors the recompute saves for backward
         (with HF gradient checkpointing: the checkpointed layers' inputs) on the host too.
@@ -79,7 +86,7 @@ class SeCO:
     exact_loss = True  # SpaCO(exact_loss=False) reports the unbiased estimate instead
 
     def __init__(self, model: nn.Module, chunk_size: int = 2048, *, ignore_index: int = -100,
-                 attention: str = "chunked", offload: bool = False, offload_min_bytes: int = 1 << 20,
+                 attention: str | None = None, offload: bool = False, offload_min_bytes: int = 1 << 20,
                  fsdp: FSDPSchedule | None = None, **options):
         if options:
             raise TypeError(f"seqwrap.{self.name}: unknown option(s) {sorted(options)}")
@@ -92,8 +99,11 @@ class SeCO:
             raise TypeError(f"seqwrap.{self.name}: chunk_size must be an int, not {type(chunk_size).__name__}")
         if chunk_size <= 0:
             raise ValueError(f"seqwrap.{self.name}: chunk_size must be > 0, got {chunk_size}")
-        if attention not in ("chunked", "concat"):
+        if attention not in (None, "chunked", "concat"):
             raise ValueError(f"seqwrap.{self.name}: attention must be 'chunked' or 'concat', got {attention!r}")
+        self._auto_attention = attention is None  # "chunked" until the first chunk shows "concat" is needed
+        self._backward_ran = False
+        attention = attention or "chunked"
         if offload and attention != "chunked":
             raise ValueError(f"seqwrap.{self.name}: offload=True needs attention='chunked'")
         if isinstance(offload_min_bytes, bool) or not isinstance(offload_min_bytes, int) or offload_min_bytes < 0:
@@ -115,6 +125,18 @@ class SeCO:
             raise NotImplementedError(f"seqwrap.{self.name}: Ulysses sequence parallelism on an FSDP2 model is not "
                                       "supported yet")
         self.adapter.check_recurrent(self.name, attention, chunk_size, self.group is not None)
+        self.adapter.check_head(self.name)
+        self._router_aux = wants_router_logits(self.adapter.causal_lm)
+        if self._router_aux:
+            aux_coefficient(self.adapter.causal_lm, self.name)  # refused now if it cannot be read
+            if self.group is not None:
+                raise UnsupportedModelError(f"seqwrap.{self.name}: the router auxiliary loss (output_router_logits="
+                                            "True) is not supported under Ulysses yet: set output_router_logits=False")
+        if self.group is not None and has_dynamic_rope(self.adapter.causal_lm):
+            raise UnsupportedModelError(
+                f"seqwrap.{self.name}: model_type '{self.adapter.model_type}' uses a rotary embedding chosen per call "
+                f"({sorted(rope_types(self.adapter.causal_lm))}); under Ulysses each rank sees only its positions, "
+                "so the choice could differ from full backprop: not supported yet")
         self.pool = default_pool() if self.offload else None
         self._xfer = None
         # with offload, per step: host_peak_bytes / host_reserved_bytes (the pool), parked_bytes,
@@ -190,26 +212,40 @@ class SeCO:
             raise NotImplementedError(f"seqwrap.{self.name}: packed rows (several documents per row) are not supported "
                                       "for models with recurrent layers yet: their state is not reset at document "
                                       "starts inside a chunked step; pass one document per row")
-        cache = make_store(adapter.recurrent_layers, bounds, [k == "sliding_attention" for k in adapter.layer_kinds],
-                           adapter.sliding_window, attention=self.attention,
-                           key_padding=None if mask is None else mask.bool(), offload=xfer, positions_scale=world,
-                           compensate=adapter.lm_head.weight.dtype in (torch.float16, torch.bfloat16), group=group,
-                           documents=docs)
         # the step's gradients accumulate apart from earlier ones: a failed step leaves .grad as it was
         params = self._params()
-        stash = stash_grads(params)
-        if self.pool is not None:
-            self.pool.reset_peak()
-        try:
-            with self._attention_context(), adapter.step_context(self.name):
-                total = self._passes(ids, shift, mask, pos, cache, bounds, weights, selected, norm, loss_scale, xfer)
-            if group is not None:
-                total = reduce_step(params, group, total)
-        except BaseException:
-            restore_grads(params, stash)
-            raise
-        finally:
-            cache.release_all()
+        rng_at_start = _rng_state(ids.device if ids.device.type == "cuda" else None) if self._auto_attention else None
+        while True:
+            cache = make_store(adapter.recurrent_layers, bounds, [k == "sliding_attention" for k in adapter.layer_kinds],
+                               adapter.sliding_window, attention=self.attention,
+                               key_padding=None if mask is None else mask.bool(), offload=xfer, positions_scale=world,
+                               compensate=adapter.lm_head.weight.dtype in (torch.float16, torch.bfloat16),
+                               group=group, documents=docs)
+            stash = stash_grads(params)
+            if self.pool is not None:
+                self.pool.reset_peak()
+            try:
+                with adapter.step_context(self.name, cache, pos, chunked=self.attention == "chunked"):
+                    total, extra = self._passes(ids, shift, mask, pos, cache, bounds, weights, selected, norm,
+                                                loss_scale, xfer)
+                if group is not None:
+                    total = reduce_step(params, group, total)
+            except NeedsConcat as switch:
+                restore_grads(params, stash)
+                if not (self._auto_attention and not self._backward_ran):
+                    raise UnsupportedModelError(
+                        f"seqwrap.{self.name}: model_type '{adapter.model_type}' {switch.reason}; use "
+                        f"seqwrap.{self.name}(model, attention='concat'), which is exact for it") from None
+                self._switch_to_concat(switch.reason, docs)  # no gradient was touched yet
+                _set_rng_state(rng_at_start, ids.device if ids.device.type == "cuda" else None)
+                continue
+            except BaseException:
+                restore_grads(params, stash)
+                raise
+            finally:
+                cache.release_all()
+            break
+        self._auto_attention = False  # the first step decided
         unstash_grads(params, stash)
         if self._ddp is not None:
             sync_ddp_gradients(self._ddp)
@@ -217,84 +253,109 @@ class SeCO:
             self.offload_stats.update(host_peak_bytes=self.pool.peak_in_use, host_reserved_bytes=self.pool.reserved)
         num_tokens = int(mask.sum()) if mask is not None else B * T
         loss_dtype = real_dtype(adapter.lm_head.weight.dtype)
-        return StepResult((total / norm).to(loss_dtype), num_tokens, norm, len(bounds), len(selected))
+        return StepResult((total / norm + extra).to(loss_dtype), num_tokens, norm, len(bounds), len(selected))
+
+    def _switch_to_concat(self, reason: str, docs) -> None:
+        """attention=None: the first chunk showed that the model needs attention='concat'."""
+        blocked = ("offload=True" if self.offload else "Ulysses" if self.group is not None
+                   else "packed rows" if docs is not None else None)
+        if blocked is not None:
+            raise UnsupportedModelError(f"seqwrap.{self.name}: model_type '{self.adapter.model_type}' {reason}; only "
+                                        f"attention='concat' is exact for it, and {blocked} needs attention='chunked'")
+        warnings.warn(f"seqwrap.{self.name}: model_type '{self.adapter.model_type}' {reason}; this engine uses "
+                      "attention='concat' (exact: HF's own attention over the past and fresh K/V) from now on. "
+                      "Pass attention='concat' to choose it yourself.", UserWarning, stacklevel=4)
+        self.attention = "concat"
+        self._auto_attention = False
 
     def _passes(self, ids, shift, mask, pos, cache, bounds, weights, selected, norm, loss_scale, xfer):
-        """Pass 1 and pass 2 of one step; returns the summed token losses (float64, 0-d)."""
+        """Pass 1 and pass 2 of one step; returns (summed token losses, float64 0-d; the auxiliary terms
+        of the loss that are not divided by the normaliser: coef * router aux loss, or 0.0)."""
         adapter = self.adapter
         cuda_dev = ids.device if ids.device.type == "cuda" else None
         rng = {}
         total = torch.zeros((), dtype=torch.float64, device=ids.device)
         last = len(bounds) - 1
         self.offload_stats = {}
+        aux = RouterAux(adapter.causal_lm, adapter.decoder, bounds, ids.shape[0], mask, self.name) if self._router_aux else None
+        self._backward_ran = False
 
         def run(i):
             s, e = bounds[i]
-            h = adapter.hidden(ids[:, s:e], None if mask is None else mask[:, :e], cache,
-                               None if pos is None else pos[:, s:e], chunked=self.attention == "chunked")
+            out = adapter.hidden(ids[:, s:e], None if mask is None else mask[:, :e], cache,
+                                 None if pos is None else pos[:, s:e], router_logits=aux is not None)
             self._check_updates(cache, i)
-            return h
+            return out if aux is not None else (out, None)
 
         # pass 1: no grad, in order; keeps K/V; losses of the chunks pass 2 will not recompute
-        # (the K/V of chunks after the last recomputed one serve only the loss report)
-        stop = len(bounds) if self.exact_loss else max(selected, default=-1)
+        # (the K/V of chunks after the last recomputed one serve only the loss report). With a router
+        # auxiliary loss every chunk runs: its gradient needs the router logits of the whole sequence.
+        stop = len(bounds) if self.exact_loss or aux is not None else max(selected, default=-1)
         with torch.no_grad():
             for i, (s, e) in enumerate(bounds):
-                if i >= stop or (i == last and i in selected):
+                if i >= stop or (i == last and i in selected and aux is None):
                     break  # its K/V serve nobody; pass 2 starts with it
-                rng[i] = _rng_state(cuda_dev)
                 cache.begin(i, "record", store=i < last)
-                h = run(i)
+                with _RNG_LOCK:  # the chunk's draws come in one run from the state recorded for its replay
+                    rng[i] = _rng_state(cuda_dev)
+                    h, router = run(i)
+                if aux is not None:
+                    aux.record(i, router)
                 if i not in selected and self.exact_loss:
                     total += self._loss_sum(h, shift[:, s:e]).double()
-                del h
-        # pass 2: with grad, in reverse, only the selected chunks. Replayed chunks rewind the generator
-        # to their pass-1 state (same dropout masks); `advanced` is the state past every draw of the
-        # step (pass 1, then the chunks pass 2 runs first), where the generator is left at the end.
+                del h, router
+        extra = 0.0
+        if aux is not None:
+            aux.prepare()
+            extra = aux.value
+        # pass 2: with grad, in reverse, only the selected chunks. A replayed chunk rewinds the generator to
+        # its pass-1 state (same dropout masks) and then puts back the state it found, so the generator only
+        # ever moves forward for everyone else; _RNG_LOCK keeps other engines' chunks (other threads) out
+        # of that window, forward and backward (checkpoint recomputes draw too).
         grad_chunks = set(selected)
         skip = self._param_storages() if xfer is not None else None
-        advanced = None
-        try:
-            for i in reversed(selected):
-                s, e = bounds[i]
-                if i in rng:  # same dropout masks as in pass 1
-                    if advanced is None:
-                        advanced = _rng_state(cuda_dev)
+        for i in reversed(selected):
+            s, e = bounds[i]
+            cache.begin(i, "replay", grad_chunks=grad_chunks)
+            with _RNG_LOCK:
+                found = _rng_state(cuda_dev) if i in rng else None
+                if found is not None:
                     _set_rng_state(rng.pop(i), cuda_dev)
-                cache.begin(i, "replay", grad_chunks=grad_chunks)
-                with torch.enable_grad(), self._parking(xfer, skip):
-                    h = run(i)
-                    loss_i = self._loss_sum(h, shift[:, s:e])
-                del h
-                w = weights[i]
-                roots, grads = [], []
-                if loss_i.requires_grad:
-                    roots.append(loss_i)
-                    grads.append(torch.tensor(w * loss_scale / norm, dtype=loss_i.dtype, device=loss_i.device))
-                for t, g in cache.relay_pairs(i):
-                    roots.append(t)
-                    grads.append((g * w).to(t.dtype) if w != 1.0 else g.to(t.dtype))
-                if roots:
-                    torch.autograd.backward(roots, grads)
-                cache.flush()
-                total += loss_i.detach().double() * (1.0 if self.exact_loss else w)
-                del loss_i, roots, grads
-                cache.free(i)
-        finally:
-            if advanced is not None:
-                _set_rng_state(advanced, cuda_dev)
-        return total
+                try:
+                    with torch.enable_grad(), self._parking(xfer, skip):
+                        h, router = run(i)
+                        loss_i = self._loss_sum(h, shift[:, s:e])
+                        aux_i = aux.term(i, router) if aux is not None else None
+                    del h, router
+                    w = weights[i]
+                    roots, grads = [], []
+                    if loss_i.requires_grad:
+                        roots.append(loss_i)
+                        grads.append(torch.tensor(w * loss_scale / norm, dtype=loss_i.dtype, device=loss_i.device))
+                    if aux_i is not None:  # coef * aux is not divided by the normaliser
+                        roots.append(aux_i)
+                        grads.append(torch.tensor(w * loss_scale, dtype=aux_i.dtype, device=aux_i.device))
+                    for t, g in cache.relay_pairs(i):
+                        roots.append(t)
+                        grads.append((g * w).to(t.dtype) if w != 1.0 else g.to(t.dtype))
+                    if roots:
+                        self._backward_ran = True
+                        torch.autograd.backward(roots, grads)
+                finally:
+                    if found is not None:
+                        _set_rng_state(found, cuda_dev)
+            cache.flush()
+            total += loss_i.detach().double() * (1.0 if self.exact_loss else w)
+            del loss_i, aux_i, roots, grads
+            cache.free(i)
+        return total, extra
 
     # -- helpers -----------------------------------------------------------------
     def _loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum of the token losses of one chunk: hidden (B, L, H), labels (B, L) already shifted."""
         mult, cap = self.adapter.logit_transforms
+        hidden = self.adapter.head_input(hidden)
         return chunk_loss_sum(self.adapter.lm_head, hidden, labels, self.ignore_index, multiplier=mult, softcap=cap)
-
-    def _attention_context(self):
-        if self.attention == "chunked":
-            return self.adapter.chunked_attention()
-        return nullcontext()
 
     def _transfers(self, device: torch.device) -> Transfers:
         """One Transfers (side stream) per device, kept across steps."""
@@ -407,24 +468,38 @@ class SeCO:
                              f"not ignore_index ({self.ignore_index})")
 
     def _check_updates(self, cache: ChunkKVStore, chunk: int) -> None:
+        """Run-time invariants of a chunk's forward, checked right after it (pass 1 comes before any gradient):
+        every attention layer passed its K/V through the cache once, its attention (chunked mode) went
+        through seqwrap's registry entry once, every recurrent layer wrote its state."""
+        mtype = self.adapter.model_type
         n = len(cache.updated)
-        if n != self.adapter.num_attention_layers:
+        expected = self.adapter.num_attention_layers
+        if n != expected:
             raise UnsupportedModelError(
-                f"seqwrap.{self.name} does not support model_type '{self.adapter.model_type}': only {n} of its "
-                f"{self.adapter.num_attention_layers} attention layers passed their keys/values through the HF Cache "
-                f"API (cache.update) in chunk {chunk}"
-            )
+                f"seqwrap.{self.name} does not support model_type '{mtype}': only {n} of its {expected} attention "
+                f"layers passed their keys/values through the HF Cache API (cache.update) in chunk {chunk}")
+        updated_twice = sorted(layer for layer, calls in cache.update_calls.items() if calls > 1)
+        if updated_twice:
+            raise UnsupportedModelError(
+                f"seqwrap.{self.name} does not support model_type '{mtype}': its layers {updated_twice} passed "
+                f"keys/values through the HF cache more than once in one forward of chunk {chunk}")
         missing = cache.states.missing() if hasattr(cache, "states") else []
         if missing:
             raise UnsupportedModelError(
-                f"seqwrap.{self.name} does not support model_type '{self.adapter.model_type}': its recurrent layers "
+                f"seqwrap.{self.name} does not support model_type '{mtype}': its recurrent layers "
                 f"{missing} did not write their state through the HF cache in chunk {chunk}")
-        if self.attention == "chunked" and len(cache.attended) != n:
-            raise UnsupportedModelError(
-                f"seqwrap.{self.name}: model_type '{self.adapter.model_type}' ran attention outside transformers' "
-                f"attention-function registry in {n - len(cache.attended)} of its {n} layers; use "
-                f"seqwrap.{self.name}(model, attention='concat')"
-            )
+        if self.attention != "chunked":
+            return
+        twice = sorted(layer for layer, calls in cache.attend_calls.items() if calls > 1)
+        if twice:
+            reason = (f"calls the attention function more than once per layer (layers {twice}, e.g. DiffLlama's "
+                      "two value halves), which the chunked attention's K/V store cannot tell apart")
+        elif len(cache.attended) != n:
+            reason = (f"runs attention outside transformers' attention-function registry in {n - len(cache.attended)} "
+                      f"of its {n} layers")
+        else:
+            return
+        raise NeedsConcat(reason)  # __call__ switches to 'concat' or refuses
 
 
 def _no_single_token_tail(bounds):
@@ -433,6 +508,12 @@ def _no_single_token_tail(bounds):
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
         return bounds[:-2] + [(bounds[-2][0], bounds[-1][1])]
     return bounds
+
+
+# torch's CPU generator (and each device's CUDA generator) is process-wide: two engines stepping in two
+# threads would rewind it under each other. Every chunk forward (and replayed backward) of every seqwrap
+# engine runs under this lock, so a chunk's draws come from the state recorded for it.
+_RNG_LOCK = threading.RLock()
 
 
 def _rng_state(cuda_dev):

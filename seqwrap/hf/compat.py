@@ -145,6 +145,13 @@ def layer_kinds(config, mtype: str, engine: str) -> tuple[list[str], int | None]
                                     f"{n} layers")
     kinds, kwargs = kinds[:n], kwargs[:n]
     bad = sorted({k for k in kinds if k not in ATTENTION_KINDS})
+    shared = getattr(config, "num_kv_shared_layers", 0) or 0
+    if "dummy" in bad and isinstance(shared, int) and shared > 0:
+        raise UnsupportedModelError(
+            f"seqwrap.{engine} does not support model_type '{mtype}' with num_kv_shared_layers={shared}: its last "
+            f"{shared} layers reuse the keys/values of earlier layers (KV sharing) instead of computing their own, "
+            "which the chunked K/V store does not hand over; train it with full backprop, or with "
+            "seqwrap.apply_minisequence (MsT) for long sequences")
     if bad:
         from .hybrid import STATE_KINDS, STATELESS_KINDS, check_family  # recurrent layers: see hybrid.py
 

@@ -7,6 +7,7 @@ window), and refuses clearly what the chunked engines cannot drive.
 """
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from . import attention, hybrid, hybrid_cache, mamba1_mixer, mamba2_mixer
 from .cache import ChunkCache
 from .checkpointing import CheckpointWithCache
 from .compat import ModelCompat, UnsupportedModelError, resolve
+from .head import head_prefix
+from .positions import rotary_modules, whole_sequence_rotary
 from .ulysses import ulysses_group
 from .versions import check_model_versions
 
@@ -86,12 +89,25 @@ class HFDecoderAdapter:
             )
         lm_head = inner.get_output_embeddings()
         decoder = getattr(inner, "base_model", None)
+        if decoder is inner:  # base_model_prefix names no child (Llama4ForCausalLM: 'language_model', held as .model)
+            child = inner._modules.get("model")
+            decoder = child if child is not None and hasattr(child, "config") else decoder
         if lm_head is None or decoder is None or decoder is inner:
             raise UnsupportedModelError(
                 f"seqwrap.{engine}: model_type '{mtype}' ({type(inner).__name__}) has no separate decoder "
                 "and output projection; only *ForCausalLM models are supported"
             )
         return cls(inner, decoder, lm_head, resolve(inner, decoder, engine))
+
+    def check_head(self, engine: str) -> None:
+        """Resolves head_prefix (head.py): the modules run between the decoder and the output projection."""
+        self.head_prefix = head_prefix(self.causal_lm, self.decoder, self.lm_head, engine)
+
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, L, hidden) -> what the output projection takes: the head's modules before it applied."""
+        for module in getattr(self, "head_prefix", ()):
+            hidden = module(hidden)
+        return hidden
 
     @property
     def config(self):
@@ -154,6 +170,11 @@ class HFDecoderAdapter:
 
     @property
     def max_positions(self) -> int | None:
+        """The longest input the model takes: max_position_embeddings for models with learned absolute
+        positions; None (no limit, as for HF's own forward) for rotary models, whose embedding is computed
+        for any position (dynamic NTK and LongRoPE rescale past it; positions.py keeps that exact)."""
+        if rotary_modules(self.causal_lm):
+            return None
         n = getattr(self.config, "max_position_embeddings", None)
         return int(n) if isinstance(n, int) and n > 0 else None
 
@@ -174,23 +195,34 @@ class HFDecoderAdapter:
         return CheckpointWithCache(self.decoder_layers(), name)
 
     @contextmanager
-    def step_context(self, name: str):
-        """Context for a chunked step: checkpointing() plus seqwrap's forward on the recurrent mixers that need
-        one: Mamba-1 (mamba1_mixer.py: HF's ignores the cached SSM state in multi-token calls) and Mamba-2
-        (mamba2_mixer.py: HF's torch SSD keeps (chunk x chunk) tensors per head for backward)."""
-        with self.checkpointing(name), mamba1_mixer.patched(self.causal_lm), mamba2_mixer.patched(self.causal_lm):
+    def step_context(self, name: str, store=None, positions: torch.Tensor | None = None, chunked: bool = False):
+        """Context for a chunked step over `store` (its ChunkKVStore / hybrid store):
+          - checkpointing(): checkpointed decoder layers keep the chunk cache;
+          - seqwrap's forward on the recurrent mixers that need one: Mamba-1 (mamba1_mixer.py: HF's ignores
+            the cached SSM state in multi-token calls) and Mamba-2 (mamba2_mixer.py: HF's torch SSD keeps
+            (chunk x chunk) tensors per head for backward);
+          - positions.whole_sequence_rotary: every chunk gets its slice of the rotary embedding of the whole
+            sequence (positions (B or 1, T); None: 0..T-1), checked per call;
+          - chunked: attention through seqwrap's registry entry, the store bound to the attention modules
+            (attention.bound_store: it reaches them whatever the decoder layers forward)."""
+        if positions is None and store is not None:
+            total = store.bounds[-1][1]
+            positions = torch.arange(total, device=self.lm_head.weight.device)[None]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.checkpointing(name))
+            stack.enter_context(mamba1_mixer.patched(self.causal_lm))
+            stack.enter_context(mamba2_mixer.patched(self.causal_lm))
+            if store is not None:
+                stack.enter_context(whole_sequence_rotary(self.causal_lm, store, positions, name))
+            if chunked:
+                stack.enter_context(attention.chunked_attention(self.causal_lm))
+                stack.enter_context(attention.bound_store(self.causal_lm, store))
             yield
 
-    def chunked_attention(self):
-        """Context for a step: attention runs through seqwrap's registry entry (attend_chunk)."""
-        return attention.chunked_attention(self.causal_lm)
-
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, store,
-               position_ids: torch.Tensor | None = None, chunked: bool = True) -> torch.Tensor:
-        """Last hidden states (B, L, hidden) of one chunk, its past held by `store` (a ChunkKVStore).
-
-        chunked: the attention reads the store through seqwrap's registry entry (inside
-        chunked_attention()); else HF's own attention gets [past ; fresh] K/V from the cache."""
+               position_ids: torch.Tensor | None = None, router_logits: bool = False):
+        """Last hidden states (B, L, hidden) of one chunk, its past held by `store` (a ChunkKVStore), inside
+        step_context(). With router_logits: (hidden, the decoder's router_logits, one tensor per MoE layer)."""
         recurrent = self.recurrent_layers
         cache = hybrid_cache.HybridChunkCache(store) if recurrent else ChunkCache(store)
         kwargs = {self.compat.cache_arg: cache, "use_cache": True}
@@ -200,7 +232,9 @@ class HFDecoderAdapter:
             position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
-        if chunked:
-            kwargs[attention.STATE_KWARG] = store
+        if router_logits:
+            kwargs["output_router_logits"] = True
         out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if router_logits:
+            return out.last_hidden_state, getattr(out, "router_logits", None)
         return out.last_hidden_state

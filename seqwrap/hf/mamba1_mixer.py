@@ -38,6 +38,10 @@ def mamba1_forward(self, hidden_states, cache=None, attention_mask=None, cache_p
     """HF Mamba / Jamba mixer forward with a scan that continues the cached state. Returns (B, L, hidden)."""
     cache = cache if cache is not None else cache_params
     seq_len, dtype = hidden_states.shape[1], hidden_states.dtype
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] > seq_len:
+        # HF Mamba hands its mixers the decoder's mask as it is: the engines pass the mask of every position
+        # up to the chunk's end (the attention layers of hybrid models need the past keys'): this chunk's part
+        attention_mask = attention_mask[:, -seq_len:]
     h0 = recurrent_state(cache, self.layer_idx) if cache is not None else None
     hidden_states = _masked(hidden_states, attention_mask)
     x, gate = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)     # (B, d_inner, L) each
