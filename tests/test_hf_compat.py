@@ -212,3 +212,88 @@ def test_packed_rows_need_no_cache_and_no_mask():
     alone = torch.cat([model(ids[:, s:e]).logits for s, e in ((0, 4), (4, 6), (6, 9))], 1)
     assert (model(ids, position_ids=pos, use_cache=False).logits - alone).abs().max() < 1e-12
     assert (model(ids, position_ids=pos).logits - alone).abs().max() > 1e-3
+
+
+# -- items of issue 19 (exact by construction) ---------------------------------------------------------
+def test_rotary_modules():
+    """HF's rotary modules are named *RotaryEmbedding, take (x, position_ids) and return per-position
+    (cos, sin) of shape (B, L, d); LongRoPE's choice depends on the call's largest position."""
+    from seqwrap.hf.positions import has_dynamic_rope, rotary_modules
+
+    model = _llama(rope_scaling=dict(  # max_position_embeddings 64
+        rope_type="longrope", original_max_position_embeddings=16, short_factor=[1.0] * 4, long_factor=[3.0] * 4))
+    (rotary,) = rotary_modules(model)
+    assert has_dynamic_rope(model) and not has_dynamic_rope(_llama())
+    x = torch.zeros(1, 8, 32)
+    cos, sin = rotary(x, torch.arange(8)[None])
+    assert cos.shape == sin.shape == (1, 8, 8)
+    long_cos, _ = rotary(x, torch.arange(32)[None])
+    assert not torch.allclose(long_cos[:, :8], cos), "the long factors apply past original_max_position_embeddings"
+
+
+def test_attention_modules_have_layer_idx():
+    """bound_store reaches the attention through the module HF hands the attention function."""
+    from seqwrap.hf import attention
+
+    model = _llama()
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append(getattr(module, attention.STORE_ATTR, None))
+        return torch.zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
+
+    attention.register("seqwrap_test_spy", spy)
+    marker = object()
+    with attention.implementation(model, "seqwrap_test_spy"), attention.bound_store(model, marker):
+        model(torch.randint(0, 61, (1, 4)))
+    assert seen == [marker, marker]
+    assert all(attention.STORE_ATTR not in m.__dict__ for m in model.modules()), "the binding is removed"
+
+
+def test_router_aux_loss_contract():
+    """The MoE causal LM returns aux_loss, adds `self.router_aux_loss_coef * aux_loss`, and its decoder gives
+    router_logits as (B*L, experts) per MoE layer."""
+    from seqwrap.hf.router_aux import aux_coefficient, wants_router_logits
+
+    cfg = transformers.MixtralConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.3)
+    model = transformers.MixtralForCausalLM(cfg)
+    assert wants_router_logits(model) and aux_coefficient(model, "test") == 0.3
+    ids = torch.randint(0, 61, (2, 5))
+    out = model.model(input_ids=ids, output_router_logits=True)
+    assert len(out.router_logits) == 2 and out.router_logits[0].shape == (10, 4)
+    full = model(ids, labels=ids)
+    assert torch.is_tensor(full.aux_loss)
+    cfg.output_router_logits = False
+    plain = model(ids, labels=ids)
+    torch.testing.assert_close(full.loss, plain.loss + 0.3 * full.aux_loss)
+
+
+def test_lm_head_modules():
+    """ModernBERT-decoder applies lm_head (dense, act, norm) before its projection `decoder`; BERT's projection
+    sits in `cls` after its transform; a Llama has nothing but the projection."""
+    from seqwrap.hf.head import resolve_head
+
+    llama = _llama()
+    assert resolve_head(llama, llama.model, llama.get_output_embeddings(), "test") == ([], llama.lm_head)
+    cfg = transformers.ModernBertDecoderConfig(vocab_size=61, hidden_size=32, intermediate_size=48,
+                                               num_hidden_layers=1, num_attention_heads=4, pad_token_id=0)
+    model = transformers.ModernBertDecoderForCausalLM(cfg)
+    assert resolve_head(model, model.model, model.get_output_embeddings(), "test") == ([model.lm_head], model.decoder)
+    bert = transformers.BertLMHeadModel(transformers.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1,
+                                                               num_attention_heads=4, intermediate_size=48,
+                                                               is_decoder=True))
+    assert resolve_head(bert, bert.bert, bert.get_output_embeddings(), "test") == ([], bert.cls)
+
+
+def test_kv_sharing_layer_kind():
+    """Gemma3n's KV-sharing layers are 'dummy' layers (what compat.layer_kinds names as KV sharing)."""
+    cfg = transformers.Gemma3nTextConfig(vocab_size=61, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=8, num_kv_shared_layers=1,
+                                         intermediate_size=[48] * 3, activation_sparsity_pattern=[0.0] * 3,
+                                         layer_types=["sliding_attention", "full_attention", "full_attention"],
+                                         hidden_size_per_layer_input=8, vocab_size_per_layer_input=61, laurel_rank=4,
+                                         altup_num_inputs=2, sliding_window=8)
+    kinds, _ = compat.layer_types_and_kwargs(cfg)
+    assert "dummy" in kinds[:3]

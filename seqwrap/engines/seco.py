@@ -125,6 +125,7 @@ class SeCO:
             raise NotImplementedError(f"seqwrap.{self.name}: Ulysses sequence parallelism on an FSDP2 model is not "
                                       "supported yet")
         self.adapter.check_recurrent(self.name, attention, chunk_size, self.group is not None)
+        self.adapter.check_structure(self.name)
         self.adapter.check_head(self.name)
         self._router_aux = wants_router_logits(self.adapter.causal_lm)
         if self._router_aux:
@@ -355,7 +356,7 @@ class SeCO:
         """Sum of the token losses of one chunk: hidden (B, L, H), labels (B, L) already shifted."""
         mult, cap = self.adapter.logit_transforms
         hidden = self.adapter.head_input(hidden)
-        return chunk_loss_sum(self.adapter.lm_head, hidden, labels, self.ignore_index, multiplier=mult, softcap=cap)
+        return chunk_loss_sum(getattr(self.adapter, "loss_head", self.adapter.lm_head), hidden, labels, self.ignore_index, multiplier=mult, softcap=cap)
 
     def _transfers(self, device: torch.device) -> Transfers:
         """One Transfers (side stream) per device, kept across steps."""

@@ -32,6 +32,17 @@ release that changes one fails one named test:
                             |                          | only without a mask and without a cache (use_cache=False)
   Mamba internals           | mamba.py                 | MambaForCausalLM.backbone.{embeddings,layers,norm_f}, MambaBlock
                             |                          | {norm,mixer,residual_in_fp32}, MambaMixer parameters and sizes
+  rotary modules            | positions.py             | *RotaryEmbedding modules, called as rotary(x, position_ids, [extra])
+                            |                          | -> per-position (cos, sin) (..., L, d); the dynamic choice
+                            |                          | (longrope / dynamic) made from the call's positions
+  attention modules         | attention.py (bound_store)| the module HF hands the attention function has an int layer_idx
+  router aux loss           | router_aux.py            | config.output_router_logits; the decoder output's router_logits
+                            |                          | ((B*L, experts) per MoE layer); the causal LM's forward adds
+                            |                          | `self.<coef> * aux_loss` and returns aux_loss; MoeModelOutputWithPast;
+                            |                          | logits_to_keep
+  LM head                   | head.py                  | get_output_embeddings(); extra head modules applied as
+                            |                          | self.<projection>(self.<module>(hidden_states)) in the forward
+  KV sharing                | compat.layer_kinds       | num_kv_shared_layers > 0 turns the sharing layers' kind into "dummy"
   Trainer internals         | trainer.py               | Trainer.training_step(model, inputs, num_items_in_batch),
                             |                          | _prepare_inputs, compute_loss_context_manager,
                             |                          | current_gradient_accumulation_steps, accelerator(.scaler)
@@ -52,6 +63,16 @@ from .versions import installed
 class UnsupportedModelError(NotImplementedError):
     """The model cannot be trained chunk-wise through the HF Cache API."""
 
+
+# Families refused by name, with the reason (found by the family census, tests/test_family_census.py).
+REFUSED = {
+    "moshi": "transformers' layer types call its layers sliding-window (config.sliding_window), but MoshiModel masks "
+             "them with a plain causal mask, so the chunked store would apply a window full backprop does not",
+    "cpmant": "its attention builds its position bias and mask from the call's own length, not from the cached "
+              "past plus the chunk, in either attention mode",
+    "xlm": "its attention masks from the call's own length, not from the cached past plus the chunk, in either "
+           "attention mode",
+}
 
 # Layer kinds whose attention reads K/V through the cache's update and can be chunked.
 ATTENTION_KINDS = ("full_attention", "sliding_attention")

@@ -17,8 +17,8 @@ from torch import nn
 from . import attention, hybrid, hybrid_cache, mamba1_mixer, mamba2_mixer
 from .cache import ChunkCache
 from .checkpointing import CheckpointWithCache
-from .compat import ModelCompat, UnsupportedModelError, resolve
-from .head import head_prefix
+from .compat import REFUSED, ModelCompat, UnsupportedModelError, resolve
+from .head import resolve_head
 from .positions import rotary_modules, whole_sequence_rotary
 from .ulysses import ulysses_group
 from .versions import check_model_versions
@@ -99,12 +99,32 @@ class HFDecoderAdapter:
             )
         return cls(inner, decoder, lm_head, resolve(inner, decoder, engine))
 
+    def check_structure(self, engine: str) -> None:
+        """Refuses, at wrap time, layouts a chunked step would get wrong: attention that is not causal (BERT-style
+        models with is_decoder=False), a model with no layer that goes through the HF cache, and the families
+        compat.REFUSED lists with their reason."""
+        mtype = self.model_type
+        if mtype in REFUSED:
+            raise UnsupportedModelError(f"seqwrap.{engine} does not support model_type '{mtype}': {REFUSED[mtype]}")
+        both_ways = sorted({type(m).__name__ for m in self.causal_lm.modules()
+                            if isinstance(getattr(m, "layer_idx", None), int) and getattr(m, "is_causal", None) is False})
+        if both_ways:
+            raise UnsupportedModelError(
+                f"seqwrap.{engine} does not support model_type '{mtype}' as configured: its attention ({', '.join(both_ways)}) "
+                "is not causal (for BERT-style models set is_decoder=True), so a chunk would need keys after it")
+        if self.num_attention_layers == 0 and not self.recurrent_layers:
+            raise UnsupportedModelError(
+                f"seqwrap.{engine} does not support model_type '{mtype}': none of its layers keeps keys/values or a "
+                "recurrent state through the HF Cache API, so nothing would carry one chunk into the next")
+
     def check_head(self, engine: str) -> None:
-        """Resolves head_prefix (head.py): the modules run between the decoder and the output projection."""
-        self.head_prefix = head_prefix(self.causal_lm, self.decoder, self.lm_head, engine)
+        """Resolves the model's whole LM head (head.py): head_prefix, the modules run on the decoder's hidden
+        states first, and loss_head, the module that then gives the logits (the projection, or a module
+        holding it)."""
+        self.head_prefix, self.loss_head = resolve_head(self.causal_lm, self.decoder, self.lm_head, engine)
 
     def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (B, L, hidden) -> what the output projection takes: the head's modules before it applied."""
+        """hidden (B, L, hidden) -> what loss_head takes: the head's modules before it applied."""
         for module in getattr(self, "head_prefix", ()):
             hidden = module(hidden)
         return hidden

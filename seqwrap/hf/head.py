@@ -10,8 +10,10 @@ and every other gradient would be wrong. So, at wrap time:
   - the causal LM's direct children other than the decoder and the projection that hold parameters and
     that its forward uses (`self.<child>` in its source) are listed;
   - none: the head is the projection;
-  - each of them applied in the causal LM's forward as `self.<projection>(self.<child>(hidden_states))`
-    (read from the forward's source): they run before the projection, in that order;
+  - one applied in the causal LM's forward as `self.<projection>(self.<child>(x))` (read from the forward's
+    source): it runs before the projection (ModernBERT-decoder, Electra);
+  - the projection inside a child applied as `self.<child>(x)` (BERT-style `cls`: transform, then the
+    projection): the chunk loss runs that child whole, unfused;
   - anything else: refused, naming the modules.
 """
 from __future__ import annotations
@@ -31,29 +33,40 @@ def _attribute_of(parent: nn.Module, child: nn.Module) -> str | None:
     return None
 
 
-def head_prefix(causal_lm: nn.Module, decoder: nn.Module, projection: nn.Module, engine: str) -> list[nn.Module]:
-    """Modules the causal LM applies to the decoder's hidden states before its output projection (see the
-    module docstring); raises UnsupportedModelError for a head it cannot reproduce."""
+def _names_in_forward(causal_lm: nn.Module) -> str | None:
+    try:
+        return inspect.getsource(type(causal_lm).forward)
+    except (OSError, TypeError):
+        return None
+
+
+def resolve_head(causal_lm: nn.Module, decoder: nn.Module, projection: nn.Module,
+                 engine: str) -> tuple[list[nn.Module], nn.Module]:
+    """(prefix, logits_module): the chunk loss computes logits as logits_module(prefix[-1](...prefix[0](h))).
+
+    - the projection is a child of the causal LM: prefix = the modules applied before it (none, or one
+      applied as `self.<projection>(self.<module>(x))`), logits_module = the projection;
+    - the projection sits inside another child (BERT's `cls.predictions.decoder`, after its `transform`):
+      prefix = [], logits_module = that child, run whole (`self.<child>(x)` in the forward).
+    Anything else is refused (UnsupportedModelError naming the modules)."""
     extra = [(name, m) for name, m in causal_lm.named_children()
              if m is not decoder and m is not projection and any(True for _ in m.parameters())]
-    if not extra:
-        return []
-    mtype = getattr(causal_lm.config, "model_type", type(causal_lm).__name__)
-    proj = _attribute_of(causal_lm, projection)
-    try:
-        source = inspect.getsource(type(causal_lm).forward)
-    except (OSError, TypeError):
-        source = None
+    source = _names_in_forward(causal_lm)
     if source is not None:  # modules the forward never names take no part in the loss (full backprop too)
         extra = [(name, m) for name, m in extra if re.search(rf"self\.{re.escape(name)}\b", source)]
-        if not extra:
-            return []
+    if not extra:
+        return [], projection
     source = source or ""
+    mtype = getattr(causal_lm.config, "model_type", type(causal_lm).__name__)
     names = [name for name, _ in extra]
-    if proj is not None and len(extra) == 1:
-        name = names[0]
-        if re.search(rf"self\.{re.escape(proj)}\(\s*self\.{re.escape(name)}\(\s*hidden_states\s*\)\s*\)", source):
-            return [extra[0][1]]
+    proj = _attribute_of(causal_lm, projection)
+    if len(extra) == 1:
+        name, module = extra[0]
+        call = rf"self\.{re.escape(name)}\(\s*\w+\s*\)"
+        if proj is not None and re.search(rf"self\.{re.escape(proj)}\(\s*{call}\s*\)", source):
+            return [module], projection
+        if proj is None and any(m is projection for m in module.modules()) and re.search(call, source):
+            return [], module
     raise UnsupportedModelError(
         f"seqwrap.{engine} does not support model_type '{mtype}': its causal LM holds modules with parameters "
         f"beside the decoder and the output projection ({', '.join(names)}) that the chunked loss would not run, "
