@@ -11,6 +11,7 @@ from collections import Counter
 from .verify_report import STATUSES
 
 ENGINES = ("seco", "mst")
+CONCAT = "seco_concat"  # census.CONCAT: the SeCO run with attention='concat' after a refusal that suggests it
 _MST_NOT_A_FAMILY = "is not supported; supported model types"
 
 
@@ -27,10 +28,12 @@ def cell(result: dict) -> str:
 def note(record: dict) -> str:
     """What to say about a family: the reasons behind refusals, errors and wrong results."""
     parts = []
-    for engine in ENGINES:
+    for engine in ENGINES + (CONCAT,):
+        if engine not in record:
+            continue
         r = record[engine]
         status, msg = r["status"], _clean(r.get("message") or "")
-        label = "SeCO" if engine == "seco" else "MsT"
+        label = {"seco": "SeCO", "mst": "MsT", CONCAT: "SeCO attention='concat'"}[engine]
         if engine == "mst" and status == "refused" and _MST_NOT_A_FAMILY in msg:
             continue  # MsT's family list: said once, in the header
         if engine == "mst" and status == "cannot-build" and record["seco"]["status"] == "cannot-build":
@@ -54,7 +57,7 @@ def _clean(text: str, limit: int = 300) -> str:
 
 
 def counts(records: list[dict], engine: str) -> Counter:
-    return Counter(r[engine]["status"] for r in records)
+    return Counter(r[engine]["status"] for r in records if engine in r)
 
 
 def markdown(records: list[dict], *, full: bool = True, versions: str | None = None) -> str:
@@ -75,14 +78,15 @@ def markdown(records: list[dict], *, full: bool = True, versions: str | None = N
              "its list (llama, mistral, qwen2, qwen3, gemma2, phi3); that reason is not repeated per row.", ""]
     if not full:
         lines += ["(a subset of the families)", ""]
-    lines += ["| status | " + " | ".join("SeCO" if e == "seco" else "MsT" for e in ENGINES) + " |",
-              "|---|" + "---:|" * len(ENGINES)]
+    cols = ENGINES + (CONCAT,)
+    lines += ["| status | SeCO | MsT | SeCO, attention='concat' (after a refusal suggesting it) |", "|---|---:|---:|---:|"]
     for status in STATUSES:
-        lines.append(f"| {status} | " + " | ".join(str(counts(records, e)[status]) for e in ENGINES) + " |")
-    lines.append(f"| total | " + " | ".join(str(len(records)) for _ in ENGINES) + " |")
+        lines.append(f"| {status} | " + " | ".join(str(counts(records, e)[status]) for e in cols) + " |")
+    lines.append("| total | " + " | ".join(str(sum(counts(records, e).values())) for e in cols) + " |")
     lines += ["", "| family | kind | SeCO | MsT | notes |", "|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: r["family"]):
-        lines.append(f"| {r['family']} | {r.get('kind', '?')} | {cell(r['seco'])} | {cell(r['mst'])} | {note(r)} |")
+        seco = cell(r["seco"]) + (f"; with attention='concat': {cell(r[CONCAT])}" if CONCAT in r else "")
+        lines.append(f"| {r['family']} | {r.get('kind', '?')} | {seco} | {cell(r['mst'])} | {note(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -97,6 +101,8 @@ def summary_line(record: dict) -> str:
         if s == "wrong":
             s += f"({r.get('worst_error') or 0:.0e} {r.get('worst_group')})"
         parts.append(f"{e}={s}")
+    if CONCAT in record:
+        parts.append(f"concat={record[CONCAT]['status']}")
     return f"{record['family']:<28} {took} " + " ".join(parts)
 
 

@@ -20,6 +20,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen2[yarn]": ("qwen2", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1000000.0, factor=4.0,
                                                        original_max_position_embeddings=32768),
                                   max_position_embeddings=131072)),
+    # BertLMHeadModel with is_decoder=False (its default) attends both ways: not causal, cannot be chunked
+    "bert[bidirectional]": ("bert", dict(is_decoder=False)),
     # the router's load-balancing loss is part of HF's loss when output_router_logits=True
     "mixtral[router-aux]": ("mixtral", dict(output_router_logits=True)),
     "qwen3_moe[router-aux]": ("qwen3_moe", dict(output_router_logits=True)),

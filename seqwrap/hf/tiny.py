@@ -79,6 +79,7 @@ _CAP = {
     **dict.fromkeys(("local_attention", "attention_chunk_size", "index_topk"), 16),
     **dict.fromkeys(("index_topk_blocks", "L_cycles"), 2),
     "index_block_size": 8,
+    **dict.fromkeys(("encoder_hash_byte_group_vocab", "ngram_vocab_size_base"), 64),
     **dict.fromkeys(("mamba_d_state", "state_size", "ssm_state_size", "d_state"), 8),
     **dict.fromkeys(("mamba_n_heads", "mamba_num_heads", "n_mamba_heads"), 8),
     **dict.fromkeys(("mamba_d_conv", "conv_kernel", "conv_kernel_size", "conv1d_width", "linear_conv_kernel_dim",
@@ -161,6 +162,8 @@ def shrink_fields(d: dict, cls, seq_len: int) -> dict:
         elif isinstance(value, float) and (key in _ZEROED or "dropout" in key or "pdrop" in key
                                            or key.endswith("drop_prob") or key.endswith("drop_rate")):
             d[key] = 0.0
+    if "head_dim" in d and d["head_dim"] is None and "num_attention_heads" in d:
+        d["head_dim"] = _head_dim(d)  # several defaults leave it None and the modeling code reads it
     _shrink_kv_heads(d, old)
     _shrink_value_head(d, old)
     _shrink_rotary_dim(d, old)
@@ -178,6 +181,8 @@ def _shrink_kv_heads(d, old):
             continue
         new_heads = next((d[k] for k in ("num_attention_heads", "n_head", "n_heads", "num_heads") if k in d), HEADS)
         d[key] = 1 if v == 1 else new_heads if v == heads else min(v, 2)
+    if "num_key_value_heads" in d and d["num_key_value_heads"] is None and isinstance(d.get("num_attention_heads"), int):
+        d["num_key_value_heads"] = d["num_attention_heads"]  # None means one per head; some modeling code divides by it
 
 
 def _shrink_value_head(d, old):
@@ -190,6 +195,10 @@ def _shrink_value_head(d, old):
     qk_new = d.get("qk_nope_head_dim", 0) + d.get("qk_rope_head_dim", 0) if "qk_nope_head_dim" in d \
         else d.get("head_dim", HEAD_DIM)
     d["v_head_dim"] = qk_new if v == qk_old else max(2, qk_new // 2)
+    if old.get("head_dim") is not None and old.get("head_dim") == old.get("qk_rope_head_dim"):
+        d["head_dim"] = d["qk_rope_head_dim"]  # MLA configs whose rotary size is head_dim (LongCat)
+    if isinstance(d.get("qk_head_dim"), int) and "qk_nope_head_dim" in d:  # a field in some MLA configs
+        d["qk_head_dim"] = d["qk_nope_head_dim"] + d["qk_rope_head_dim"]
 
 
 def _head_dim(d) -> int:
@@ -223,10 +232,11 @@ def _select_layers(d, old):
                    and not _is_token_id_key(k) and (k.endswith("layers") or k.endswith("ids") or k.endswith("idxs")
                                                      or k.endswith("indices"))]
     splits = [k for k in _SPLITS if isinstance(old.get(k), int) and not isinstance(old.get(k), bool)]
+    per_index = [k for k, v in old.items() if isinstance(v, dict) and v and all(str(i).isdigit() for i in v)]
 
     def signature(i):
         return (tuple(_hashable(old[k][i]) for k in per_layer) + tuple(i in old[k] for k in index_lists)
-                + tuple(i < old[k] for k in splits))
+                + tuple(i < old[k] for k in splits) + tuple(str(_at(old[k], i)) for k in per_index))
 
     chosen, seen = [], set()
     for i in range(n):
@@ -253,9 +263,16 @@ def _select_layers(d, old):
         d[k] = [j for j, i in enumerate(chosen) if i in old[k]]
     for k in splits:
         d[k] = sum(i < old[k] for i in chosen)
+    for k in per_index:  # heterogeneous configs: {layer index: that layer's own fields}, renumbered
+        d[k] = {new: _at(old[k], i) for new, i in enumerate(chosen) if _at(old[k], i) is not None}
     if "moe_layer_end_index" in d and isinstance(old.get("moe_layer_end_index"), int):
         d["moe_layer_end_index"] = len(chosen) - 1 if old["moe_layer_end_index"] < 0 else \
             max(0, sum(i <= old["moe_layer_end_index"] for i in chosen) - 1)
+
+
+def _at(per_index: dict, i: int):
+    """Layer i's entry of an index-keyed dict (keys int, or str after a JSON round trip), or None."""
+    return per_index.get(i, per_index.get(str(i)))
 
 
 def _hashable(v):

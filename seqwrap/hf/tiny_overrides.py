@@ -37,4 +37,31 @@ OVERRIDES: dict[str, dict] = {
                   expert_layer_period=2, expert_layer_offset=1, num_experts=2, num_experts_per_tok=1,
                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, mamba_d_state=8,
                   mamba_dt_rank=4, mamba_expand=2, mamba_d_conv=4),
+
+    # -- defaults that do not build a model (None where the modeling code needs a value) ----------------
+    "dots1": dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
+    "deepseek_v2": dict(n_group=2, topk_group=1, num_experts_per_tok=2),
+    "lfm2_moe": dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], num_dense_layers=1),
+    "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16,
+                           indexer_compress_ratio=4),
+    "xmod": dict(default_language="en_XX"),
+    # -- layer layouts the generic selection cannot express ----------------------------------------------
+    # GPT-Neo: attention_types [[kinds, repeat]] expands to attention_layers
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], num_layers=2),
+    # Zamba: shared attention every attn_layer_period layers from attn_layer_offset (tied across them)
+    "zamba": dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, mamba_dt_rank=8, layer_types=None),
+    # Dory: input + recurrent + output layer counts must add up to the layers
+    "dory": dict(num_hidden_layers=3, layer_types=["sliding_attention", "mlp", "full_attention"], n_input_layers=1,
+                 n_recurrent_layers=1, n_output_layers=1),
+    # Gemma-3n: the last num_kv_shared_layers reuse the K/V of earlier layers of the same type
+    "gemma3n_text": dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                         activation_sparsity_pattern=[0.0] * 4, num_kv_shared_layers=2),
+    # Falcon-H1: the Mamba heads must fill mamba_d_ssm
+    "falcon_h1": dict(mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1),
+    # HRM: two stacks of num_layers_per_stack layers
+    "hrm_text": dict(num_layers_per_stack=1),
+    # Reformer: axial position shape multiplies to the (training) sequence length, chunked attentions
+    "reformer": dict(axial_pos_shape=[5, 8], axial_pos_embds_dim=[32, 32], lsh_attn_chunk_length=8,
+                     local_attn_chunk_length=8, num_buckets=4, num_hashes=1, attn_layers=["local", "lsh"]),
 }

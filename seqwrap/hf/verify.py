@@ -92,7 +92,10 @@ def _run(report: VerifyReport, config, model_cls, engine, seed, options, mlp_chu
         report.exception, report.message = type(exc).__name__, f"the twin does not build: {_short(exc)}"
         report.where = _origin(exc)
         return
-    report.twin = describe(tiny, twin)
+    try:
+        report.twin = describe(tiny, twin)
+    except Exception as exc:  # noqa: BLE001 - heterogeneous configs refuse some global reads
+        report.twin = f"{type(twin).__name__} ({type(exc).__name__} describing it)"
     try:
         with pure_float64():
             ref_loss = twin(input_ids=ids, labels=labels).loss
@@ -160,7 +163,7 @@ def _is_refusal(exc: BaseException, phase: str) -> bool:
 
 def _origin(exc: BaseException) -> str:
     """'path/inside/package.py:line in function' of the frame that raised (site-packages prefix cut)."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.endswith("float64.py")]
     if not frames:
         return ""
     f = frames[-1]
@@ -169,7 +172,12 @@ def _origin(exc: BaseException) -> str:
         if marker in path:
             path = ("seqwrap/" if marker == "/seqwrap/" else "") + path.rsplit(marker, 1)[1]
             break
-    return f"{path}:{f.lineno} in {f.name}"
+    where = f"{path}:{f.lineno} in {f.name}"
+    ours = [g for g in frames if g.filename.startswith(_SEQWRAP_DIR + os.sep) and g.filename != _HERE]
+    if ours and ours[-1] is not f:
+        g = ours[-1]
+        where += f", from seqwrap/{os.path.relpath(g.filename, _SEQWRAP_DIR)}:{g.lineno} in {g.name}"
+    return where
 
 
 def _inputs(config, batch: int, seq_len: int, seed: int):
