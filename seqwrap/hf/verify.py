@@ -87,6 +87,8 @@ def _run(report: VerifyReport, config, model_cls, engine, seed, options, mlp_chu
     try:
         tiny = shrink_config(config, seq_len=report.seq_len)
         twin = build_twin(tiny, model_cls, seed=seed)
+        if hasattr(twin.config, "use_cache"):
+            twin.config.use_cache = False  # a training step keeps no cache (SeCO passes its own, use_cache=True)
         ids, labels = _inputs(tiny, report.batch, report.seq_len, seed)
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         report.exception, report.message = type(exc).__name__, f"the twin does not build: {_short(exc)}"
