@@ -79,7 +79,8 @@ def markdown(records: list[dict], *, full: bool = True, versions: str | None = N
     if not full:
         lines += ["(a subset of the families)", ""]
     cols = ENGINES + (CONCAT,)
-    lines += ["| status | SeCO | MsT | SeCO, attention='concat' (after a refusal suggesting it) |", "|---|---:|---:|---:|"]
+    lines += ["| status | SeCO | MsT | SeCO, attention='concat' (after a refusal suggesting it) |",
+              "|---|---:|---:|---:|"]
     for status in STATUSES:
         lines.append(f"| {status} | " + " | ".join(str(counts(records, e)[status]) for e in cols) + " |")
     lines.append("| total | " + " | ".join(str(sum(counts(records, e).values())) for e in cols) + " |")

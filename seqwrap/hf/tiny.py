@@ -181,8 +181,10 @@ def _shrink_kv_heads(d, old):
             continue
         new_heads = next((d[k] for k in ("num_attention_heads", "n_head", "n_heads", "num_heads") if k in d), HEADS)
         d[key] = 1 if v == 1 else new_heads if v == heads else min(v, 2)
-    if "num_key_value_heads" in d and d["num_key_value_heads"] is None and isinstance(d.get("num_attention_heads"), int):
-        d["num_key_value_heads"] = d["num_attention_heads"]  # None means one per head; some modeling code divides by it
+    if "num_key_value_heads" in d and d["num_key_value_heads"] is None and isinstance(d.get("num_attention_heads"),
+                                                                                        int):
+        # None means one per head; some modeling code divides by it
+        d["num_key_value_heads"] = d["num_attention_heads"]
 
 
 def _shrink_value_head(d, old):

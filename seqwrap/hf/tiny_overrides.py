@@ -49,11 +49,14 @@ OVERRIDES: dict[str, dict] = {
     # -- layer layouts the generic selection cannot express ----------------------------------------------
     # GPT-Neo: attention_types [[kinds, repeat]] expands to attention_layers
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], num_layers=2),
-    # Zamba: shared attention every attn_layer_period layers from attn_layer_offset (tied across them)
-    "zamba": dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, mamba_dt_rank=8, layer_types=None),
-    # Dory: input + recurrent + output layer counts must add up to the layers
-    "dory": dict(num_hidden_layers=3, layer_types=["sliding_attention", "mlp", "full_attention"], n_input_layers=1,
-                 n_recurrent_layers=1, n_output_layers=1),
+    # Zamba: one attention block shared (tied) by every "hybrid" layer: two of them, so the tie has a partner
+    "zamba": dict(num_hidden_layers=4, mamba_dt_rank=8, attention_hidden_size=128, attention_head_dim=32,
+                  layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"]),
+    # Dory: input, looped (recurrent) and output layers; its to_dict writes each layer as an (attention, mlp)
+    # pair and doubles the counts, and __post_init__ halves them again: these are the doubled values
+    "dory": dict(num_hidden_layers=6, layer_types=["sliding_attention", "mlp", "sliding_attention", "mlp",
+                                                   "full_attention", "mlp"],
+                 n_input_layers=2, n_recurrent_layers=2, n_output_layers=2),
     # Gemma-3n: the last num_kv_shared_layers reuse the K/V of earlier layers of the same type
     "gemma3n_text": dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
                          activation_sparsity_pattern=[0.0] * 4, num_kv_shared_layers=2),

@@ -9,7 +9,8 @@ and head transforms, with small sizes and random float64 weights; its sequence c
 where length-dependent RoPE scalings switch. verify runs one chunked step (SeCO(twin, chunk_size)(ids,
 labels=...), or the MsT-patched twin's loss.backward()) and full backprop of the same twin
 (twin(ids, labels=...).loss.backward(), HF's whole loss, auxiliary terms included), both inside
-pure_float64() (float64.py) and with dropout off, and compares the loss and every parameter's gradient.
+pure_float64() (float64.py) with float64 as torch's default dtype, and with dropout off, and compares
+the loss and every parameter's gradient.
 A refusal counts as a refusal only if it came from seqwrap's own code and left every .grad untouched.
 """
 from __future__ import annotations
@@ -58,9 +59,12 @@ def verify(model_or_config, *, engine: str = "seco", chunk_size: int | None = No
                           if model_cls is not None else "?", engine="SeCO" if engine == "seco" else "MsT",
                           status="cannot-build", rtol=rtol, seq_len=seq_len, batch=batch,
                           chunk_size=chunk_size if engine == "seco" else None)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # constants the model makes (torch.full(finfo.min)) in float64 too
     try:
         _run(report, config, model_cls, engine, seed, engine_options or {}, mlp_chunks)
     finally:
+        torch.set_default_dtype(previous)
         report.seconds = time.perf_counter() - start
     return report
 
