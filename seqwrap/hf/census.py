@@ -52,7 +52,7 @@ def run_family(name: str) -> dict:
     cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ""), None)
     try:
         if cls is None:
-            raise LookupError(f"transformers has no class {MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)!r}")
+            raise LookupError(f"model_type {model_type!r} has no causal-LM class in transformers' auto mapping")
         cfg_cls = config_class(model_type, cls)
         if "is_decoder" in _field_names(cfg_cls) and "is_decoder" not in settings:
             settings = {**settings, "is_decoder": True}  # a BERT-like is a causal LM only as a decoder
@@ -105,7 +105,7 @@ def kind(config, cls) -> str:
         return "multimodal"
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder"
-    if hasattr(config, "type_vocab_size") or hasattr(config, "add_cross_attention"):
+    if "is_decoder" in _field_names(type(config)):  # BERT-likes: an encoder switched to causal attention
         return "encoder-as-decoder"
     return "decoder"
 
