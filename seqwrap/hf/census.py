@@ -105,7 +105,7 @@ def kind(config, cls) -> str:
         return "multimodal"
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder"
-    if "is_decoder" in _field_names(type(config)):  # BERT-likes: an encoder switched to causal attention
+    if {"is_decoder", "type_vocab_size"} <= _field_names(type(config)):  # BERT-likes: an encoder made causal
         return "encoder-as-decoder"
     return "decoder"
 
