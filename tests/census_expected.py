@@ -52,6 +52,11 @@ OFFENDERS: dict[tuple[str, str], tuple[str, str, str]] = {
     ("xlm-roberta", "seco"): ("wrong", _BERT_HEAD, "2e+00, loss 2e-03"),
     ("xlm-roberta-xl", "seco"): ("wrong", _BERT_HEAD, "2e+00, loss 2e-02"),
     ("xmod", "seco"): ("wrong", _BERT_HEAD, "1e+00, loss 2e-02"),
+    ("electra", "seco"): ("error", _BERT_HEAD + " (here the skipped generator_predictions projects hidden 64 -> "
+                          "embedding 32, so linear_cross_entropy's argument check fails mid-step)", "ValueError"),
+    ("roformer", "seco_concat"): ("error", _BERT_HEAD + " (its head transform projects hidden 64 -> embedding 32 "
+                                  "before the decoder; linear_cross_entropy's argument check fails mid-step)",
+                                  "ValueError"),
     ("big_bird", "seco_concat"): ("wrong", _BERT_HEAD, "2e+00, loss 8e-03"),
     ("megatron-bert", "seco_concat"): ("wrong", _BERT_HEAD, "2e+00, loss 2e-03"),
     ("rembert", "seco_concat"): ("wrong", _BERT_HEAD, "1e+00, loss 2e-03"),

@@ -156,7 +156,8 @@ def _run(report: VerifyReport, config, model_cls, engine, seed, options, mlp_chu
 
 
 def _is_refusal(exc: BaseException, phase: str) -> bool:
-    """A documented refusal: one of the refusal types, raised by seqwrap's own code (not by the model)."""
+    """A documented refusal: one of the refusal types, raised by seqwrap's adapters or engines (seqwrap/hf,
+    seqwrap/engines, seqwrap/parallel), not by the model or by an op's argument check."""
     kinds = (UnsupportedModelError, NotImplementedError, ValueError) + ((TypeError,) if phase == "setup" else ())
     if not isinstance(exc, kinds):
         return False
@@ -164,7 +165,10 @@ def _is_refusal(exc: BaseException, phase: str) -> bool:
     if not frames:
         return False
     origin = os.path.abspath(frames[-1].filename)
-    return origin.startswith(_SEQWRAP_DIR + os.sep) and origin != _HERE
+    # the adapters and engines refuse models; an op's argument check reached mid-step (a hidden size that does
+    # not fit the head, say) is a bug showing, not a refusal
+    return origin != _HERE and any(origin.startswith(os.path.join(_SEQWRAP_DIR, d) + os.sep)
+                                   for d in ("hf", "engines", "parallel"))
 
 
 def _origin(exc: BaseException) -> str:

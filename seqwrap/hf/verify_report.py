@@ -4,7 +4,7 @@ Statuses:
   exact         loss and every gradient equal full backprop of the twin within rtol
   wrong         the engine ran and some gradient (or the loss) differs by more than rtol
   refused       seqwrap raised UnsupportedModelError / NotImplementedError / ValueError (TypeError when
-                applying a patch) from its own code, with every .grad still untouched
+                applying a patch) from its adapters or engines, with every .grad still untouched
   error         anything else raised during the chunked run (the exception is in `message`)
   cannot-build  the twin could not be built, or its own full backprop failed: nothing was checked
 """
