@@ -1,15 +1,16 @@
-"""Tiny random SSM / hybrid Hugging Face causal LMs built from configs (no download), and a float64 mode.
+"""Tiny random SSM / hybrid Hugging Face causal LMs built from configs (no download).
 
 HF's recurrent mixers cast to float32 inside (the chunked SSD scan, the gated DeltaNet, every RMSNorm,
 A = -exp(A_log.float())), even in a float64 model, so their float64 results carry float32 rounding
-that depends on how the sequence is cut. `pure_float64()` makes those casts no-ops for float64
-tensors: the model then computes in float64 throughout, and a chunked step can be compared with
-full backprop of the same code at float64 precision.
+that depends on how the sequence is cut. `pure_float64()` (seqwrap/hf/float64.py, re-exported here)
+makes those casts no-ops for float64 tensors: the model then computes in float64 throughout, and a
+chunked step can be compared with full backprop of the same code at float64 precision.
 """
 from __future__ import annotations
 
 import torch
-from torch.overrides import TorchFunctionMode
+
+from seqwrap.hf.float64 import pure_float64  # noqa: F401  (the tests import it from here)
 
 VOCAB = 61
 
@@ -65,31 +66,3 @@ def tiny_hybrid(family: str, dtype=torch.float64, seed: int = 0, **extra):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return model
-
-
-def _dtype_arg(args, kwargs):
-    if "dtype" in kwargs:
-        return kwargs["dtype"]
-    return next((a for a in args[1:] if isinstance(a, torch.dtype)), None)
-
-
-_PRODUCTS = (torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.bmm, torch.mm)
-
-
-class pure_float64(TorchFunctionMode):
-    """Within the block, casting a float64 tensor to float32 (`.float()`, `.to(torch.float32, ...)`) returns
-    it unchanged (other arguments of `.to` still apply); a matrix product of float64 and float32 operands
-    (a float64 buffer kept by the first rule times a value cast from integers) runs in float64."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _PRODUCTS and len(args) == 2 and all(isinstance(a, torch.Tensor) for a in args) \
-                and {args[0].dtype, args[1].dtype} == {torch.float32, torch.float64}:
-            args = tuple(a.double() for a in args)
-        if args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64:
-            if func is torch.Tensor.float:
-                return args[0]
-            if func is torch.Tensor.to and _dtype_arg(args, kwargs) == torch.float32:
-                args = tuple(a for a in args if not isinstance(a, torch.dtype))
-                kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
-        return func(*args, **kwargs)

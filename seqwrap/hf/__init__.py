@@ -13,13 +13,18 @@
   hybrid.py         which SSM / hybrid families the chunked engines drive, and why others are refused;
                     hybrid_cache.py (the recurrent-state cache view), mamba1_mixer.py / mamba2_mixer.py
                     (seqwrap's mixer forwards during a chunked step)
+  float64.py        pure_float64(): HF's internal float32 casts become no-ops for float64 tensors
+  tiny.py           tiny random-weight twins of a config (generic shrinker; tiny_overrides.py per family)
+  verify.py         seqwrap.verify: a chunked step on the twin against its full backprop (verify_report.py)
+  census.py         the family census over transformers' causal-LM auto mapping (python -m seqwrap.hf.census)
   trainer.py        SeqwrapTrainer (imported on first use: it imports transformers.Trainer)
 
 transformers itself is imported lazily: importing seqwrap never needs it.
 """
 from .compat import UnsupportedModelError, disable_checkpointing, enable_checkpointing
 from .minisequence import apply_minisequence, is_minisequence_applied, remove_minisequence
+from .verify import verify
 from .versions import SUPPORTED, UnsupportedVersionError
 
 __all__ = ["SUPPORTED", "UnsupportedModelError", "disable_checkpointing", "enable_checkpointing", "UnsupportedVersionError", "apply_minisequence",
-           "is_minisequence_applied", "remove_minisequence"]
+           "is_minisequence_applied", "remove_minisequence", "verify"]
