@@ -428,6 +428,12 @@ class SeCO:
         if limit is not None and T > limit:
             raise ValueError(f"seqwrap.{name}: input of {T} tokens is longer than the model's limit "
                              f"(max_position_embeddings={limit} for model_type '{self.adapter.model_type}')")
+        keep = getattr(self.adapter.config, "keep_window_size", None)
+        if isinstance(keep, int) and T > keep:
+            raise UnsupportedModelError(
+                f"seqwrap.{name}: model_type '{self.adapter.model_type}' masks keys dynamically (top-{keep} per query) "
+                f"only in calls with more than keep_window_size={keep} keys; chunks of a {T}-token input would be "
+                "masked otherwise than the whole sequence: not supported beyond keep_window_size")
         if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"seqwrap.{name}: {what} must hold integer class indices, not {labels.dtype}")
         self._check_label_range(labels, what)

@@ -70,6 +70,8 @@ REFUSED = {
              "them with a plain causal mask, so the chunked store would apply a window full backprop does not",
     "cpmant": "its attention builds its position bias and mask from the call's own length, not from the cached "
               "past plus the chunk, in either attention mode",
+    "xlstm": "it has no attention; its mLSTM blocks keep their recurrent state in their own xLSTMCache (rnn_state), "
+             "not through the HF Cache API that carries one chunk into the next",
     "xlm": "its attention masks from the call's own length, not from the cached past plus the chunk, in either "
            "attention mode",
 }
