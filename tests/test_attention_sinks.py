@@ -261,3 +261,15 @@ def test_gpt_oss_seco_over_ulysses():
         assert abs(r_loss - loss.item()) <= TOL * abs(loss.item()), rank
         worst = max(rel(r_grads[n], g) for n, g in grads.items())
         assert worst <= TOL, f"rank {rank}: gradient relative error {worst:.3g}"
+
+
+def test_plain_ulysses_attention_refuses_sinks():
+    """The plain Ulysses entry (no SeCO) has no sink logits inside a rank: it refuses s_aux instead of
+    silently attending without them."""
+    from seqwrap.hf.ulysses import UlyssesState, ulysses_attention_forward
+
+    module = types.SimpleNamespace(_seqwrap_ulysses=UlyssesState(group=None, chunk_size=None), training=False)
+    q = torch.randn(1, 4, 6, 8, dtype=torch.float64)
+    k = v = torch.randn(1, 2, 6, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="attention sinks"):
+        ulysses_attention_forward(module, q, k, v, None, s_aux=torch.zeros(4, dtype=torch.float64))
