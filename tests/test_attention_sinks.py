@@ -21,6 +21,7 @@ from seqwrap.ops import attention_blocks as blocks_mod
 from seqwrap.ops.attention_blocks import EMPTY, BlockBackward, attend, block_mask
 
 from .hf_tiny import VOCAB, _llama_rmsnorm_f64, max_rel_err, reference
+from .hybrid_tiny import pure_float64
 
 transformers = pytest.importorskip("transformers")
 
@@ -273,3 +274,50 @@ def test_plain_ulysses_attention_refuses_sinks():
     k = v = torch.randn(1, 2, 6, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="attention sinks"):
         ulysses_attention_forward(module, q, k, v, None, s_aux=torch.zeros(4, dtype=torch.float64))
+
+
+class _pure_float64_softmax(pure_float64):
+    """pure_float64, and F.softmax(x, dtype=torch.float32) of a float64 x stays in float64 (Granite-SWA's
+    eager attention forces its softmax to float32)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.softmax and kwargs.get("dtype") == torch.float32 \
+                and args[0].dtype == torch.float64:
+            kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+# the other families with s_aux in this transformers; their sink forms differ (Granite-SWA: output *
+# sigmoid(lse - sink); Flint: float32 scores) but all are the same extra softmax logit
+SINK_FAMILIES = {
+    "granite_swa": ("GraniteSWAConfig", "GraniteSWAForCausalLM", {}),
+    "granitemoe_swa": ("GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM",
+                       dict(num_local_experts=4, num_experts_per_tok=2)),
+    "flint": ("FlintConfig", "FlintForCausalLM", {}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SINK_FAMILIES))
+def test_other_sink_families_seco_equals_full_backprop(family):
+    cfg_name, model_name, kw = SINK_FAMILIES[family]
+    if not hasattr(transformers, cfg_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {cfg_name}")
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_name)(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=5, bos_token_id=None,
+        eos_token_id=None, layer_types=["sliding_attention", "full_attention"], experts_implementation="eager",
+        **kw)
+    model = getattr(transformers, model_name)(cfg).to(torch.float64)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (1.0 if name.endswith("sinks") else 0.02))
+    ids, labels, mask = gpt_oss_batch()
+    with _pure_float64_softmax():
+        loss, grads = reference(model, ids, labels, mask)
+        assert len(sinks_of(grads)) == 2
+        out = seqwrap.SeCO(model, chunk_size=7)(ids, labels=labels, attention_mask=mask)
+    assert abs(out.loss.item() - loss.item()) <= TOL * abs(loss.item())
+    err = max_rel_err(model, grads)
+    assert err <= TOL, f"gradient relative error {err:.3g}"
