@@ -92,10 +92,9 @@ def chunked_attention_forward(module, query, key, value, attention_mask, dropout
     if dropout and module.training:
         raise ValueError("seqwrap: attention dropout is not supported by the chunked engines; set the model's "
                          "attention_dropout to 0 or call model.eval()")
-    if kwargs.get("s_aux") is not None:
-        raise ValueError("seqwrap: attention sinks (s_aux) are not supported by the chunked engines")
+    sinks = kwargs.get("s_aux")  # gpt-oss & co.: (Hq,) per-head sink logits folded into the softmax, or None
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    out = attend_chunk(store, module.layer_idx, query, key, value, scale, softcap)  # (B, Hq, L, D)
+    out = attend_chunk(store, module.layer_idx, query, key, value, scale, softcap, sinks)  # (B, Hq, L, Dv)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -38,6 +38,9 @@ def ulysses_attention_forward(module, query, key, value, attention_mask, dropout
         raise ValueError("seqwrap.parallel: attention dropout is not supported under Ulysses")
     if attention_mask is not None:
         raise ValueError("seqwrap.parallel: padding masks are not supported under Ulysses; pack sequences instead")
+    if kwargs.get("s_aux") is not None:  # gpt-oss & co.: the attention inside a rank has no sink logits
+        raise ValueError("seqwrap.parallel: attention sinks (s_aux) are not supported by the plain Ulysses "
+                         "attention; train such a model with seqwrap.SeCO / SpaCO over the Ulysses-patched model")
     documents = shard_documents(query, state.group, kwargs)
     out = ulysses_attend(query, key, value, state.group, chunk_size=state.chunk_size, window=sliding_window,
                          scale=scaling, documents=documents)

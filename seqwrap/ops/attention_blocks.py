@@ -7,6 +7,12 @@ merges the blocks' (output, log-sum-exp) pairs with the C/CUDA LSE merge kernel 
 (float64 for float64 input) accumulator; `BlockBackward` gives each block's share of dq, dk, dv
 from the *final* output and the *global* lse, so no block's probabilities are ever kept.
 
+Value heads may have another size than query/key heads: q, k (.., D), v (.., Dv), outputs (.., Dv)
+(MiMo-V2-Flash). Attention sinks (gpt-oss `s_aux`: one extra logit per query head in the softmax
+denominator, with no value) are folded in after the blocks' merge, as one more block whose output is
+0 and whose lse is the sink (`fold_sinks`); the block backwards then see the final output and the
+global lse (sink included), and the sinks' own gradient comes from `sinks_grad`.
+
 Masks are additive float tensors broadcastable to (B, Hq, Lq, Lk) (0 allowed, -inf masked), or
 None when every pair of the block is allowed; `block_mask` builds them from positions (causal,
 sliding window, key padding) and says when a block is empty so it can be skipped.
@@ -14,8 +20,8 @@ sliding window, key padding) and says when a block is empty so it can be skipped
 Blocks run on torch's fused attention kernels that return the LSE: on CPU
 aten::_scaled_dot_product_flash_attention_for_cpu (any float dtype), on CUDA
 aten::_scaled_dot_product_efficient_attention (float32/16, bfloat16; additive bias), each with its
-backward. float64 on CUDA and a logit soft-cap (Gemma2: cap * tanh(s / cap)) use a plain-torch
-block (matmul + logsumexp), exact but slower.
+backward. float64 on CUDA, a logit soft-cap (Gemma2: cap * tanh(s / cap)) and value heads of another
+size than the query/key heads use a plain-torch block (matmul + logsumexp), exact but slower.
 """
 from __future__ import annotations
 
@@ -62,6 +68,13 @@ def block_mask(q0: int, q1: int, k0: int, k1: int, *, causal: bool = True, windo
 
 def _fused_available(q: torch.Tensor, softcap) -> bool:
     return q.device.type == "cpu" and softcap is None
+
+
+def _same_head_dim(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether v's head size equals q's (and k's). The fused CPU kernel refuses other value sizes ("Q/K/V
+    should have the same head size"); the CUDA efficient kernel is only used (and tested) with equal
+    sizes. Blocks with a value head size Dv != D therefore take the plain-torch block, chosen by shape."""
+    return v.shape[-1] == q.shape[-1]
 
 
 # CUDA: torch's memory-efficient attention kernel returns the lse and takes an additive bias.
@@ -133,14 +146,15 @@ def _scores(q, k, mask, scale, softcap, real):
 
 
 def block_forward(q, k, v, mask, scale: float, softcap: float | None = None):
-    """Attention of q (B,H,Lq,D) over one k/v block (B,H,Lk,D) (same head count).
-    Returns (out (B,H,Lq,D) in q.dtype, lse (B,H,Lq) real); rows with every key masked: lse -inf."""
-    if _cuda_fused_available(q, softcap):
+    """Attention of q (B,H,Lq,D) over one block k (B,H,Lk,D), v (B,H,Lk,Dv) (same head count).
+    Returns (out (B,H,Lq,Dv) in q.dtype, lse (B,H,Lq) real); rows with every key masked: lse -inf."""
+    same = _same_head_dim(q, v)  # Dv != D: the plain-torch block (see _same_head_dim)
+    if same and _cuda_fused_available(q, softcap):
         try:
             return _cuda_block_forward(q, k, v, mask, scale)
         except RuntimeError as err:  # this call only (see _cuda_fused_available)
             _cuda_fused_failed(err, "forward")
-    if _fused_available(q, softcap):
+    if same and _fused_available(q, softcap):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
                                                                             scale=scale)
         if mask is not None:  # the fused kernel reports lse 0 (not -inf) for a row with every key masked
@@ -155,13 +169,15 @@ def block_forward(q, k, v, mask, scale: float, softcap: float | None = None):
 
 def block_backward(dout, q, k, v, out, lse, mask, scale: float, softcap: float | None = None):
     """One block's share of (dq, dk, dv), from the final output `out` and the global `lse`
-    (prepared by backward_lse). q, k, v with the same head count."""
-    if _cuda_fused_available(q, softcap):
+    (prepared by backward_lse; with sinks, both after fold_sinks). q, k (B,H,L,D), v, dout, out
+    (B,H,L,Dv), the same head count."""
+    same = _same_head_dim(q, v)  # Dv != D: the plain-torch block (see _same_head_dim)
+    if same and _cuda_fused_available(q, softcap):
         try:
             return _cuda_block_backward(dout, q, k, v, out, lse, mask, scale)
         except RuntimeError as err:  # this call only (see _cuda_fused_available)
             _cuda_fused_failed(err, "backward")
-    if _fused_available(q, softcap):
+    if same and _fused_available(q, softcap):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
     real = lse.dtype
@@ -205,34 +221,72 @@ def _group_mask(mask, groups: int):
     return mask.repeat(1, 1, groups, 1)
 
 
-def attend(q: torch.Tensor, blocks, scale: float, softcap: float | None = None):
-    """Exact attention of q (B, Hq, Lq, D) over `blocks`, an iterable of (k, v, mask) with k, v
-    (B, Hkv, Lk, D) and mask as block_mask gives it (EMPTY blocks must not be passed).
-    Returns (out (B, Hq, Lq, D) in q.dtype, lse (B, Hq, Lq) real)."""
+def fold_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):
+    """Folds per-head attention sinks into a merged result, as one more block with output 0 and lse sink_h.
+
+    out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) real, the merge over every key block; sinks (Hq,).
+    Returns (out * exp(lse - lse'), lse') with lse' = logaddexp(lse, sink_h): the softmax over
+    [keys, sink] without the sink's (absent) value, as HF's eager attention with s_aux computes it
+    (their max-subtraction only shifts every logit of a row, so it changes nothing exact). A row that
+    sees no key (lse -inf) gets output 0 and lse' = sink_h."""
+    sink = sinks.to(lse.dtype).view(1, -1, 1)           # (1, Hq, 1)
+    folded = torch.logaddexp(lse, sink)                   # (B, Hq, Lq), finite
+    return out * torch.exp(lse - folded)[..., None], folded
+
+
+def sinks_grad(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Gradient of the sinks (Hq,) in lse's dtype, from dout, out (B, Hq, Lq, Dv) (out the final output,
+    after fold_sinks) and the global lse (B, Hq, Lq) (after fold_sinks).
+
+    The sink's probability in row i is p_i = exp(sink_h - lse'_i) and its value is 0, so
+    d sink_h = sum over batch and rows of p_i * (0 - rowsum(dO * O')_i)."""
+    real = lse.dtype
+    delta = (dout.to(real) * out.to(real)).sum(-1)        # (B, Hq, Lq) rowsum(dO * O')
+    p_sink = torch.exp(sinks.to(real).view(1, -1, 1) - lse)
+    return -(p_sink * delta).sum(dim=(0, 2))
+
+
+def attend(q: torch.Tensor, blocks, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None,
+           value_dim: int | None = None):
+    """Exact attention of q (B, Hq, Lq, D) over `blocks`, an iterable of (k, v, mask) with k (B, Hkv, Lk, D),
+    v (B, Hkv, Lk, Dv) and mask as block_mask gives it (EMPTY blocks must not be passed).
+    sinks: (Hq,) per-head sink logits (gpt-oss s_aux) or None. value_dim: Dv, needed only when `blocks`
+    may be empty (default D).
+    Returns (out (B, Hq, Lq, Dv) in q.dtype, lse (B, Hq, Lq) real); with sinks the lse includes them,
+    which is the lse BlockBackward and sinks_grad need."""
     b, hq, lq, d = q.shape
     real = real_dtype(q.dtype)
     qg = acc = acc_lse = None
     for k, v, mask in blocks:
         if qg is None:
-            qg = group_queries(q, k.shape[1])
-            acc = torch.zeros(qg.shape, dtype=real, device=q.device)
+            qg = group_queries(q, k.shape[1])                                          # (B, Hkv, G*Lq, D)
+            acc = torch.zeros(*qg.shape[:3], v.shape[-1], dtype=real, device=q.device)  # (B, Hkv, G*Lq, Dv)
             acc_lse = torch.full(qg.shape[:3], float("-inf"), dtype=real, device=q.device)
         bo, bl = block_forward(qg, k, v, _group_mask(mask, qg.shape[2] // lq), scale, softcap)
         library.lse_merge(acc, acc_lse, bo.contiguous(), bl.to(real).contiguous())
     if qg is None:  # no key at all
-        return torch.zeros_like(q), torch.full((b, hq, lq), float("-inf"), dtype=real, device=q.device)
-    return ungroup_queries(acc, hq).to(q.dtype), ungroup_queries(acc_lse, hq)
+        dv = d if value_dim is None else value_dim
+        out = torch.zeros(b, hq, lq, dv, dtype=real, device=q.device)
+        lse = torch.full((b, hq, lq), float("-inf"), dtype=real, device=q.device)
+    else:
+        out, lse = ungroup_queries(acc, hq), ungroup_queries(acc_lse, hq)
+    if sinks is not None:  # in the real dtype, before the cast of the output
+        out, lse = fold_sinks(out, lse, sinks)
+    return out.to(q.dtype), lse
 
 
 class BlockBackward:
     """Block-by-block backward of `attend` for one query chunk, from its final output and lse.
 
-    dout, q, out: (B, Hq, Lq, D); lse: (B, Hq, Lq) as attend returned it; kv_heads: Hkv.
-    block(k, v, mask) returns that block's (dk, dv) (B, Hkv, Lk, D) in the real dtype and adds
-    its share of dq, which dq() returns (B, Hq, Lq, D) in the real dtype.
+    dout, out: (B, Hq, Lq, Dv); q: (B, Hq, Lq, D); lse: (B, Hq, Lq) as attend returned it (with the
+    sinks folded in, if any); kv_heads: Hkv; sinks: the (Hq,) sink logits attend got, or None.
+    block(k, v, mask) returns that block's (dk (B, Hkv, Lk, D), dv (B, Hkv, Lk, Dv)) in the real dtype
+    and adds its share of dq, which dq() returns (B, Hq, Lq, D) in the real dtype; sinks_grad() gives
+    the sinks' gradient (Hq,) in the real dtype.
     """
 
-    def __init__(self, dout, q, out, lse, kv_heads: int, scale: float, softcap: float | None = None):
+    def __init__(self, dout, q, out, lse, kv_heads: int, scale: float, softcap: float | None = None,
+                 sinks: torch.Tensor | None = None):
         self.hq, self.lq = q.shape[1], q.shape[2]
         self.groups = self.hq // kv_heads
         self.q, self.out = group_queries(q, kv_heads), group_queries(out, kv_heads)
@@ -240,6 +294,7 @@ class BlockBackward:
         self.lse = group_queries(backward_lse(lse), kv_heads)
         self.scale, self.softcap = scale, softcap
         self._dq = torch.zeros(self.q.shape, dtype=lse.dtype, device=q.device)
+        self._sinks = None if sinks is None else (dout, out, lse, sinks)
 
     def block(self, k, v, mask):
         gq, gk, gv = block_backward(self.dout, self.q, k, v, self.out, self.lse, _group_mask(mask, self.groups),
@@ -250,3 +305,8 @@ class BlockBackward:
 
     def dq(self) -> torch.Tensor:
         return ungroup_queries(self._dq, self.hq)
+
+    def sinks_grad(self) -> torch.Tensor:
+        if self._sinks is None:
+            raise RuntimeError("BlockBackward.sinks_grad: attend ran without sinks")
+        return sinks_grad(*self._sinks)

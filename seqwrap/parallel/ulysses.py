@@ -49,6 +49,15 @@ def to_head_shards(query, key, value, group):
     return SeqToHeads.apply(query, group), SeqToHeads.apply(key, group), SeqToHeads.apply(value, group)
 
 
+def local_heads(per_head: torch.Tensor, group) -> torch.Tensor:
+    """This rank's slice of a per-query-head tensor (Hq, ...) -> (Hq/P, ...): the heads to_head_shards gives
+    it (rank r: heads [r*Hq/P, (r+1)*Hq/P)). Differentiable (a slice): its gradient is zero on the other
+    ranks' heads, which those ranks supply, so the usual gradient all-reduce sums to the whole."""
+    p, r = dist.get_world_size(group), dist.get_rank(group)
+    n = per_head.shape[0] // p
+    return per_head[r * n:(r + 1) * n]
+
+
 def from_head_shards(out, group):
     """Head shards -> sequence shards: (B, Hq/P, S, D) -> (B, Hq, s, D) (differentiable)."""
     return HeadsToSeq.apply(out, group)
