@@ -10,6 +10,12 @@ CANNOT_BUILD: family -> why its tiny twin cannot be built or run on its own (not
 that starts or stops building also fails the test, so a shrinker regression cannot hide a family.
 """
 
+OFFENDERS: dict[tuple[str, str], tuple[str, str, str]] = {}
+
+CANNOT_BUILD: family -> why its tiny twin cannot be built or run on its own (nothing checked). A family
+that starts or stops building also fails the test, so a shrinker regression cannot hide a family.
+"""
+
 _MLA = ("value head size != query/key head size (MLA): seqwrap/ops/attention_blocks.py:144 block_forward calls "
         "SDPA's flash kernel, which needs equal Q/K/V head sizes; fails mid-step, not refused")
 
