@@ -12,25 +12,6 @@ that starts or stops building also fails the test, so a shrinker regression cann
 
 OFFENDERS: dict[tuple[str, str], tuple[str, str, str]] = {}
 
-CANNOT_BUILD: family -> why its tiny twin cannot be built or run on its own (nothing checked). A family
-that starts or stops building also fails the test, so a shrinker regression cannot hide a family.
-"""
-
-_MLA = ("value head size != query/key head size (MLA): seqwrap/ops/attention_blocks.py:144 block_forward calls "
-        "SDPA's flash kernel, which needs equal Q/K/V head sizes; fails mid-step, not refused")
-
-OFFENDERS: dict[tuple[str, str], tuple[str, str, str]] = {
-    # -- value head != query/key head (MiMo-V2-Flash and every MLA family) --
-    ("axk1", "seco"): ("error", _MLA, "RuntimeError"),
-    ("deepseek_v2", "seco"): ("error", _MLA, "RuntimeError"),
-    ("deepseek_v3", "seco"): ("error", _MLA, "RuntimeError"),
-    ("longcat_flash", "seco"): ("error", _MLA, "RuntimeError"),
-    ("mimo_v2_flash", "seco"): ("error", _MLA, "RuntimeError"),
-    ("minicpm3", "seco"): ("error", _MLA, "RuntimeError"),
-    ("sarvam_mla", "seco"): ("error", _MLA, "RuntimeError"),
-    ("youtu", "seco"): ("error", _MLA, "RuntimeError"),
-}
-
 CANNOT_BUILD: dict[str, str] = {
     "blt": "BltConfig has no global num_hidden_layers (heterogeneous sub-models); the forward reads it",
     "dbrx": "HF 5.24 itself: DbrxForCausalLM(DbrxConfig(...)) fails, DbrxAttentionConfig has no rope_theta",
