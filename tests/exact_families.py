@@ -2,9 +2,9 @@
 
 Each model is built from its config class (random weights, no download), in eval mode (no dropout),
 float64; `compare` runs HF's own forward + loss.backward() (the reference, loss as HF computes it,
-auxiliary terms included) and a seqwrap engine step on the same model, both inside `float64_mode()`,
-which makes HF's internal float32 casts no-ops for float64 tensors (hybrid_tiny.pure_float64 plus
-reductions and softmaxes asked for `dtype=torch.float32`).
+auxiliary terms included) and a seqwrap engine step on the same model, both inside `pure_float64()`
+(seqwrap/hf/float64.py), which makes HF's internal float32 casts no-ops for float64 tensors (casts,
+and reductions / softmaxes asked for `dtype=torch.float32`).
 """
 from __future__ import annotations
 
@@ -13,28 +13,12 @@ import transformers
 
 import seqwrap
 
-from .hybrid_tiny import pure_float64
+from seqwrap.hf.float64 import pure_float64
 
 VOCAB = 61
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, head_dim=8, pad_token_id=0, eos_token_id=1,
              bos_token_id=2)
-
-_DTYPE_ARG = (torch.sum, torch.Tensor.sum, torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax,
-              torch.mean, torch.Tensor.mean)
-
-
-class float64_mode(pure_float64):
-    """pure_float64, and `dtype=torch.float32` on a float64 reduction / softmax is dropped (DiffLlama's lambda,
-    eager softmaxes)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _DTYPE_ARG and kwargs.get("dtype") == torch.float32 and args \
-                and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64:
-            kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
-        return super().__torch_function__(func, types, args, kwargs)
-
 
 def build(model_type: str, seed: int = 0, attn: str = "sdpa", **overrides):
     """A tiny float64 *ForCausalLM of `model_type` in eval mode; every weight perturbed (no constant norms)."""
@@ -70,7 +54,7 @@ def labels_of(ids, mask):
 def reference(model, ids, mask=None):
     """(HF's loss, {name: grad}) of full backprop."""
     model.zero_grad(set_to_none=True)
-    with float64_mode():
+    with pure_float64():
         loss = model(ids, labels=labels_of(ids, mask), attention_mask=mask).loss
         loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -81,7 +65,7 @@ def reference(model, ids, mask=None):
 def engine_step(model, ids, mask=None, engine=seqwrap.SeCO, chunk_size: int = 7, **options):
     """(the engine's StepResult, {name: grad}) of one step from zero gradients."""
     model.zero_grad(set_to_none=True)
-    with float64_mode():
+    with pure_float64():
         out = engine(model, chunk_size=chunk_size, **options)(ids, labels=labels_of(ids, mask), attention_mask=mask)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)

@@ -120,3 +120,16 @@ def _gemma_rmsnorm_f64(self, x):
 def _llama_rmsnorm_f64(self, x):
     """LlamaRMSNorm in the input dtype: weight * x / rms(x). x (..., hidden)."""
     return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def perturb_with_sinks(model, rmsnorm_class: str | None = None):
+    """Makes every weight random (attention sinks at scale 1, the rest 0.02, so the sinks matter) and, with
+    rmsnorm_class, gives those RMSNorms a forward in the model's dtype (HF computes them in float32)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (1.0 if name.endswith("sinks") else 0.02))
+    if rmsnorm_class is not None:
+        for mod in model.modules():
+            if type(mod).__name__ == rmsnorm_class:
+                mod.forward = types.MethodType(_llama_rmsnorm_f64, mod)
+    return model

@@ -20,7 +20,7 @@ import seqwrap
 from seqwrap.ops import attention_blocks as blocks_mod
 from seqwrap.ops.attention_blocks import EMPTY, BlockBackward, attend, block_mask
 
-from .hf_tiny import VOCAB, _llama_rmsnorm_f64, max_rel_err, reference
+from .hf_tiny import VOCAB, max_rel_err, perturb_with_sinks, reference
 from .hybrid_tiny import pure_float64
 
 transformers = pytest.importorskip("transformers")
@@ -158,13 +158,7 @@ def tiny_gpt_oss(seed=0, window=5, heads=4, kv_heads=2):
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, experts_implementation="eager",
         output_router_logits=False)
     model = transformers.GptOssForCausalLM(cfg).to(torch.float64)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (1.0 if name.endswith("sinks") else 0.02))
-    for mod in model.modules():
-        if type(mod).__name__ == "GptOssRMSNorm":
-            mod.forward = types.MethodType(_llama_rmsnorm_f64, mod)
-    return model
+    return perturb_with_sinks(model, "GptOssRMSNorm")
 
 
 def gpt_oss_batch(t=24, pad=4, seed=1):
@@ -276,18 +270,6 @@ def test_plain_ulysses_attention_refuses_sinks():
         ulysses_attention_forward(module, q, k, v, None, s_aux=torch.zeros(4, dtype=torch.float64))
 
 
-class _pure_float64_softmax(pure_float64):
-    """pure_float64, and F.softmax(x, dtype=torch.float32) of a float64 x stays in float64 (Granite-SWA's
-    eager attention forces its softmax to float32)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.softmax and kwargs.get("dtype") == torch.float32 \
-                and args[0].dtype == torch.float64:
-            kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
-        return super().__torch_function__(func, types, args, kwargs)
-
-
 # the other families with s_aux in this transformers; their sink forms differ (Granite-SWA: output *
 # sigmoid(lse - sink); Flint: float32 scores) but all are the same extra softmax logit
 SINK_FAMILIES = {
@@ -310,11 +292,9 @@ def test_other_sink_families_seco_equals_full_backprop(family):
         eos_token_id=None, layer_types=["sliding_attention", "full_attention"], experts_implementation="eager",
         **kw)
     model = getattr(transformers, model_name)(cfg).to(torch.float64)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (1.0 if name.endswith("sinks") else 0.02))
+    perturb_with_sinks(model)
     ids, labels, mask = gpt_oss_batch()
-    with _pure_float64_softmax():
+    with pure_float64():  # drops dtype=float32 softmaxes too (Granite-SWA)
         loss, grads = reference(model, ids, labels, mask)
         assert len(sinks_of(grads)) == 2
         out = seqwrap.SeCO(model, chunk_size=7)(ids, labels=labels, attention_mask=mask)

@@ -5,7 +5,6 @@ torch's fused CPU attention kernel refuses Dv != D ("Q/K/V should have the same 
 attention picks the plain-torch block for such shapes (by shape, before any kernel call), so a step
 neither dies mid-way nor depends on catching an error.
 """
-import types
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch
 import seqwrap
 from seqwrap.ops import attention_blocks as blocks_mod
 
-from .hf_tiny import VOCAB, _llama_rmsnorm_f64, max_rel_err, reference
+from .hf_tiny import VOCAB, max_rel_err, perturb_with_sinks, reference
 from .test_attention_sinks import blockwise, rel, sink_reference
 
 transformers = pytest.importorskip("transformers")
@@ -73,13 +72,7 @@ def tiny_mimo(seed=0):
         layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["dense", "dense"],
         max_position_embeddings=128)
     model = transformers.MiMoV2FlashForCausalLM(cfg).to(torch.float64)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (1.0 if name.endswith("sinks") else 0.02))
-    for mod in model.modules():
-        if type(mod).__name__ == "MiMoV2FlashRMSNorm":
-            mod.forward = types.MethodType(_llama_rmsnorm_f64, mod)
-    return model
+    return perturb_with_sinks(model, "MiMoV2FlashRMSNorm")
 
 
 @pytest.mark.parametrize("offload", [False, True], ids=["device", "offload"])

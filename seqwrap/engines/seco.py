@@ -29,12 +29,12 @@ from torch import nn
 
 from ..hf.attention import NeedsConcat
 from ..hf.decoder import HFDecoderAdapter, UnsupportedModelError, unwrap_ddp
+from ..hf.positions import has_dynamic_rope, rope_types
+from ..hf.router_aux import RouterAux, aux_coefficient, wants_router_logits
 from ..labels import shift_labels as shifted
 from ..ops.dtypes import real_dtype
 from ..parallel.fsdp import FSDPSchedule, fsdp_step, fsdp_step_for
 from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, sync_ddp_gradients, unstash_grads
-from ..hf.positions import has_dynamic_rope, rope_types
-from ..hf.router_aux import RouterAux, aux_coefficient, wants_router_logits
 from .chunk_loss import chunk_loss_sum
 from .hybrid_store import make_store
 from .kv_store import ChunkKVStore
@@ -215,7 +215,8 @@ class SeCO:
                                       "starts inside a chunked step; pass one document per row")
         # the step's gradients accumulate apart from earlier ones: a failed step leaves .grad as it was
         params = self._params()
-        rng_at_start = _rng_state(ids.device if ids.device.type == "cuda" else None) if self._auto_attention else None
+        cuda_dev = ids.device if ids.device.type == "cuda" else None
+        rng_at_start = _rng_state(cuda_dev) if self._auto_attention else None
         while True:
             cache = make_store(adapter.recurrent_layers, bounds, [k == "sliding_attention" for k in adapter.layer_kinds],
                                adapter.sliding_window, attention=self.attention,
@@ -238,7 +239,7 @@ class SeCO:
                         f"seqwrap.{self.name}: model_type '{adapter.model_type}' {switch.reason}; use "
                         f"seqwrap.{self.name}(model, attention='concat'), which is exact for it") from None
                 self._switch_to_concat(switch.reason, docs)  # no gradient was touched yet
-                _set_rng_state(rng_at_start, ids.device if ids.device.type == "cuda" else None)
+                _set_rng_state(rng_at_start, cuda_dev)
                 continue
             except BaseException:
                 restore_grads(params, stash)
