@@ -91,6 +91,26 @@ def test_router_aux_loss_is_part_of_the_chunked_objective(family):
         assert_exact(model, ids, mask, chunk_size=chunk)
 
 
+HYBRID_MOE = {
+    "jamba": dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                  expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_dt_rank=4,
+                  mamba_expand=2, mamba_d_conv=4),
+    "granitemoehybrid": dict(num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
+                             shared_intermediate_size=40, num_local_experts=4, num_experts_per_tok=2,
+                             mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8, mamba_expand=2,
+                             mamba_chunk_size=8, position_embedding_type="rope"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(HYBRID_MOE))
+def test_router_aux_loss_of_hybrid_models(family):
+    """The same mechanism serves hybrid (recurrent + attention + MoE) models."""
+    model = build(family, attn="eager", output_router_logits=True, router_aux_loss_coef=0.5,
+                  experts_implementation="eager", **HYBRID_MOE[family])
+    ids, mask = batch(T=20, pad=3)
+    assert_exact(model, ids, mask, chunk_size=7)
+
+
 def test_router_aux_loss_under_spaco_rate_one():
     model = build("mixtral", output_router_logits=True, experts_implementation="eager", **MOE["mixtral"])
     ids, _ = batch(T=20)

@@ -217,7 +217,5 @@ def test_model_conditions_refused():
         seqwrap.SeCO(tiny_hybrid("zamba2"), chunk_size=8)
     with pytest.raises(UnsupportedModelError, match=r"z_loss_coefficient=0.1"):
         seqwrap.SeCO(tiny_hybrid("bamba", z_loss_coefficient=0.1), chunk_size=8)
-    with pytest.raises(UnsupportedModelError, match=r"output_router_logits=True"):
-        seqwrap.SeCO(tiny_hybrid("granitemoehybrid", output_router_logits=True), chunk_size=8)
     with pytest.raises(ValueError, match=r"chunk_size must be >= 2 for model_type 'mamba2'"):
         seqwrap.SeCO(tiny_hybrid("mamba2"), chunk_size=1)

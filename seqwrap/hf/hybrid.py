@@ -67,7 +67,3 @@ def check_model(causal_lm, attention: str, engine: str) -> None:
             f"seqwrap.{engine}: model_type 'zamba2' shares its attention blocks between layers (their "
             "layer_idx is -1; the layer index reaches only the cache), so the chunked attention cannot tell "
             f"the layers apart; use seqwrap.{engine}(model, attention='concat')")
-    if getattr(config, "output_router_logits", False):
-        raise UnsupportedModelError(
-            f"seqwrap.{engine}: model_type '{mtype}' has output_router_logits=True; the router's auxiliary loss "
-            "is not part of the chunked loss; set it to False")
