@@ -54,3 +54,48 @@ def test_engines_check_the_version(monkeypatch):
         with pytest.raises(seqwrap.UnsupportedVersionError, match="transformers 4.46.0"):
             apply()
     assert not seqwrap.hf.is_minisequence_applied(model)
+
+
+def _newer_transformers(monkeypatch):
+    real = versions.installed
+    monkeypatch.setattr(versions, "installed", lambda package: "99.0.0" if package == "transformers" else real(package))
+    monkeypatch.setattr(versions, "_checked", set())
+    monkeypatch.setattr(versions, "_verified", {})
+    monkeypatch.delenv(versions.ENV_ALLOW, raising=False)
+
+
+def test_a_newer_transformers_is_verified_once_per_config(monkeypatch):
+    """Past the ceiling, wrapping runs seqwrap.verify on the architecture once per config: exact goes on with a
+    warning naming the version."""
+    pytest.importorskip("transformers")
+    import importlib
+
+    import seqwrap
+    from tests.hf_tiny import tiny_model
+
+    verify_mod = importlib.import_module("seqwrap.hf.verify")  # (seqwrap.hf.verify is the function)
+
+    _newer_transformers(monkeypatch)
+    calls = []
+    real_verify = verify_mod.verify
+    monkeypatch.setattr(verify_mod, "verify", lambda *a, **k: calls.append(k) or real_verify(*a, **k))
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match=r"transformers 99\.0\.0 is newer.*seqwrap\.verify.*exact"):
+        seqwrap.SeCO(model, 4)
+    seqwrap.SeCO(model, 6)  # same config: the report is reused
+    assert len(calls) == 1 and calls[0]["engine"] == "seco"
+
+
+def test_a_newer_transformers_that_breaks_exactness_is_refused_with_the_report(monkeypatch):
+    pytest.importorskip("transformers")
+    import seqwrap
+    from seqwrap.engines import kv_store
+    from tests.hf_tiny import tiny_model
+
+    _newer_transformers(monkeypatch)
+    # stands for a release that breaks what chunking relies on: the relayed K/V gradients vanish
+    monkeypatch.setattr(kv_store.ChunkKVStore, "relay_pairs", lambda self, chunk: [])
+    model = tiny_model("llama")
+    with pytest.raises(seqwrap.UnsupportedVersionError, match=r"(?s)99\.0\.0 is newer.*did not come out exact.*WRONG"):
+        seqwrap.SeCO(model, 4)
+    assert all(p.grad is None for p in model.parameters())

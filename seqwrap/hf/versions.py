@@ -12,6 +12,7 @@ release and refresh the lock with `make lock` (see README, "Versions").
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from importlib import metadata
 
@@ -83,8 +84,53 @@ def check_version(package: str, what: str) -> None:
     _checked.add(package)
 
 
+_verified: dict[tuple[str, str], object] = {}   # (config class, config json) -> VerifyReport
+_verifying = threading.local()                   # set while seqwrap.verify runs its twin
+
+
+def above_ceiling(package: str, version: str) -> bool:
+    return _padded(parse_version(version)) >= _padded(parse_version(SUPPORTED[package][1]))
+
+
 def check_model_versions(model, what: str) -> None:
-    """transformers always; peft when any module of `model` comes from peft (a PeftModel, LoRA layers)."""
-    check_version("transformers", what)
+    """transformers always; peft when any module of `model` comes from peft (a PeftModel, LoRA layers).
+
+    A transformers release newer than the tested ceiling is not refused outright: seqwrap.verify runs this
+    model's architecture (a tiny float64 twin of its config, SeCO or MsT as `what` asks) against full
+    backprop once per config. Exact: go on, with a warning naming the version; anything else: refused with
+    the report (UnsupportedVersionError). SEQWRAP_ALLOW_UNSUPPORTED_VERSIONS=1 skips the check."""
+    version = installed("transformers")
+    if getattr(_verifying, "active", False):
+        pass  # the twin of a running verify: its version question is the one being answered
+    elif (version is not None and above_ceiling("transformers", version) and "transformers" not in _checked
+          and os.environ.get(ENV_ALLOW, "") not in ("1", "true", "yes")):
+        _verify_newer(model, what, version)
+    else:
+        check_version("transformers", what)
     if any(type(m).__module__.startswith("peft.") for m in model.modules()):
         check_version("peft", what)
+
+
+def _verify_newer(model, what: str, version: str) -> None:
+    from .verify import _config_and_class, verify
+
+    config, _ = _config_and_class(model)
+    key = (type(config).__name__, config.to_json_string(use_diff=False))
+    report = _verified.get(key)
+    engine = "mst" if "minisequence" in what else "seco"
+    if report is None:
+        _verifying.active = True
+        try:
+            report = verify(model, engine=engine)
+        finally:
+            _verifying.active = False
+        _verified[key] = report
+    floor, ceiling = SUPPORTED["transformers"]
+    if not report.passed:
+        raise UnsupportedVersionError(
+            f"{what}: transformers {version} is newer than the tested range (>= {floor}, < {ceiling}), and "
+            f"seqwrap.verify of this architecture did not come out exact:\n{report}")
+    warnings.warn(f"{what}: transformers {version} is newer than the tested range (< {ceiling}); seqwrap.verify ran "
+                  f"a tiny float64 twin of this {config.model_type} config through {report.engine} against full "
+                  f"backprop and it was exact (worst relative error {report.worst_error or 0.0:.1e}); going on",
+                  UserWarning, stacklevel=4)
