@@ -8,10 +8,12 @@ import warnings
 
 import pytest
 import torch
+import transformers
 
 import seqwrap
 from seqwrap.hf import UnsupportedModelError
 from seqwrap.hf.positions import rotary_modules
+from seqwrap.hf.versions import parse_version
 
 from .exact_families import batch, build, compare, engine_step, reference
 
@@ -82,11 +84,11 @@ MOE = {
 def test_router_aux_loss_is_part_of_the_chunked_objective(family):
     model = build(family, output_router_logits=True, experts_implementation="eager", **MOE[family])
     ids, mask = batch(T=21, pad=4)
-    loss, ref = reference(model, ids, mask)
-    model.config.output_router_logits = False
-    plain, _ = reference(model, ids, mask)
-    model.config.output_router_logits = True
-    assert abs(loss.item() - plain.item()) > 1e-3, "the auxiliary term must be large enough to notice"
+    aux = model(ids, attention_mask=mask).aux_loss
+    if aux is None:  # transformers 5.15's JetMoE reads output_router_logits from the keyword only: no aux term,
+        assert_exact(model, ids, mask, chunk_size=5)  # and the engine must not add one either
+        return
+    assert 0.5 * aux.item() > 1e-3, "the auxiliary term must be large enough to notice"
     for chunk in (5, 7):
         assert_exact(model, ids, mask, chunk_size=chunk)
 
@@ -108,6 +110,11 @@ def test_router_aux_loss_of_hybrid_models(family):
     model = build(family, attn="eager", output_router_logits=True, router_aux_loss_coef=0.5,
                   experts_implementation="eager", **HYBRID_MOE[family])
     ids, mask = batch(T=20, pad=3)
+    try:
+        reference(model, ids, mask)
+    except AttributeError as exc:  # 5.15's GraniteMoeHybrid decoder records no router logits: aux_loss is int 0
+        pytest.skip(f"transformers {transformers.__version__}: HF's own forward fails with output_router_logits=True "
+                    f"({exc})")
     assert_exact(model, ids, mask, chunk_size=7)
 
 
@@ -147,7 +154,13 @@ def test_families_outside_the_registry_get_concat(family, config):
 
 
 def test_doge_dynamic_mask_switches_to_concat():
-    model = build("doge")
+    if parse_version(transformers.__version__) < (5, 24):
+        model = build("doge")  # HF's Doge with sdpa is not causal before 5.24: refused up front
+        with pytest.raises(UnsupportedModelError, match="not causal"):
+            seqwrap.SeCO(model, chunk_size=5)
+        model = build("doge", attn="eager")
+    else:
+        model = build("doge")
     ids, _ = batch(T=18)
     assert_refused_before_gradients(model, ids, "builds its own attention mask", attention="chunked")
     with pytest.warns(UserWarning, match="builds its own attention mask"):
@@ -157,9 +170,18 @@ def test_doge_dynamic_mask_switches_to_concat():
 
 # -- 4. LM heads that are more than a Linear -------------------------------------------------------------
 def test_modernbert_decoder_runs_its_whole_head():
-    model = build("modernbert-decoder", global_attn_every_n_layers=1)
+    model = _modernbert_or_skip(global_attn_every_n_layers=1)
     ids, mask = batch(T=20, pad=3)
     assert_exact(model, ids, mask, chunk_size=6)
+
+
+def _modernbert_or_skip(**config):
+    try:
+        return build("modernbert-decoder", **config)
+    except Exception as exc:  # 5.15.1 validates its own default rope_parameters and refuses them
+        if type(exc).__name__ != "StrictDataclassFieldValidationError":
+            raise
+        pytest.skip(f"transformers {transformers.__version__} cannot build ModernBertDecoderConfig: {str(exc)[:120]}")
 
 
 def test_an_unknown_module_beside_the_head_is_refused():

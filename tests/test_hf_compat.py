@@ -277,8 +277,13 @@ def test_lm_head_modules():
 
     llama = _llama()
     assert resolve_head(llama, llama.model, llama.get_output_embeddings(), "test") == ([], llama.lm_head)
-    cfg = transformers.ModernBertDecoderConfig(vocab_size=61, hidden_size=32, intermediate_size=48,
-                                               num_hidden_layers=1, num_attention_heads=4, pad_token_id=0)
+    try:
+        cfg = transformers.ModernBertDecoderConfig(vocab_size=61, hidden_size=32, intermediate_size=48,
+                                                   num_hidden_layers=1, num_attention_heads=4, pad_token_id=0)
+    except Exception as exc:  # 5.15.1 validates its own default rope_parameters and refuses them
+        if type(exc).__name__ != "StrictDataclassFieldValidationError":
+            raise
+        pytest.skip(f"transformers {transformers.__version__} cannot build ModernBertDecoderConfig: {str(exc)[:120]}")
     model = transformers.ModernBertDecoderForCausalLM(cfg)
     assert resolve_head(model, model.model, model.get_output_embeddings(), "test") == ([model.lm_head], model.decoder)
     bert = transformers.BertLMHeadModel(transformers.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1,
@@ -288,12 +293,14 @@ def test_lm_head_modules():
 
 
 def test_kv_sharing_layer_kind():
-    """Gemma3n's KV-sharing layers are 'dummy' layers (what compat.layer_kinds names as KV sharing)."""
+    """Gemma3n says it shares K/V through config.num_kv_shared_layers (what compat.layer_kinds refuses by); 5.2x
+    also turns those layers' kind into 'dummy'."""
     cfg = transformers.Gemma3nTextConfig(vocab_size=61, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                          num_key_value_heads=2, head_dim=8, num_kv_shared_layers=1,
                                          intermediate_size=[48] * 3, activation_sparsity_pattern=[0.0] * 3,
                                          layer_types=["sliding_attention", "full_attention", "full_attention"],
                                          hidden_size_per_layer_input=8, vocab_size_per_layer_input=61, laurel_rank=4,
                                          altup_num_inputs=2, sliding_window=8)
-    kinds, _ = compat.layer_types_and_kwargs(cfg)
-    assert "dummy" in kinds[:3]
+    assert cfg.num_kv_shared_layers == 1
+    with pytest.raises(compat.UnsupportedModelError, match="num_kv_shared_layers=1"):
+        compat.layer_kinds(cfg, "gemma3n_text", "test")

@@ -268,6 +268,7 @@ class ChunkKVStore:
 
     def record(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Pass 1: keeps the current chunk's K/V of `layer` (if this chunk stores)."""
+        self._check_layer(layer)
         self.attended.add(layer)
         self.attend_calls[layer] = self.attend_calls.get(layer, 0) + 1
         if self.mode == "record" and self.store and self._read_later():
@@ -282,7 +283,17 @@ class ChunkKVStore:
         return self.documents is None or self.documents.continues(self.attn_bounds[self.chunk][1])
 
     # -- what the HF cache (seqwrap/hf/cache.py) hands over -----------------
+    def _check_layer(self, layer) -> None:
+        """A layer index the store does not know (a model whose attention layers are not the config's layer
+        list) is refused, before any gradient, instead of failing on an index."""
+        if not isinstance(layer, int) or not 0 <= layer < len(self.sliding):
+            from ..hf.compat import UnsupportedModelError
+
+            raise UnsupportedModelError(f"seqwrap: an attention layer with layer_idx {layer!r} ran, but the model's "
+                                        f"config lists {len(self.sliding)} layers; its layers cannot be told apart")
+
     def update(self, key_states, value_states, layer_idx):
+        self._check_layer(layer_idx)
         self.update_calls[layer_idx] = self.update_calls.get(layer_idx, 0) + 1
         if self.attention == "chunked":  # the attention function reads the past itself
             self.updated.add(layer_idx)

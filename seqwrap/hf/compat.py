@@ -42,7 +42,7 @@ release that changes one fails one named test:
                             |                          | logits_to_keep
   LM head                   | head.py                  | get_output_embeddings(); extra head modules applied as
                             |                          | self.<projection>(self.<module>(hidden_states)) in the forward
-  KV sharing                | compat.layer_kinds       | num_kv_shared_layers > 0 turns the sharing layers' kind into "dummy"
+  KV sharing                | compat.layer_kinds       | config.num_kv_shared_layers > 0: the last layers reuse earlier K/V
   Trainer internals         | trainer.py               | Trainer.training_step(model, inputs, num_items_in_batch),
                             |                          | _prepare_inputs, compute_loss_context_manager,
                             |                          | current_gradient_accumulation_steps, accelerator(.scaler)
@@ -70,10 +70,19 @@ REFUSED = {
              "them with a plain causal mask, so the chunked store would apply a window full backprop does not",
     "cpmant": "its attention builds its position bias and mask from the call's own length, not from the cached "
               "past plus the chunk, in either attention mode",
+    "recurrent_gemma": "its RG-LRU recurrent blocks keep their state outside the HF cache layers the chunked "
+                       "step drives (their cached multi-token path was not checked)",
     "xlstm": "it has no attention; its mLSTM blocks keep their recurrent state in their own xLSTMCache (rnn_state), "
              "not through the HF Cache API that carries one chunk into the next",
     "xlm": "its attention masks from the call's own length, not from the cached past plus the chunk, in either "
            "attention mode",
+}
+
+# (family, attention implementation) -> (first transformers release where it is causal, why it is refused before)
+NOT_CAUSAL_BEFORE = {
+    ("doge", "sdpa"): ("5.24", "with sdpa its full forward is not causal (the dynamic mask it hands SDPA carries no "
+                               "causal part), so no chunked step can match it; use attn_implementation='eager' or "
+                               "transformers >= 5.24"),
 }
 
 # Layer kinds whose attention reads K/V through the cache's update and can be chunked.
@@ -157,6 +166,13 @@ def layer_kinds(config, mtype: str, engine: str) -> tuple[list[str], int | None]
     n = getattr(config, "num_hidden_layers", None)
     if not isinstance(n, int) or n <= 0:
         raise UnsupportedModelError(f"seqwrap.{engine}: model_type '{mtype}' has no num_hidden_layers in its config")
+    shared = getattr(config, "num_kv_shared_layers", 0) or 0
+    if isinstance(shared, int) and shared > 0:  # (5.2x names those layers "dummy"; 5.15 keeps their kinds)
+        raise UnsupportedModelError(
+            f"seqwrap.{engine} does not support model_type '{mtype}' with num_kv_shared_layers={shared}: its last "
+            f"{shared} layers reuse the keys/values of earlier layers (KV sharing) instead of computing their own, "
+            "which the chunked K/V store does not hand over; train it with full backprop, or with "
+            "seqwrap.apply_minisequence (MsT) for long sequences")
     try:
         kinds, kwargs = layer_types_and_kwargs(config)
     except (ImportError, AttributeError, TypeError) as exc:
@@ -168,13 +184,6 @@ def layer_kinds(config, mtype: str, engine: str) -> tuple[list[str], int | None]
                                     f"{n} layers")
     kinds, kwargs = kinds[:n], kwargs[:n]
     bad = sorted({k for k in kinds if k not in ATTENTION_KINDS})
-    shared = getattr(config, "num_kv_shared_layers", 0) or 0
-    if "dummy" in bad and isinstance(shared, int) and shared > 0:
-        raise UnsupportedModelError(
-            f"seqwrap.{engine} does not support model_type '{mtype}' with num_kv_shared_layers={shared}: its last "
-            f"{shared} layers reuse the keys/values of earlier layers (KV sharing) instead of computing their own, "
-            "which the chunked K/V store does not hand over; train it with full backprop, or with "
-            "seqwrap.apply_minisequence (MsT) for long sequences")
     if bad:
         from .hybrid import STATE_KINDS, STATELESS_KINDS, check_family  # recurrent layers: see hybrid.py
 

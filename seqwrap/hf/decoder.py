@@ -17,11 +17,11 @@ from torch import nn
 from . import attention, hybrid, hybrid_cache, mamba1_mixer, mamba2_mixer
 from .cache import ChunkCache
 from .checkpointing import CheckpointWithCache
-from .compat import REFUSED, ModelCompat, UnsupportedModelError, resolve
+from .compat import NOT_CAUSAL_BEFORE, REFUSED, ModelCompat, UnsupportedModelError, resolve
 from .head import resolve_head
 from .positions import rotary_modules, whole_sequence_rotary
 from .ulysses import ulysses_group
-from .versions import check_model_versions
+from .versions import check_model_versions, installed, parse_version
 
 
 def _model_type(model: nn.Module) -> str:
@@ -104,6 +104,10 @@ class HFDecoderAdapter:
         models with is_decoder=False), a model with no layer that goes through the HF cache, and the families
         compat.REFUSED lists with their reason."""
         mtype = self.model_type
+        floor = NOT_CAUSAL_BEFORE.get((mtype, self.config._attn_implementation))
+        if floor is not None and parse_version(installed("transformers") or "0") < parse_version(floor[0]):
+            raise UnsupportedModelError(f"seqwrap.{engine} does not support model_type '{mtype}' with this "
+                                        f"transformers ({installed('transformers')}): {floor[1]}")
         if mtype in REFUSED:
             raise UnsupportedModelError(f"seqwrap.{engine} does not support model_type '{mtype}': {REFUSED[mtype]}")
         both_ways = sorted({type(m).__name__ for m in self.causal_lm.modules()

@@ -135,12 +135,17 @@ class RouterAux:
             router_logits=tuple(r.reshape(-1, r.shape[-1]) for r in full)))
         ids = torch.zeros(self.batch, 1, dtype=torch.long, device=ref.device)
         with torch.enable_grad(), _swapped_base_model(self.causal_lm, self.decoder, stub):
-            out = self.causal_lm(input_ids=ids, attention_mask=self.mask, output_router_logits=True,
-                                 logits_to_keep=1, use_cache=False)
+            # output_router_logits is not passed: the forward decides from its own default, as it does in the
+            # user's model(ids, labels=...) (transformers 5.15's JetMoE reads only the keyword: no aux term)
+            out = self.causal_lm(input_ids=ids, attention_mask=self.mask, logits_to_keep=1, use_cache=False)
         aux = getattr(out, "aux_loss", None)
+        if aux is None:  # HF's loss has no auxiliary term for this model as configured
+            self.value, self.grads = 0.0, {c: [None] * layers for c in chunks}
+            self.recorded.clear()
+            return
         if not torch.is_tensor(aux):
             raise UnsupportedModelError(f"seqwrap.{self.engine}: model_type '{self.causal_lm.config.model_type}' "
-                                        "returned no aux_loss for its router logits; set output_router_logits=False")
+                                        f"returned aux_loss {aux!r} for its router logits; set output_router_logits=False")
         total = self.coef * aux
         grads = torch.autograd.grad(total, full, allow_unused=True)
         self.value = total.detach().double()
