@@ -39,3 +39,26 @@ def chunk_loss_sum(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tenso
         logits = logits.float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=ignore_index, reduction="sum")
+
+
+def chunk_logp_rows(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
+                    multiplier: float | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Per-row sums over the chunk of the token log-probabilities of the labels, (B,): row b's
+    sum_t log p(labels[b, t]) over its non-ignored labels (0 for a row without one). The same
+    head, transforms and precision as chunk_loss_sum, with reduction "none" (one loss per token)
+    summed per row: differentiable, so a per-row upstream gradient reaches the head and hidden."""
+    mult, cap = multiplier, softcap
+    labels = labels.to(hidden.device)
+    if mult is None and type(lm_head) is nn.Linear:
+        token_losses = linear_cross_entropy(hidden, lm_head.weight, labels, lm_head.bias, ignore_index=ignore_index,
+                                            reduction="none", softcap=cap)  # (B, L), 0 where ignored
+        return -token_losses.sum(dim=-1)
+    logits = lm_head(hidden)  # (B, L, vocab)
+    if mult is not None:
+        logits = logits * mult
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    token_losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=ignore_index, reduction="none")
+    return -token_losses.sum(dim=-1)  # (B,)

@@ -13,16 +13,17 @@ from ..hf.attention import NeedsConcat
 from ..hf.router_aux import RouterAux
 
 
-def forward_only(engine, st):
+def forward_only(engine, st, rows: bool = False):
     """engine: a SeCO (or SpaCO); st: its checked _Step. Returns (summed token losses of the whole step,
-    float64 0-d, summed over the Ulysses group; the auxiliary term that is not divided by the normaliser)."""
+    float64 0-d, summed over the Ulysses group; the auxiliary term that is not divided by the normaliser;
+    rows=True: each row's sum of its labels' log-probs, (B,) float64 (engines/objective.py), else None)."""
     xfer = engine._transfers(st.ids.device) if engine.offload else None
     while True:
         cache = engine._make_store(st, xfer)
         try:
             with torch.no_grad(), engine.adapter.step_context(engine.name, cache, st.pos,
                                                               chunked=engine.attention == "chunked"):
-                total, extra = _pass(engine, st, cache)
+                total, extra, sums = _pass(engine, st, cache, rows)
         except NeedsConcat as switch:
             engine._concat_or_refuse(switch, st.docs, gradient_touched=False)
             continue
@@ -30,15 +31,17 @@ def forward_only(engine, st):
             cache.release_all()
         break
     engine._auto_attention = False
-    return engine._group_sum(total), extra  # Ulysses: each rank summed its own tokens
+    return engine._group_sum(total), extra, sums  # Ulysses: each rank summed its own tokens
 
 
-def _pass(engine, st, cache):
-    """Every chunk in order: (summed token losses, float64 0-d; coef * router aux loss or 0.0)."""
+def _pass(engine, st, cache, rows):
+    """Every chunk in order: (summed token losses, float64 0-d; coef * router aux loss or 0.0; the per-row
+    log-prob sums (B,) float64 when rows, else None)."""
     adapter, bounds = engine.adapter, st.bounds
     aux = (RouterAux(adapter.causal_lm, adapter.decoder, bounds, st.ids.shape[0], st.mask, engine.name)
            if engine._router_aux else None)
     total = torch.zeros((), dtype=torch.float64, device=st.ids.device)
+    sums = torch.zeros(st.ids.shape[0], dtype=torch.float64, device=st.ids.device) if rows else None
     last = len(bounds) - 1
     for i, (s, e) in enumerate(bounds):
         cache.begin(i, "record", store=i < last)
@@ -48,10 +51,13 @@ def _pass(engine, st, cache):
         h, router = out if aux is not None else (out, None)
         if aux is not None:
             aux.record(i, router)
-        total += engine._loss_sum(h, st.shift[:, s:e]).double()
+        if sums is not None:
+            sums += engine._logp_rows(h, st.shift[:, s:e]).double()
+        else:
+            total += engine._loss_sum(h, st.shift[:, s:e]).double()
         del h, router, out
     extra = 0.0
     if aux is not None:
         aux.prepare(grad=False)
         extra = aux.value
-    return total, extra
+    return total, extra, sums

@@ -36,7 +36,8 @@ from ..labels import shift_labels as shifted
 from ..ops.dtypes import real_dtype
 from ..parallel.fsdp import FSDPSchedule, fsdp_step, fsdp_step_for
 from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, sync_ddp_gradients, unstash_grads
-from .chunk_loss import chunk_loss_sum
+from . import objective as seq_objective
+from .chunk_loss import chunk_logp_rows, chunk_loss_sum
 from .evaluate import forward_only
 from .hybrid_store import make_store
 from .kv_store import ChunkKVStore
@@ -72,6 +73,8 @@ class StepResult:
     num_items: the normaliser (non-ignored labels of the step, or `num_items` when given)
     num_chunks: chunks the sequence was split into
     backward_chunks: chunks recomputed with grad (SeCO: all of them)
+    sequence_logps: with objective= (or from sequence_logps()): S, (B,) float64, each row's sum of the
+               log-probabilities of its counted labels (engines/objective.py); None otherwise
     """
 
     loss: torch.Tensor
@@ -79,6 +82,7 @@ class StepResult:
     num_items: float
     num_chunks: int
     backward_chunks: int
+    sequence_logps: torch.Tensor | None = None
 
 
 class SeCO:
@@ -175,7 +179,7 @@ class SeCO:
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *, num_items=None, loss_scale: float = 1.0,
                  position_ids: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None,
-                 num_items_in_batch=None, **boundaries) -> StepResult:
+                 num_items_in_batch=None, objective=None, **boundaries) -> StepResult:
         """Forward and backward of the whole sequence; parameter .grad accumulates as
         `model(input_ids, labels=labels, attention_mask=attention_mask).loss.backward()` would.
 
@@ -194,39 +198,64 @@ class SeCO:
         seq_idx (B, T), or DataCollatorWithFlattening's cu_seq_lens_q / cu_seq_lens_k (max_length_q /
         max_length_k are accepted and not needed). `engine(**collator(features))` works as it is.
 
+        objective: fn(S) -> 0-d tensor, a sequence-level loss of S, the (B,) float64 per-row sums of the
+                   log-probabilities of the counted labels (engines/objective.py): the step's loss is fn(S) and
+                   the gradients are those of full backprop of fn(S) (loss_scale applies; num_items does not).
+                   Per-row constants (reference log-probs, lengths) come in through fn's closure.
+
         Under torch.no_grad() / torch.inference_mode() the call is `evaluate(...)`: pass 1 only, no
         gradient written (loss_scale does not apply).
         """
         if not torch.is_grad_enabled():
             return self.evaluate(input_ids, labels, attention_mask, num_items=num_items, position_ids=position_ids,
-                                 shift_labels=shift_labels, num_items_in_batch=num_items_in_batch, **boundaries)
+                                 shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                                 objective=objective, **boundaries)
         return self._train_step(input_ids, labels, attention_mask, num_items=num_items, loss_scale=loss_scale,
                                 position_ids=position_ids, shift_labels=shift_labels,
-                                num_items_in_batch=num_items_in_batch, **boundaries)
+                                num_items_in_batch=num_items_in_batch, objective=objective, **boundaries)
 
     def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *, num_items=None,
                  position_ids: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None,
-                 num_items_in_batch=None, **boundaries) -> StepResult:
+                 num_items_in_batch=None, objective=None, **boundaries) -> StepResult:
         """Forward only, chunk by chunk: the loss full forward gives (`model(...).loss`, router auxiliary
         term included) and the token counts, for sequences far longer than one forward fits. Same
         arguments as __call__; writes no gradient, keeps one chunk's activations and the past K/V
-        (SpaCO: every chunk counts, no draw is made)."""
+        (SpaCO: every chunk counts, no draw is made). With objective=fn: the loss is fn(S), and
+        sequence_logps is S (see sequence_logps())."""
         if self._fsdp is not None:
             raise NotImplementedError(f"seqwrap.{self.name}: forward-only evaluation of an FSDP2 model is not "
                                       "supported yet; evaluate with the model itself")
         st = self._prepare(input_ids, labels, attention_mask, num_items, position_ids, shift_labels,
                            num_items_in_batch, boundaries)
-        total, extra = forward_only(self, st)
-        return self._result(st, total, extra, backward_chunks=0)
+        if objective is not None:
+            seq_objective.refuse(self, objective, num_items if num_items is not None else num_items_in_batch,
+                                 st.docs, sampled=False)  # forward only: every chunk counts
+        total, extra, rows = forward_only(self, st, rows=objective is not None)
+        if objective is not None:
+            extra, _ = seq_objective.weights(objective, rows, self.name)
+        return self._result(st, total, extra, backward_chunks=0, rows=rows)
+
+    def sequence_logps(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
+                       shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """S, (B,) float64: each row's sum of the log-probabilities of its counted labels, chunk by chunk
+        without grad (e.g. a reference model's log-probs for a preference loss). Arguments as __call__."""
+        with torch.no_grad():
+            return self.evaluate(input_ids, labels, attention_mask, position_ids=position_ids,
+                                 shift_labels=shift_labels, objective=_sum).sequence_logps
 
     @fsdp_step
     def _train_step(self, input_ids, labels=None, attention_mask=None, *, num_items=None, loss_scale=1.0,
-                    position_ids=None, shift_labels=None, num_items_in_batch=None, **boundaries) -> StepResult:
+                    position_ids=None, shift_labels=None, num_items_in_batch=None, objective=None,
+                    **boundaries) -> StepResult:
         if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not math.isfinite(loss_scale):
             raise ValueError(f"seqwrap.{self.name}: loss_scale must be a finite number, got {loss_scale!r}")
         st = self._prepare(input_ids, labels, attention_mask, num_items, position_ids, shift_labels,
                            num_items_in_batch, boundaries)
+        if objective is not None:
+            seq_objective.refuse(self, objective, num_items if num_items is not None else num_items_in_batch,
+                                 st.docs, sampled=type(self).chunk_weights is not SeCO.chunk_weights)
         ids, shift, mask, pos, docs, norm, bounds = st.ids, st.shift, st.mask, st.pos, st.docs, st.norm, st.bounds
         group = self.group
         counts = self._group_sum(torch.stack([st.valid[:, s:e].sum() for s, e in bounds])).tolist()
@@ -247,8 +276,8 @@ class SeCO:
                 self.pool.reset_peak()
             try:
                 with adapter.step_context(self.name, cache, pos, chunked=self.attention == "chunked"):
-                    total, extra = self._passes(ids, shift, mask, pos, cache, bounds, weights, selected, norm,
-                                                loss_scale, xfer)
+                    total, extra, rows = self._passes(ids, shift, mask, pos, cache, bounds, weights, selected, norm,
+                                                      loss_scale, xfer, objective)
                 if group is not None:
                     total = reduce_step(params, group, total)
             except NeedsConcat as switch:
@@ -268,15 +297,16 @@ class SeCO:
             sync_ddp_gradients(self._ddp)
         if self.pool is not None:
             self.offload_stats.update(host_peak_bytes=self.pool.peak_in_use, host_reserved_bytes=self.pool.reserved)
-        return self._result(st, total, extra, backward_chunks=len(selected))
+        return self._result(st, total, extra, backward_chunks=len(selected), rows=rows)
 
-    def _result(self, st: "_Step", total: torch.Tensor, extra, backward_chunks: int) -> StepResult:
-        """total: summed token losses (float64 0-d); extra: auxiliary loss terms (not normalised)."""
+    def _result(self, st: "_Step", total: torch.Tensor, extra, backward_chunks: int, rows=None) -> StepResult:
+        """total: summed token losses (float64 0-d); extra: auxiliary loss terms (not normalised; with an
+        objective: fn(S), total is then 0); rows: S (B,) float64 with an objective, else None."""
         B, T = st.ids.shape
         num_tokens = int(st.mask.sum()) if st.mask is not None else B * T
         loss_dtype = real_dtype(self.adapter.lm_head.weight.dtype)
         return StepResult((total / st.norm + extra).to(loss_dtype), num_tokens, st.norm, len(st.bounds),
-                          backward_chunks)
+                          backward_chunks, rows)
 
     def _prepare(self, input_ids, labels, attention_mask, num_items, position_ids, shift_labels, num_items_in_batch,
                  boundaries) -> "_Step":
@@ -345,9 +375,11 @@ class SeCO:
         self.attention = "concat"
         self._auto_attention = False
 
-    def _passes(self, ids, shift, mask, pos, cache, bounds, weights, selected, norm, loss_scale, xfer):
+    def _passes(self, ids, shift, mask, pos, cache, bounds, weights, selected, norm, loss_scale, xfer, objective=None):
         """Pass 1 and pass 2 of one step; returns (summed token losses, float64 0-d; the auxiliary terms
-        of the loss that are not divided by the normaliser: coef * router aux loss, or 0.0)."""
+        of the loss that are not divided by the normaliser: coef * router aux loss, or 0.0; None).
+        With an objective (engines/objective.py): (0, fn(S), S): pass 1 runs every chunk and sums each
+        row's log-probs into S (B,) float64; c = dfn/dS; pass 2 backpropagates c . (the chunk's row sums)."""
         adapter = self.adapter
         cuda_dev = ids.device if ids.device.type == "cuda" else None
         rng = {}
@@ -367,10 +399,13 @@ class SeCO:
         # pass 1: no grad, in order; keeps K/V; losses of the chunks pass 2 will not recompute
         # (the K/V of chunks after the last recomputed one serve only the loss report). With a router
         # auxiliary loss every chunk runs: its gradient needs the router logits of the whole sequence.
-        stop = len(bounds) if self.exact_loss or aux is not None else max(selected, default=-1)
+        # With an objective every chunk runs too: c = dfn/dS needs the sums S of the whole rows.
+        whole = aux is not None or objective is not None
+        rows = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device) if objective is not None else None
+        stop = len(bounds) if self.exact_loss or whole else max(selected, default=-1)
         with torch.no_grad():
             for i, (s, e) in enumerate(bounds):
-                if i >= stop or (i == last and i in selected and aux is None):
+                if i >= stop or (i == last and i in selected and not whole):
                     break  # its K/V serve nobody; pass 2 starts with it
                 cache.begin(i, "record", store=i < last)
                 with _RNG_LOCK:  # the chunk's draws come in one run from the state recorded for its replay
@@ -378,13 +413,17 @@ class SeCO:
                     h, router = run(i)
                 if aux is not None:
                     aux.record(i, router)
-                if i not in selected and self.exact_loss:
+                if rows is not None:
+                    rows += self._logp_rows(h, shift[:, s:e]).double()
+                elif i not in selected and self.exact_loss:
                     total += self._loss_sum(h, shift[:, s:e]).double()
                 del h, router
         extra = 0.0
         if aux is not None:
             aux.prepare()
             extra = aux.value
+        if objective is not None:
+            extra, c = seq_objective.weights(objective, rows, self.name)  # fn(S), c = dfn/dS (B,)
         # pass 2: with grad, in reverse, only the selected chunks. A replayed chunk rewinds the generator to
         # its pass-1 state (same dropout masks) and then puts back the state it found, so the generator only
         # ever moves forward for everyone else; _RNG_LOCK keeps other engines' chunks (other threads) out
@@ -401,12 +440,18 @@ class SeCO:
                 try:
                     with torch.enable_grad(), self._parking(xfer, skip):
                         h, router = run(i)
-                        loss_i = self._loss_sum(h, shift[:, s:e])
+                        if objective is None:
+                            loss_i = self._loss_sum(h, shift[:, s:e])
+                        else:  # (B,): the rows' log-prob sums over this chunk
+                            loss_i = self._logp_rows(h, shift[:, s:e])
                         aux_i = aux.term(i, router) if aux is not None else None
                     del h, router
                     w = weights[i]
                     roots, grads = [], []
-                    if loss_i.requires_grad:
+                    if loss_i.requires_grad and objective is not None:  # d fn / d(chunk's row sums) = c
+                        roots.append(loss_i)
+                        grads.append((c * (w * loss_scale)).to(loss_i.dtype))
+                    elif loss_i.requires_grad:
                         roots.append(loss_i)
                         grads.append(torch.tensor(w * loss_scale / norm, dtype=loss_i.dtype, device=loss_i.device))
                     if aux_i is not None:  # coef * aux is not divided by the normaliser
@@ -422,10 +467,11 @@ class SeCO:
                     if found is not None:
                         _set_rng_state(found, cuda_dev)
             cache.flush()
-            total += loss_i.detach().double() * (1.0 if self.exact_loss else w)
+            if objective is None:
+                total += loss_i.detach().double() * (1.0 if self.exact_loss else w)
             del loss_i, aux_i, roots, grads
             cache.free(i)
-        return total, extra
+        return total, extra, rows
 
     # -- helpers -----------------------------------------------------------------
     def _loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -433,6 +479,13 @@ class SeCO:
         mult, cap = self.adapter.logit_transforms
         hidden = self.adapter.head_input(hidden)
         return chunk_loss_sum(getattr(self.adapter, "loss_head", self.adapter.lm_head), hidden, labels, self.ignore_index, multiplier=mult, softcap=cap)
+
+    def _logp_rows(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B,): each row's sum of the log-probs of its counted labels over one chunk (labels already shifted)."""
+        mult, cap = self.adapter.logit_transforms
+        hidden = self.adapter.head_input(hidden)
+        return chunk_logp_rows(getattr(self.adapter, "loss_head", self.adapter.lm_head), hidden, labels,
+                               self.ignore_index, multiplier=mult, softcap=cap)
 
     def _transfers(self, device: torch.device) -> Transfers:
         """One Transfers (side stream) per device, kept across steps."""
@@ -583,6 +636,11 @@ class SeCO:
         else:
             return
         raise NeedsConcat(reason)  # __call__ switches to 'concat' or refuses
+
+
+def _sum(S: torch.Tensor) -> torch.Tensor:
+    """The objective of sequence_logps(): only S is wanted."""
+    return S.sum()
 
 
 def _no_single_token_tail(bounds):
