@@ -307,3 +307,51 @@ def test_kv_sharing_layer_kind():
     assert cfg.num_kv_shared_layers == 1
     with pytest.raises(compat.UnsupportedModelError, match="num_kv_shared_layers=1"):
         compat.layer_kinds(cfg, "gemma3n_text", "test")
+
+
+def _dpo_trainer():
+    trl = pytest.importorskip("trl")
+    return trl.DPOTrainer
+
+
+def test_trl_dpo_loss_contract():
+    """SeqwrapDPOTrainer runs DPOTrainer._compute_loss on a stand-in model whose per-token log-probs carry the sums:
+    it must call the model with fused_lm_head=True, sum .log_probs per row, and take the reference sums from the
+    batch when precompute_ref_logps is set."""
+    DPOTrainer = _dpo_trainer()
+    assert list(inspect.signature(DPOTrainer._compute_loss).parameters) == ["self", "model", "inputs",
+                                                                              "return_outputs"]
+    src = inspect.getsource(DPOTrainer._compute_loss)
+    for needle in ("outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)",
+                   "per_token_logps = outputs.log_probs[:, -seq_len:]", "logps = per_token_logps.sum(dim=1)",
+                   "if self.precompute_ref_logps:",
+                   'ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]',
+                   "outputs.entropy", "outputs.mean_logits", "outputs.is_top1", "self._metrics[mode]",
+                   "self._total_train_tokens +="):
+        assert needle in src, needle
+
+
+def test_trl_dpo_reference_contract():
+    DPOTrainer = _dpo_trainer()
+    from trl.trainer.utils import use_adapter
+
+    assert list(inspect.signature(DPOTrainer.compute_ref_log_probs).parameters) == ["self", "model", "inputs"]
+    assert "self.compute_ref_log_probs(model, padded_batch)" in inspect.getsource(DPOTrainer._precompute_ref_logps)
+    assert list(inspect.signature(use_adapter).parameters) == ["model", "adapter_name"]
+    src = inspect.getsource(DPOTrainer._compute_loss)
+    assert 'adapter_name="ref" if "ref" in ref_model_unwrapped.peft_config else None' in src
+
+
+def test_trl_dpo_batch_and_scale():
+    DPOTrainer = _dpo_trainer()
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    batch = DataCollatorForPreference(pad_token_id=0)([{"prompt_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8, 9]}])
+    assert set(batch) == {"input_ids", "attention_mask", "completion_mask"}
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [5, 6, 8, 9]]  # [chosen ; rejected]
+    assert batch["completion_mask"].tolist() == [[0, 0, 1, 0], [0, 0, 1, 1]]
+    assert DPOTrainer.loss_is_scaled_for_ga is False
+    init = inspect.getsource(DPOTrainer.__init__)
+    for needle in ("self.precompute_ref_logps =", "self.aux_loss_enabled =", "self._is_vision_dataset =",
+                   "self.ref_model =", "self.use_weighting =", "self.ld_alpha =", "self.f_divergence_type ="):
+        assert needle in init, needle

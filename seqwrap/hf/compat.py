@@ -48,6 +48,16 @@ release that changes one fails one named test:
                             |                          | ignore_keys) -> (loss, logits, labels),
                             |                          | _prepare_inputs, compute_loss_context_manager,
                             |                          | current_gradient_accumulation_steps, accelerator(.scaler)
+  TRL DPO loss              | dpo.py                   | DPOTrainer._compute_loss(model, inputs, return_outputs) calls
+                            |                          | model(..., labels=, fused_lm_head=True), sums .log_probs[:, -L:]
+                            |                          | per row, reads inputs["ref_chosen_logps"/"ref_rejected_logps"]
+                            |                          | when self.precompute_ref_logps, logs into self._metrics
+  TRL DPO reference         | dpo.py                   | DPOTrainer.compute_ref_log_probs(model, inputs) -> (chosen,
+                            |                          | rejected), called by the precompute; use_adapter(model, name)
+                            |                          | (None: adapters disabled); the "ref" adapter in peft_config
+  TRL DPO batch and scale   | dpo.py                   | DataCollatorForPreference's keys (input_ids = [chosen; rejected],
+                            |                          | attention_mask, completion_mask); loss_is_scaled_for_ga False;
+                            |                          | the options refused by name (use_weighting, ld_alpha, ...)
 
 Only modules of seqwrap/hf/ import transformers; the engines, ops and parallel/ never do.
 """
