@@ -110,7 +110,7 @@ def seqwrap_cls():
 LOSSES = {
     "sigmoid": {},
     "ipo": dict(loss_type=["ipo"]),
-    "hinge": dict(loss_type=["hinge"], beta=0.2),
+    "hinge_checkpointing": dict(loss_type=["hinge"], beta=0.2, gradient_checkpointing=True),
     "sft_mix": dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
     "sigmoid_norm": dict(loss_type=["sigmoid_norm"]),
     "robust_js": dict(loss_type=["robust"], label_smoothing=0.1, f_divergence_type="js_divergence"),
