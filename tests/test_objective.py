@@ -142,3 +142,19 @@ def test_objective_with_router_aux_loss_is_refused():
     with pytest.raises(NotImplementedError, match="router auxiliary loss"):
         seqwrap.SeCO(model, chunk_size=7)(ids, labels=labels, attention_mask=mask, objective=lambda S: S.sum())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_objective_check_fails_when_the_row_weights_are_permuted(monkeypatch):
+    """The key comparison above can fail: with c = dfn/dS given to the wrong rows, the gradients differ."""
+    from seqwrap.engines import objective
+
+    model = build("llama")
+    ids, labels, mask = preference_batch()
+    fn = dpo_like(torch.zeros(4, dtype=torch.float64))
+    _, _, want = reference(model, ids, labels, mask, fn)
+    weights = objective.weights
+    monkeypatch.setattr(objective, "weights", lambda f, S, name: (weights(f, S, name)[0], weights(f, S, name)[1].flip(0)))
+    with pure_float64():
+        seqwrap.SeCO(model, chunk_size=5)(ids, labels=labels, attention_mask=mask, objective=fn)
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert max(((g - want[n]).norm() / want[n].norm()).item() for n, g in got.items()) > 1e-3
