@@ -195,3 +195,27 @@ def test_dpo_refusals(tmp_path, monkeypatch, config, match):
         one_step(seqwrap_cls(), tmp_path, monkeypatch, config)
     with pytest.raises(NotImplementedError, match="spaco"):
         one_step(seqwrap_cls(), tmp_path, monkeypatch, seqwrap_engine="spaco")
+
+
+def test_dpo_evaluation_loss_equals_stock(tmp_path, monkeypatch):
+    """trainer.evaluate() (no compute_metrics: loss only) runs the chunked forward: the eval loss and reward
+    metrics equal stock DPOTrainer's."""
+    from datasets import Dataset
+
+    monkeypatch.setattr(trl.trainer.dpo_trainer, "add_fused_lm_head", f64_fused_lm_head)
+
+    def evaluate(cls, path, **extra):
+        args = trl.DPOConfig(output_dir=str(path), per_device_eval_batch_size=4, report_to=[], use_cpu=True, seed=0,
+                             disable_tqdm=True, max_length=64, beta=0.7, bf16=False, gradient_checkpointing=False)
+        torch.manual_seed(0)
+        trainer = cls(model=model(), args=args, train_dataset=Dataset.from_dict(pairs(4)),
+                      eval_dataset=Dataset.from_dict(pairs(8)), processing_class=tokenizer(),
+                      peft_config=lora_config(), **extra)
+        return trainer.evaluate()
+
+    want = evaluate(trl.DPOTrainer, tmp_path / "ref")
+    got = evaluate(seqwrap_cls(), tmp_path / "seco", seqwrap_chunk_size=5)
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-12)
+    for key in ("eval_rewards/margins", "eval_rewards/chosen", "eval_logps/rejected"):
+        assert got[key] == pytest.approx(want[key], rel=1e-10), key
+    assert "eval_entropy" in want and "eval_entropy" not in got
