@@ -149,7 +149,7 @@ ATTN_BAD = [
     (dict(doc_ids=DOCS[0]), ValueError, "doc_ids"),
     (dict(doc_ids=DOCS.double()), TypeError, "doc_ids"),
     (dict(doc_ids=DOCS.bool()), TypeError, "doc_ids"),
-    (dict(q=torch.randn(B, HQ, T, D)), TypeError, "dtype"),
+    (dict(q=torch.randn(B, HQ, T, D)), ValueError, "share dtype"),
     (dict(q=torch.randn(B, 3, T, D, dtype=torch.float64)), ValueError, "multiple"),
     (dict(v=torch.randn(B, HK, T - 1, D, dtype=torch.float64)), ValueError, "shapes"),
     (dict(q=torch.randn(B, HQ, T, dtype=torch.float64)), ValueError, "'q'"),
