@@ -16,7 +16,7 @@ from seqwrap.ops.selective_scan import _scan
 from .conftest import requires_cuda
 from .scan_reference import random_inputs
 
-# kernel -> (CUDA vs CPU kernel, CUDA vs float64 torch); "bitwise" or a relative tolerance per dtype
+# kernel -> (CUDA vs CPU kernel, CUDA vs the float64 reference); "bitwise" or a relative tolerance per dtype
 TOLERANCES = {
     "kahan": ("bitwise (float32 / bf16 / fp16 addends)",
               "|acc - exact| <= 4 eps32 (|exact| + max|g|) (exact = float64 sum)"),
