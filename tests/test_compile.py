@@ -163,6 +163,17 @@ def test_compiled_chunked_attention_packed(boundaries):
     assert not torch.allclose(seqwrap.ops.chunked_attention(q, k, v, chunk_size=4, window=6, **kw), unpacked)
 
 
+def test_compiled_chunked_attention_packed_dynamic_shapes():
+    """dynamic=True: one graph for two lengths, the cu_seqlens read inside the op, equal to eager."""
+    def fn(q, k, v, cu):
+        return seqwrap.ops.chunked_attention(q, k, v, chunk_size=4, cu_seqlens=cu)
+    compiled = torch.compile(fn, fullgraph=True, backend=BACKEND, dynamic=True)
+    for t in (13, 17):
+        q, k, v = rand(2, 4, t, 8), rand(2, 2, t, 8), rand(2, 2, t, 8)
+        cu = torch.tensor([0, 3, t, t + 5, 2 * t])
+        torch.testing.assert_close(compiled(q, k, v, cu), fn(q, k, v, cu), rtol=1e-6, atol=1e-6)
+
+
 def test_compiled_chunked_attention_refuses_bad_boundaries():
     q, k, v = rand(2, 4, 13, 8), rand(2, 2, 13, 8), rand(2, 2, 13, 8)
     fn = torch.compile(lambda q, cu: seqwrap.ops.chunked_attention(q, k, v, chunk_size=4, cu_seqlens=cu),

@@ -17,6 +17,11 @@ import torch
 FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def is_int(x) -> bool:
+    """A Python int (not a bool), or the symbolic int torch.compile passes for one under dynamic shapes."""
+    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
+
+
 def check(fn: str, q, k, v, *, chunk, causal, window, scale, chunk_name: str = "chunk_size") -> None:
     """q (B, Hq, T, D), k and v (B, Hkv, T, D), one floating dtype and device, Hq a multiple of Hkv (Hkv 0
     only with Hq 0); chunk a positive int (named chunk_name); causal a bool; window None or a positive
@@ -36,11 +41,11 @@ def check(fn: str, q, k, v, *, chunk, causal, window, scale, chunk_name: str = "
                          "(q: (B, Hq, T, D); k, v: (B, Hkv, T, D))")
     if (k.shape[1] == 0 and q.shape[1] != 0) or (k.shape[1] != 0 and q.shape[1] % k.shape[1]):
         raise ValueError(f"{fn}: q_heads ({q.shape[1]}) must be a multiple of kv_heads ({k.shape[1]})")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+    if not is_int(chunk) or chunk <= 0:
         raise ValueError(f"{fn}: {chunk_name} must be a positive int, got {chunk!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"{fn}: causal must be a bool, got {causal!r}")
-    if window is not None and (not causal or isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+    if window is not None and (not causal or not is_int(window) or window <= 0):
         raise ValueError(f"{fn}: window must be a positive int and needs causal=True, got {window!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"{fn}: scale must be None or a real number, not {scale!r}")

@@ -13,6 +13,8 @@ import numbers
 
 import torch
 
+from .attention_args import is_int
+
 REDUCTIONS = ("mean", "sum", "none")
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _F32_MIN = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
@@ -71,10 +73,10 @@ def check_options(fn: str, dtype, *, label_smoothing, z_loss, softcap, chunk_row
             raise ValueError(f"{fn}: softcap {softcap!r} does not fit float32, the compute dtype of {dtype} "
                              f"logits (it must be in [{_F32_MIN:.6g}, {_F32_MAX:.6g}]); use float64 inputs for it")
     if not (chunk_rows is None and allow_none_chunk) and (
-            isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows <= 0):
+            not is_int(chunk_rows) or chunk_rows <= 0):
         what = "a positive int or None" if allow_none_chunk else "a positive int"
         raise ValueError(f"{fn}: {chunk_name} must be {what}, got {chunk_rows!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if not is_int(ignore_index):
         raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
     if not -(1 << 63) <= ignore_index < (1 << 63):
         raise ValueError(f"{fn}: ignore_index must fit int64 (the dtype of the labels), got {ignore_index}")
