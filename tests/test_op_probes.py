@@ -7,6 +7,7 @@ import torch
 
 import seqwrap
 from seqwrap.ops import chunked_attention
+from seqwrap.ops.documents import Documents
 
 ops = torch.ops.seqwrap
 
@@ -190,6 +191,8 @@ def test_wrapper_refuses_what_the_op_refuses():
         chunked_attention(q, k, v, chunk_size=4, position_ids=torch.arange(T - 2)[None].expand(B, -1))
     with pytest.raises(TypeError, match="documents"):
         chunked_attention(q, k, v, chunk_size=4, documents=DOCS)
+    with pytest.raises(TypeError, match="not both"):   # documents would have won silently on main
+        chunked_attention(q, k, v, chunk_size=4, documents=Documents(DOCS), seq_idx=DOCS)
 
 
 def test_wrapper_broadcasts_one_row_of_position_ids():
@@ -218,3 +221,16 @@ def test_bad_window_refused_under_compile():
                        backend="aot_eager")
     with pytest.raises(Exception, match="window"):
         fn(q)
+
+
+def test_document_ids_op_refuses_bad_arguments():
+    cu = torch.tensor([0, 3, 11, 22])
+    assert ops.document_ids(2, 11, torch.device("cpu"), None, cu, None, "t").tolist() == [[0] * 3 + [1] * 8, [0] * 11]
+    with pytest.raises(ValueError, match="position_ids"):
+        ops.document_ids(2, 11, torch.device("cpu"), torch.arange(11)[None], None, None, "t")
+    with pytest.raises(ValueError, match="cu_seqlens.*ends at 22"):
+        ops.document_ids(2, 12, torch.device("cpu"), None, cu, None, "t")
+    with pytest.raises(ValueError, match="seq_idx"):
+        ops.document_ids(2, 11, torch.device("cpu"), None, None, torch.zeros(2, 10, dtype=torch.int64), "t")
+    with pytest.raises(ValueError, match="negative"):
+        ops.document_ids(-1, 11, torch.device("cpu"), None, None, None, "t")

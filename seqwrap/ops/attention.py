@@ -161,6 +161,8 @@ def chunked_attention(q, k, v, *, chunk_size: int, causal: bool = True, window: 
     shape = (q.shape[0], q.shape[2])
     position_ids = _rows_of_positions(fn, position_ids, shape)
     if documents is not None:
+        if cu_seqlens is not None or seq_idx is not None or position_ids is not None:
+            raise TypeError(f"{fn}: pass documents or raw boundaries (cu_seqlens, seq_idx, position_ids), not both")
         if not isinstance(documents, docs_mod.Documents):
             raise TypeError(f"{fn}: documents must be a seqwrap.ops.documents.Documents or None, not "
                             f"{type(documents).__name__} (pass raw boundaries as cu_seqlens, seq_idx or position_ids)")

@@ -19,6 +19,7 @@ def document_ids_op(batch: int, length: int, device: torch.device, position_ids:
                     cu_seqlens: torch.Tensor | None, seq_idx: torch.Tensor | None, what: str) -> torch.Tensor:
     """(batch, length) int64 on `device`: the document of every token as documents.resolve finds it (zeros
     when every row is one document). Raises resolve's ValueError naming the argument."""
+    _check(batch, length, position_ids, what)
     docs = docs_mod.resolve((batch, length), position_ids=position_ids, cu_seqlens=cu_seqlens, seq_idx=seq_idx,
                             what=what)
     if docs is None:
@@ -28,7 +29,16 @@ def document_ids_op(batch: int, length: int, device: torch.device, position_ids:
 
 @document_ids_op.register_fake
 def _(batch, length, device, position_ids, cu_seqlens, seq_idx, what):
+    _check(batch, length, position_ids, what)
     return torch.empty(batch, length, dtype=torch.int64, device=device)
+
+
+def _check(batch, length, position_ids, what):
+    if batch < 0 or length < 0:
+        raise ValueError(f"{what}: the batch shape ({batch}, {length}) must not be negative")
+    if position_ids is not None and tuple(position_ids.shape) != (batch, length):
+        raise ValueError(f"{what}: position_ids must be (batch, T) = {(batch, length)}, got "
+                         f"{tuple(position_ids.shape)}")
 
 
 def document_ids(batch: int, length: int, device, *, position_ids=None, cu_seqlens=None, seq_idx=None,
