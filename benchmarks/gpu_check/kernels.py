@@ -1,6 +1,7 @@
 """Section "kernels": every test marked `cuda` (tests/conftest.py's requires_cuda), run with pytest in this
 process: each kernel against the CPU kernel and its float64 reference in seqwrap.ops.reference
-(tests/test_cuda_kernels.py, with its per-kernel tolerances), the offload path with real streams, the fused attention blocks, device-side errors.
+(tests/test_cuda_kernels.py, with its per-kernel tolerances), the offload path with real streams, the fused
+attention blocks, device-side errors.
 On a GPU a skipped test is a failure (it means the kernels are not usable); a dry run only collects."""
 from __future__ import annotations
 
