@@ -9,7 +9,8 @@
   cli.py      `python -m seqwrap plan`
   auto.py     chunk_size="auto" of the engines: the plan at the first step
 """
+from .auto import AutoChunk, AutoChunkNotice
 from .planner import Plan, PlanError, plan
 from .units import format_bytes, parse_bytes, parse_tokens
 
-__all__ = ["Plan", "PlanError", "plan", "parse_bytes", "parse_tokens", "format_bytes"]
+__all__ = ["AutoChunk", "AutoChunkNotice", "Plan", "PlanError", "plan", "parse_bytes", "parse_tokens", "format_bytes"]

@@ -78,7 +78,8 @@ class Plan:
     def summary(self) -> str:
         """One line: what was chosen and the predicted peak."""
         host = f", host {format_bytes(self.host_peak)}" if self.offload else ""
-        return (f"chunk_size={self.chunk_size} ({self.num_chunks} chunks of {format_tokens(self.seq_len)} tokens), "
+        n = self.num_chunks
+        return (f"chunk_size={self.chunk_size} ({n} chunk{'s' if n > 1 else ''} of {format_tokens(self.seq_len)} tokens), "
                 f"offload={'on' if self.offload else 'off'}, gradient checkpointing="
                 f"{'on' if self.checkpointing else 'off'}, predicted peak {format_bytes(self.device_peak)} of a "
                 f"{format_bytes(self.device_budget)} budget{host}")
