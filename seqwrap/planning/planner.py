@@ -42,7 +42,13 @@ ENGINES = ("SeCO", "SpaCO")
 
 
 class PlanError(ValueError):
-    """Nothing fits: the message says the smallest memory that would, or the longest sequence that does."""
+    """Nothing fits: the message says the smallest memory that would, or the longest sequence that does.
+    needed_device_memory: the least device memory (reserve included) an allowed setting needs at this length
+    (None: no setting allowed); longest_seq: the longest sequence that fits the given memory (0: none)."""
+
+    def __init__(self, message: str, needed_device_memory: int | None = None, longest_seq: int = 0):
+        super().__init__(message)
+        self.needed_device_memory, self.longest_seq = needed_device_memory, longest_seq
 
 
 @dataclass
@@ -163,12 +169,13 @@ def plan(model_or_config, seq_len, *, device_memory=None, host_memory=None, lora
     longest = max((model.longest(c, s, budget, host) for s in settings for c in _chunk_candidates(
         1 << 62, world_size, min_chunk, max_chunk)), default=0)
     if best is None:
-        msg = _nothing_fits(subject, model, seq_len, settings, chunks, budget, host, reserve, device_memory, longest)
+        msg, needed = _nothing_fits(subject, model, seq_len, settings, chunks, budget, host, reserve, device_memory,
+                                    longest)
         if offload is None and host is None and device.type != "cpu" and attention == "chunked" and chunks:
             est = model.peak(seq_len, min(chunks), (True, True))
             msg += (f". With offload (pass host_memory=) it would need {format_bytes(est.device_total + reserve)} of "
                     f"device and {format_bytes(est.host_total)} of host memory")
-        raise PlanError(msg)
+        raise PlanError(msg, needed, longest)
     chunk, (ckpt, off) = best
     est = model.peak(seq_len, chunk, (ckpt, off))
     if off and host is not None:
@@ -244,7 +251,7 @@ def _nothing_fits(subject, model, seq_len, settings, chunks, budget, host, reser
             f"{format_bytes(device_memory)} of device memory ({format_bytes(budget)} after a "
             f"{format_bytes(reserve)} reserve)" + (f" and {format_bytes(host)} of host memory" if host else ""))
     if not settings or not chunks:
-        return head + ": no setting or chunk size is allowed by the arguments"
+        return head + ": no setting or chunk size is allowed by the arguments", None
     # the least device memory any allowed setting needs at this length (with the host it needs)
     needs = []
     for s in settings:
@@ -263,4 +270,4 @@ def _nothing_fits(subject, model, seq_len, settings, chunks, budget, host, reser
         static = model.peak(min(chunks), min(chunks), settings[-1]).device
         fix += ("; no sequence fits this memory: the weights, gradients and optimizer state alone take "
                 + format_bytes(static["weights"] + static["gradients"] + static["optimizer state"]))
-    return head + fix
+    return head + fix, dev + reserve
