@@ -257,3 +257,31 @@ def test_cli_refuses_with_a_usage_error(argv, pattern, capsys):
         main(argv)
     assert info.value.code == 2
     assert re.search(pattern, capsys.readouterr().err)
+
+
+# Calibration: the plan's predicted peak against the peak resident set of a fresh process that trains with
+# that plan (benchmarks/plan_case.py; the full table is benchmarks/results/plan_calibration.md). The margin
+# is a ratio of the same run's numbers: measured / predicted within [1 - MARGIN, 1 + MARGIN].
+MARGIN = 0.15
+SMALL = dict(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+MEDIUM = dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=4)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measures the resident set through /proc")
+@pytest.mark.parametrize("config, lora, seq_len, budget, chosen", [
+    (SMALL, None, 1024, "40MB", (256, True)),     # full fine-tuning, a tight budget: 4 chunks, checkpointing
+    (MEDIUM, 8, 1024, "150MB", (512, False)),     # LoRA: 2 chunks, no checkpointing
+], ids=["full-ckpt", "lora"])
+def test_calibration(config, lora, seq_len, budget, chosen):
+    pytest.importorskip("transformers")
+    if lora:
+        pytest.importorskip("peft")
+    from benchmarks.plan_case import measure
+
+    r = measure(dict(config=config, lora=lora, seq_len=seq_len, device_memory=budget,
+                     options=dict(min_chunk=128, target_chunk=512, max_chunk=1024)))
+    assert (r["chunk_size"], r["checkpointing"]) == chosen
+    ratio = r["measured_total"] / r["predicted_total"]
+    assert 1 - MARGIN <= ratio <= 1 + MARGIN, r
