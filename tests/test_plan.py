@@ -133,6 +133,21 @@ def test_sources_agree(tmp_path):
     assert len({(p.chunk_size, p.offload, p.checkpointing, p.device_peak, p.host_peak) for p in plans}) == 1
 
 
+def test_ulysses_ranks_and_lora_configs():
+    s = DecoderShape.llama_3_1_8b()
+    p = seqwrap.plan(L8B, "256K", device_memory="80GB", host_memory="1TB", lora=16, world_size=4)
+    assert p.chunk_size % 4 == 0 and p.longest_seq % 4 == 0
+    est = seco_peak(s, p.seq_len // 4, p.chunk_size // 4, dtype_bytes=2, lora_params=s.lora_params(16),
+                    grad_ckpt=p.checkpointing, offload=p.offload)
+    assert (est.device_total, est.host_total) == (p.device_peak, p.host_peak)  # one rank's share of the sequence
+    one = seqwrap.plan(L8B, "256K", device_memory="80GB", host_memory="1TB", lora=16)
+    assert p.longest_seq > 3 * one.longest_seq
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"])
+    q = seqwrap.plan(L8B, 4096, device_memory="80GB", lora=cfg)
+    assert q.subject.adapter_params == s.lora_params(16, ("q", "k", "v", "o", "gate"))
+
+
 def _tiny(dtype=torch.float32, lora=False, layers=2, hidden=32, vocab=61, seed=0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)

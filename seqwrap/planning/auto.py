@@ -46,6 +46,10 @@ class AutoChunk:
     def resolve(self, engine, input_ids: torch.Tensor):
         """The plan for this first step's input (B, T) on `engine`; sets nothing (the engine does)."""
         name = engine.name
+        if getattr(engine, "_fsdp", None) is not None:
+            raise ValueError(f"seqwrap.{name}: chunk_size='auto' does not model FSDP2's sharded weights and gradients "
+                             "yet; pass an explicit chunk_size (seqwrap.plan(model, seq_len) overestimates a sharded "
+                             "model's static memory: an upper bound)")
         batch, T = (1, input_ids.shape[0]) if input_ids.dim() == 1 else tuple(input_ids.shape)
         lm = engine.adapter.causal_lm
         device = lm.get_input_embeddings().weight.device
