@@ -66,7 +66,8 @@ def report(rows: list[dict]) -> str:
     tot = [err(r, "total") for r in rows]
     dyn = [err(r, "dynamic") for r in rows]
     over = sum(r["measured_total"] <= r["device_memory"] for r in rows)
-    lines += ["", f"- total: mean absolute error {sum(map(abs, tot)) / len(tot):.1f}%, largest {max(tot, key=abs):+.1f}%; "
+    lines += ["", f"- total: mean absolute error {sum(map(abs, tot)) / len(tot):.1f}%, largest "
+              f"{max(tot, key=abs):+.1f}%; "
               f"above static: mean absolute error {sum(map(abs, dyn)) / len(dyn):.1f}%, largest "
               f"{max(dyn, key=abs):+.1f}%.",
               f"- measured peak within the budget the plan was made for: {over} of {len(rows)} cases.",

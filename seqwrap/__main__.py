@@ -14,7 +14,8 @@ from .planning import cli as plan_cli
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m seqwrap", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     plan_cli.add_parser(sub)
     args = parser.parse_args(argv)

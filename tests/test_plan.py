@@ -220,7 +220,8 @@ def test_auto_chunk_asks_for_checkpointing_rather_than_turning_it_on():
     assert yes < no
     auto = seqwrap.AutoChunk(device_memory=(no + yes) // 2, reserve=0, min_chunk=16)
     engine = seqwrap.SeCO(model, chunk_size=auto)
-    with pytest.raises(PlanError, match=r"nothing fits with offload=False and gradient checkpointing off as configured.*"
+    with pytest.raises(PlanError, match=r"nothing fits with offload=False and gradient checkpointing off as "
+                                        r"configured.*"
                                         r"use seqwrap.hf.enable_checkpointing\(model\) before the first step"):
         engine(ids)
     assert all(p.grad is None for p in model.parameters())

@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
                        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", required=True, help="config.json, model folder, known name or cached hub id")
-    p.add_argument("--tokens", required=True, type=_arg(parse_tokens, "--tokens"), help="sequence length: 131072, 128K, 1M")
+    p.add_argument("--tokens", required=True, type=_arg(parse_tokens, "--tokens"),
+                   help="sequence length: 131072, 128K, 1M")
     p.add_argument("--device-memory", type=_arg(parse_bytes, "--device-memory"), help="per GPU: 80GB, 24GiB")
     p.add_argument("--host-memory", type=_arg(parse_bytes, "--host-memory"), help="for offload: 1TB (default: none)")
     p.add_argument("--reserve", type=_arg(parse_bytes, "--reserve"),

@@ -85,7 +85,8 @@ class Plan:
         """One line: what was chosen and the predicted peak."""
         host = f", host {format_bytes(self.host_peak)}" if self.offload else ""
         n = self.num_chunks
-        return (f"chunk_size={self.chunk_size} ({n} chunk{'s' if n > 1 else ''} of {format_tokens(self.seq_len)} tokens), "
+        chunks = f"{n} chunk{'s' if n > 1 else ''} of {format_tokens(self.seq_len)} tokens"
+        return (f"chunk_size={self.chunk_size} ({chunks}), "
                 f"offload={'on' if self.offload else 'off'}, gradient checkpointing="
                 f"{'on' if self.checkpointing else 'off'}, predicted peak {format_bytes(self.device_peak)} of a "
                 f"{format_bytes(self.device_budget)} budget{host}")
@@ -155,17 +156,7 @@ def plan(model_or_config, seq_len, *, device_memory=None, host_memory=None, lora
     model = _Model(subject, batch, world_size, attention)
     chunks = _chunk_candidates(seq_len, world_size, min_chunk, max_chunk)
 
-    best = None  # (chunk, setting)
-    for setting in settings:
-        fitting = [c for c in chunks if model.fits(seq_len, c, setting, budget, host)]
-        if not fitting:
-            continue
-        c = max(fitting)
-        if c >= min(target_chunk, seq_len):
-            best = (c, setting)
-            break
-        if best is None or c > best[0]:
-            best = (c, setting)
+    best = _choose(model, seq_len, settings, chunks, budget, host, target_chunk)
     longest = max((model.longest(c, s, budget, host) for s in settings for c in _chunk_candidates(
         1 << 62, world_size, min_chunk, max_chunk)), default=0)
     if best is None:
@@ -178,8 +169,9 @@ def plan(model_or_config, seq_len, *, device_memory=None, host_memory=None, lora
         raise PlanError(msg, needed, longest)
     chunk, (ckpt, off) = best
     est = model.peak(seq_len, chunk, (ckpt, off))
-    if off and host is not None:
-        notes.append(f"offload parks past K/V, relayed gradients and {'checkpointed layer inputs' if ckpt else 'saved activations'} in pinned host memory")
+    if off:
+        parked = "checkpointed layer inputs" if ckpt else "saved activations"
+        notes.append(f"offload parks past K/V, relayed gradients and {parked} in pinned host memory")
     if subject.max_positions is not None and seq_len > subject.max_positions:
         notes.append(f"seq_len {seq_len:,} is above the config's max_position_embeddings={subject.max_positions:,}: "
                      "the engines refuse such inputs until the limit (and RoPE scaling) is raised")
@@ -191,6 +183,22 @@ def plan(model_or_config, seq_len, *, device_memory=None, host_memory=None, lora
     return Plan(engine, seq_len, chunk, off, ckpt, est.device_total, est.host_total, dict(est.device), dict(est.host),
                 device_memory, budget, host, longest, model.longest(chunk, (ckpt, off), budget, host), subject,
                 batch, world_size, source, notes)
+
+
+def _choose(model, seq_len, settings, chunks, budget, host, target_chunk):
+    """(chunk, setting): the first setting (fastest first) whose largest fitting chunk reaches
+    min(target_chunk, seq_len); else the largest fitting chunk of any setting; None when nothing fits."""
+    best = None
+    for setting in settings:
+        fitting = [c for c in chunks if model.fits(seq_len, c, setting, budget, host)]
+        if not fitting:
+            continue
+        c = max(fitting)
+        if c >= min(target_chunk, seq_len):
+            return c, setting
+        if best is None or c > best[0]:
+            best = (c, setting)
+    return best
 
 
 class _Model:
