@@ -301,3 +301,22 @@ def test_calibration(config, lora, seq_len, budget, chosen):
     assert (r["chunk_size"], r["checkpointing"]) == chosen
     ratio = r["measured_total"] / r["predicted_total"]
     assert 1 - MARGIN <= ratio <= 1 + MARGIN, r
+
+
+def test_cli_reads_a_hub_id_from_the_local_cache_only(tmp_path):
+    """--config org/name: the config.json of the local Hugging Face cache (offline), laid out as the hub
+    client lays it out (models--org--name/refs/main -> snapshots/<commit>/config.json)."""
+    pytest.importorskip("transformers")
+    repo = tmp_path / "models--test-org--tiny-llama"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    cfg = dict(KNOWN_CONFIGS[L8B], num_hidden_layers=2, architectures=["LlamaForCausalLM"])
+    (snap / "config.json").write_text(json.dumps(cfg))
+    env = dict(__import__("os").environ, HF_HUB_CACHE=str(tmp_path), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "seqwrap", "plan", "--config", "test-org/tiny-llama", "--tokens", "32K",
+                           "--device-memory", "24GB", "--lora-rank", "8"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"model\s+test-org/tiny-llama: 2 layers, hidden 4096", proc.stdout), proc.stdout
