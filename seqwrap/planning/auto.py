@@ -10,6 +10,8 @@ configured (the engine's offload=, the model's HF checkpointing): the plan is ma
 and when nothing fits that way but would fit with offload and/or checkpointing turned on, the first
 step raises a ValueError naming what to pass, before any gradient. What was chosen is announced with
 one AutoChunkNotice warning: chunk_size, offload, checkpointing and the predicted peak.
+Refused, by name: Ulysses (shard_batch needs the chunk size before the step), FSDP2 (its sharding is
+not modelled), offload=True on a CPU model (one memory for device and host).
 """
 from __future__ import annotations
 
