@@ -2,7 +2,8 @@
 #
 #   make demo         venv + torch + locked deps + build, then the long-context training demo
 #   make test         venv + torch + locked deps + build, then the test suite (+ the ASan/UBSan run)
-#   make test-latest  the suite on the newest transformers / peft / test tools (own venv: .venv-latest)
+#   make test-latest  the suite on the newest transformers / peft / test tools (own venv: .venv-latest);
+#                     fails when the newest on the index could not be installed (FORCE_NEWEST=1: --no-deps)
 #   make test-oldest  the suite at the supported floors (requirements/oldest.txt; own venv: .venv-oldest)
 #   make lock         write .venv-latest's versions into requirements/lock.txt (after test-latest passed)
 #   make asan         AddressSanitizer + UBSan build of the C core, C-facing tests under it
@@ -81,9 +82,19 @@ define matrix_venv
 	$(1)/bin/python -c "import torch, transformers, peft; print('matrix column:', '$(1)', 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 endef
 
+# The column prints the versions it really resolved against the newest on the index (tools/latest_versions.py),
+# runs the suite, prints them again and fails when the newest release could not be installed.
+# FORCE_NEWEST=1 installs such a release with --no-deps first (the table says so and why).
+FORCE_NEWEST ?=
 test-latest: build
 	$(call matrix_venv,.venv-latest,--upgrade $(EXTRAS))
-	SEQWRAP_ALLOW_UNSUPPORTED_VERSIONS=1 PYTHONPATH=$(CURDIR) .venv-latest/bin/python -m pytest tests -p no:cacheprovider $(PYTEST_ARGS)
+	@versions=0; .venv-latest/bin/python tools/latest_versions.py $(if $(FORCE_NEWEST),--force) \
+	   --report build/latest-versions.txt || versions=$$?; \
+	 SEQWRAP_ALLOW_UNSUPPORTED_VERSIONS=1 PYTHONPATH=$(CURDIR) .venv-latest/bin/python -m pytest tests \
+	   -p no:cacheprovider $(PYTEST_ARGS); suite=$$?; \
+	 echo; cat build/latest-versions.txt; \
+	 if [ $$versions -ne 0 ]; then echo "test-latest FAILED: not the newest releases (above)"; fi; \
+	 test $$suite -eq 0 -a $$versions -eq 0
 
 test-oldest: build
 	$(call matrix_venv,.venv-oldest,-c $(OLDEST) $(EXTRAS))

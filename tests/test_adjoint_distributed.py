@@ -33,6 +33,9 @@ def _worker(rank, world, init_file, out_dir):
     try:
         model = tiny_mamba(layers=2, seed=21)
         res = {name: _run(model, dist.group.WORLD, **kw) for name, kw in MODES.items()}
+        import seqwrap
+        with torch.no_grad():  # forward-only: states handed from rank to rank, losses summed over the group
+            res["evaluate"] = seqwrap.AdjointSharding(model, chunk_size=CHUNK, group=dist.group.WORLD)(*_inputs()).loss
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -54,3 +57,4 @@ def test_distributed_equals_single_process(world, tmp_path):
             assert err <= 1e-10, (r, name, err, pname)
             assert abs(res[name]["loss"].item() - ref[name]["loss"].item()) <= 1e-6 * ref[name]["loss"].item()
             assert res[name]["chunks"] == LENGTH // CHUNK
+        assert abs(res["evaluate"].item() - loss0.item()) <= 1e-6 * loss0.item()

@@ -193,6 +193,9 @@ def test_trainer_internals():
 
     params = list(inspect.signature(Trainer.training_step).parameters)
     assert params[:4] == ["self", "model", "inputs", "num_items_in_batch"]
+    # SeqwrapTrainer's evaluation: prediction_step(model, inputs, prediction_loss_only, ignore_keys) -> 3-tuple
+    params = list(inspect.signature(Trainer.prediction_step).parameters)
+    assert params[:5] == ["self", "model", "inputs", "prediction_loss_only", "ignore_keys"]
     for name in ("_prepare_inputs", "compute_loss_context_manager"):
         assert callable(getattr(Trainer, name, None)), name
     # set by the training loop for each optimizer step; SeqwrapTrainer divides by it without num_items_in_batch

@@ -38,7 +38,25 @@ def test_outside_the_range_raises_naming_version_and_range(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         versions.check_version("transformers", "seqwrap.SeCO")
-    assert any("own risk" in str(w.message) for w in caught)
+    (w,) = caught
+    # the variable is already set: the warning says so instead of telling the user to set it
+    assert "is set" in str(w.message) and "own risk" not in str(w.message) and "transformers 99.0.0" in str(w.message)
+    assert w.filename == __file__  # points at the caller's line, not at seqwrap's
+
+
+def test_warnings_point_at_the_users_line(monkeypatch):
+    """Raised deep inside an engine step, the concat-switch warning still names the user's call."""
+    pytest.importorskip("transformers")
+    import seqwrap
+    from tests.exact_families import batch, build
+
+    model = build("diffllama")
+    ids, _ = batch(T=12)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seqwrap.SeCO(model, chunk_size=6)(ids)
+    switch = [w for w in caught if "attention='concat'" in str(w.message)]
+    assert len(switch) == 1 and switch[0].filename == __file__
 
 
 def test_engines_check_the_version(monkeypatch):
@@ -82,7 +100,10 @@ def test_a_newer_transformers_is_verified_once_per_config(monkeypatch):
     model = tiny_model("llama")
     with pytest.warns(UserWarning, match=r"transformers 99\.0\.0 is newer.*seqwrap\.verify.*exact"):
         seqwrap.SeCO(model, 4)
-    seqwrap.SeCO(model, 6)  # same config: the report is reused
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        seqwrap.SeCO(model, 6)  # same config: the report is reused, and the warning is not repeated
+    assert not [w for w in again if "is newer" in str(w.message)]
     assert len(calls) == 1 and calls[0]["engine"] == "seco"
 
 

@@ -210,6 +210,22 @@ def test_auto_chunk_trains_exactly_as_its_choice():
         _, loss1, _ = _step(model, ids, "auto")
 
 
+def test_auto_chunk_plans_at_a_first_evaluation_too():
+    model = _tiny(dtype=torch.float64)
+    ids = torch.randint(0, 61, (1, 96), generator=torch.Generator().manual_seed(4))
+    engine = seqwrap.SeCO(model, chunk_size=seqwrap.AutoChunk(device_memory="64MB", reserve=0, min_chunk=8,
+                                                              target_chunk=8, max_chunk=32))
+    with pytest.warns(seqwrap.AutoChunkNotice, match="chose chunk_size=32") as record:
+        with torch.no_grad():
+            out = engine(ids)
+    assert record[0].filename == __file__  # the warning names the user's line
+    assert out.num_chunks == 3 and all(p.grad is None for p in model.parameters())
+    with torch.no_grad():  # HF's own loss upcasts to float32: the float64 reference from its logits
+        logits = model(ids).logits
+        ref = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=0)
+
+
 def test_auto_chunk_asks_for_checkpointing_rather_than_turning_it_on():
     model = _tiny(dtype=torch.float32, layers=4, hidden=64, vocab=1000)
     ids = torch.randint(0, 1000, (1, 4096))

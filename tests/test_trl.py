@@ -46,9 +46,9 @@ def lora_config():
                            init_lora_weights=False, task_type="CAUSAL_LM")  # random B: A gets gradients too
 
 
-def one_step(trainer_cls, tmp_path, **extra):
+def one_step(trainer_cls, tmp_path, config=None, **extra):
     """Runs one optimizer step (2 micro-batches of 2 rows); returns (the two micro-batch losses, the
-    LoRA gradients just before the optimizer step)."""
+    LoRA gradients just before the optimizer step). config: SFTConfig fields to change."""
     from datasets import Dataset
     from transformers import TrainerCallback
 
@@ -58,10 +58,11 @@ def one_step(trainer_cls, tmp_path, **extra):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
             grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
 
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
-                         gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=1, report_to=[],
-                         save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, max_length=64,
-                         dataset_text_field="text", packing=False)
+    fields = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                  gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=1, report_to=[],
+                  save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, max_length=64,
+                  dataset_text_field="text", packing=False)
+    args = trl.SFTConfig(**{**fields, **(config or {})})
     torch.manual_seed(0)
     trainer = trainer_cls(model=model(), args=args, train_dataset=Dataset.from_dict({"text": texts()}),
                           processing_class=tokenizer(), peft_config=lora_config(), callbacks=[Grab()], **extra)
@@ -117,9 +118,40 @@ def test_sft_drop_in_close_to_stock_sft_fused_loss(tmp_path, seqwrap_step):
     assert total <= 1e-2 * sum((r ** 2).sum() for r in ref_grads.values()).sqrt()
 
 
+PACKED = {
+    "padding_free": dict(padding_free=True, max_length=None),
+    "bfd": dict(packing=True, packing_strategy="bfd", max_length=40),
+    "wrapped": dict(packing=True, packing_strategy="wrapped", max_length=40),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PACKED))
+def test_packed_sft_equals_stock_sft_trainer_in_float64(tmp_path, name):
+    """TRL's padding-free rows (several documents per row, position_ids restarting, no attention mask) and
+    its packing strategies, against stock SFTTrainer on the same rows with the 'nll' loss in float64."""
+    from seqwrap.integrations import SeqwrapSFTTrainer
+
+    seen = []
+
+    class Spy(SeqwrapSFTTrainer):
+        def _seqwrap_after_step(self, inputs, out):
+            seen.append((tuple(inputs["input_ids"].shape), "position_ids" in inputs, "attention_mask" in inputs))
+            super()._seqwrap_after_step(inputs, out)
+
+    ref_losses, ref_grads, _ = one_step(trl.SFTTrainer, tmp_path / "ref", PACKED[name], compute_loss_func=nll_f64)
+    losses, grads, trainer = one_step(Spy, tmp_path / "seco", PACKED[name], seqwrap_engine="seco",
+                                      seqwrap_chunk_size=7)
+    if name != "wrapped":  # a packed row of several documents reached the engine, no mask
+        assert all(shape[0] == 1 and pos and not mask for shape, pos, mask in seen), seen
+    assert len(losses) == len(ref_losses) == 2
+    assert losses == pytest.approx(ref_losses, rel=1e-12)
+    assert set(grads) == set(ref_grads) and len(grads) == 8
+    for n, g in grads.items():
+        assert g.norm() > 0, n
+        assert (g - ref_grads[n]).norm() <= 1e-10 * ref_grads[n].norm(), n
+
+
 @pytest.mark.parametrize("option,match", [
-    ({"padding_free": True, "max_length": None}, "packed sequences"),
-    ({"packing": True, "packing_strategy": "bfd"}, "packed sequences"),
     ({"loss_type": "dft"}, "loss_type='dft'"),
     ({"activation_offloading": True}, "activation_offloading"),
     ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),

@@ -89,11 +89,42 @@ class AdjointSharding:
         self._seg = _no_segment   # (start, end) -> the document segment of a packed step's tokens, or None
 
     # ---------------------------------------------------------------------------------------------
-    @fsdp_step
     def __call__(self, input_ids, labels=None, *, num_items=None, position_ids=None, **boundaries):
-        """boundaries: cu_seqlens, seq_idx, cu_seq_lens_q, cu_seq_lens_k (max_length_q / max_length_k are
+        """Forward + backward of the whole sequence (under torch.no_grad / inference_mode: evaluate).
+
+        boundaries: cu_seqlens, seq_idx, cu_seq_lens_q, cu_seq_lens_k (max_length_q / max_length_k are
         accepted and not needed) for packed rows; position_ids only mark document starts (Mamba has no
         positions)."""
+        if not torch.is_grad_enabled():
+            return self.evaluate(input_ids, labels, num_items=num_items, position_ids=position_ids, **boundaries)
+        return self._train_step(input_ids, labels, num_items=num_items, position_ids=position_ids, **boundaries)
+
+    def evaluate(self, input_ids, labels=None, *, num_items=None, position_ids=None, **boundaries):
+        """Forward only: the loss of the whole sequence (HF normalisation), chunk by chunk with the recurrent
+        states handed on (from rank to rank with group=); writes no gradient."""
+        if self._fsdp is not None:
+            raise NotImplementedError("seqwrap.AdjointSharding: forward-only evaluation of an FSDP2 model is not "
+                                      "supported yet; evaluate with the model itself")
+        targets, divisor, bounds, num_tokens, seg = self._prepare(input_ids, labels, num_items, position_ids,
+                                                                  boundaries)
+        ad = self.adapter
+        rank, world, lo, hi = self._split(bounds)
+        states = ad.zero_states(input_ids.shape[0], input_ids.device)
+        total = torch.zeros((), dtype=torch.float64)
+        with torch.no_grad():
+            if rank > 0:
+                self._recv_states(states, rank - 1)
+            for s, e in bounds[lo:hi]:
+                x, states = ad.stack(ad.embeddings(input_ids[:, s:e]), states, seg(s, e))
+                total += ad.loss_sum(x, targets[:, s:e]).double().cpu()
+            if rank < world - 1:
+                self._send_states(states, rank + 1)
+            if self.group is not None:
+                dist.all_reduce(total, group=self.group)
+        return AdjointOutput(loss=(total / divisor).to(torch.float32), num_tokens=num_tokens, num_chunks=len(bounds))
+
+    def _prepare(self, input_ids, labels, num_items, position_ids, boundaries):
+        """(shifted targets (B, T), the loss divisor, chunk bounds, counted labels, the segment function)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("seqwrap.AdjointSharding: input_ids must be a (batch, length) tensor")
         unknown = sorted(set(boundaries) - set(BOUNDARY_KEYS))
@@ -120,7 +151,13 @@ class AdjointSharding:
         length = input_ids.shape[1]
         bounds = [(s, min(s + self.chunk_size, length)) for s in range(0, length, self.chunk_size)]
         kconv = self.adapter.kconv
-        self._seg = (lambda s, e: None) if docs is None else (lambda s, e: scan_segment(docs, s, e, kconv))
+        seg = (lambda s, e: None) if docs is None else (lambda s, e: scan_segment(docs, s, e, kconv))
+        return targets, divisor, bounds, num_tokens, seg
+
+    @fsdp_step
+    def _train_step(self, input_ids, labels=None, *, num_items=None, position_ids=None, **boundaries):
+        targets, divisor, bounds, num_tokens, self._seg = self._prepare(input_ids, labels, num_items, position_ids,
+                                                                        boundaries)
         params = self._params()
         stash = stash_grads(params)   # a failed step leaves .grad as it was before it
         self.adapter.begin_step()

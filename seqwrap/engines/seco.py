@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._warn import user_stacklevel
 from ..hf.attention import NeedsConcat
 from ..hf.decoder import HFDecoderAdapter, UnsupportedModelError, unwrap_ddp
 from ..hf.positions import has_dynamic_rope, rope_types
@@ -37,10 +38,30 @@ from ..parallel.fsdp import FSDPSchedule, fsdp_step, fsdp_step_for
 from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, sync_ddp_gradients, unstash_grads
 from ..planning.auto import AutoChunk, announce
 from .chunk_loss import chunk_loss_sum
+from .evaluate import forward_only
 from .hybrid_store import make_store
 from .kv_store import ChunkKVStore
 from .offload import Transfers, default_pool, park_activations
 from .packing import prepare as prepare_packed
+
+
+_BOUNDARY_KEYS = frozenset({"cu_seqlens", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
+
+
+@dataclass
+class _Step:
+    """One step's checked inputs: ids / shift (shifted labels) / mask / pos (B, T) on the model's device
+    (mask, pos may be None), docs (packed-row documents or None), norm (the loss normaliser),
+    bounds [(start, end)) of the chunks on this rank, valid (B, T) bool: labels that count."""
+
+    ids: torch.Tensor
+    shift: torch.Tensor
+    mask: torch.Tensor | None
+    pos: torch.Tensor | None
+    docs: object
+    norm: float
+    bounds: list
+    valid: torch.Tensor
 
 
 @dataclass
@@ -166,12 +187,10 @@ class SeCO:
         return [1.0] * len(label_counts)
 
     # -- one step --------------------------------------------------------------
-    @fsdp_step
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *, num_items=None, loss_scale: float = 1.0,
                  position_ids: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None,
-                 num_items_in_batch=None, cu_seqlens=None, seq_idx=None, cu_seq_lens_q=None, cu_seq_lens_k=None,
-                 max_length_q=None, max_length_k=None) -> StepResult:
+                 num_items_in_batch=None, **boundaries) -> StepResult:
         """Forward and backward of the whole sequence; parameter .grad accumulates as
         `model(input_ids, labels=labels, attention_mask=attention_mask).loss.backward()` would.
 
@@ -189,59 +208,55 @@ class SeCO:
         document, or explicit boundaries: cu_seqlens (cumulative lengths over the flattened batch),
         seq_idx (B, T), or DataCollatorWithFlattening's cu_seq_lens_q / cu_seq_lens_k (max_length_q /
         max_length_k are accepted and not needed). `engine(**collator(features))` works as it is.
+
+        Under torch.no_grad() / torch.inference_mode() the call is `evaluate(...)`: pass 1 only, no
+        gradient written (loss_scale does not apply).
         """
+        if not torch.is_grad_enabled():
+            return self.evaluate(input_ids, labels, attention_mask, num_items=num_items, position_ids=position_ids,
+                                 shift_labels=shift_labels, num_items_in_batch=num_items_in_batch, **boundaries)
+        return self._train_step(input_ids, labels, attention_mask, num_items=num_items, loss_scale=loss_scale,
+                                position_ids=position_ids, shift_labels=shift_labels,
+                                num_items_in_batch=num_items_in_batch, **boundaries)
+
+    def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *, num_items=None,
+                 position_ids: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None,
+                 num_items_in_batch=None, **boundaries) -> StepResult:
+        """Forward only, chunk by chunk: the loss full forward gives (`model(...).loss`, router auxiliary
+        term included) and the token counts, for sequences far longer than one forward fits. Same
+        arguments as __call__; writes no gradient, keeps one chunk's activations and the past K/V
+        (SpaCO: every chunk counts, no draw is made)."""
+        if self._fsdp is not None:
+            raise NotImplementedError(f"seqwrap.{self.name}: forward-only evaluation of an FSDP2 model is not "
+                                      "supported yet; evaluate with the model itself")
+        st = self._prepare(input_ids, labels, attention_mask, num_items, position_ids, shift_labels,
+                           num_items_in_batch, boundaries)
+        total, extra = forward_only(self, st)
+        return self._result(st, total, extra, backward_chunks=0)
+
+    @fsdp_step
+    def _train_step(self, input_ids, labels=None, attention_mask=None, *, num_items=None, loss_scale=1.0,
+                    position_ids=None, shift_labels=None, num_items_in_batch=None, **boundaries) -> StepResult:
         if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not math.isfinite(loss_scale):
             raise ValueError(f"seqwrap.{self.name}: loss_scale must be a finite number, got {loss_scale!r}")
-        if num_items_in_batch is not None:
-            if num_items is not None:
-                raise TypeError(f"seqwrap.{self.name}: pass num_items or num_items_in_batch, not both")
-            num_items = num_items_in_batch
-        ids, shift, mask, pos = self._check_inputs(input_ids, labels, attention_mask, position_ids, shift_labels)
-        if self.chunk_size is None:  # chunk_size="auto": planned now that the length is known
-            self.plan = self._auto_chunk.resolve(self, ids)
-            self.chunk_size = self.plan.chunk_size
-            announce(self, self.plan)
-        boundaries = dict(cu_seqlens=cu_seqlens, seq_idx=seq_idx, cu_seq_lens_q=cu_seq_lens_q,
-                          cu_seq_lens_k=cu_seq_lens_k, max_length_q=max_length_q, max_length_k=max_length_k)
-        docs, pos, shift = prepare_packed(self.name, ids, shift, mask, pos, boundaries, group=self.group,
-                                          chunk_size=self.chunk_size, ignore_index=self.ignore_index,
-                                          attention=self.attention)
-        B, T = ids.shape
-        group, world = self.group, self._world()
-        valid = shift != self.ignore_index
-        if num_items is None:
-            norm = float(self._group_sum(valid.sum()))
-        else:
-            norm = float(num_items.item() if torch.is_tensor(num_items) else num_items)
-            if not norm > 0:
-                raise ValueError(f"seqwrap.{self.name}: num_items must be > 0, got {num_items}")
-        norm = norm or 1.0  # no label at all: loss 0, no gradient (HF would give nan)
-        C = self.chunk_size // world  # tokens of each chunk on this rank
-        bounds = [(s, min(s + C, T)) for s in range(0, T, C)]
-        if self.adapter.recurrent_layers:
-            bounds = _no_single_token_tail(bounds)
-        counts = self._group_sum(torch.stack([valid[:, s:e].sum() for s, e in bounds])).tolist()
+        st = self._prepare(input_ids, labels, attention_mask, num_items, position_ids, shift_labels,
+                           num_items_in_batch, boundaries)
+        ids, shift, mask, pos, docs, norm, bounds = st.ids, st.shift, st.mask, st.pos, st.docs, st.norm, st.bounds
+        group = self.group
+        counts = self._group_sum(torch.stack([st.valid[:, s:e].sum() for s, e in bounds])).tolist()
         weights = self._same_on_all_ranks([float(w) for w in self.chunk_weights([int(c) for c in counts])])
         selected = [i for i, w in enumerate(weights) if w != 0.0]
         self.step += 1
 
         adapter = self.adapter
         xfer = self._transfers(ids.device) if self.offload else None
-        if docs is not None and adapter.recurrent_layers:
-            # the recurrent layers' state would flow from one document into the next
-            raise NotImplementedError(f"seqwrap.{self.name}: packed rows (several documents per row) are not supported "
-                                      "for models with recurrent layers yet: their state is not reset at document "
-                                      "starts inside a chunked step; pass one document per row")
         # the step's gradients accumulate apart from earlier ones: a failed step leaves .grad as it was
         params = self._params()
         cuda_dev = ids.device if ids.device.type == "cuda" else None
         rng_at_start = _rng_state(cuda_dev) if self._auto_attention else None
         while True:
-            cache = make_store(adapter.recurrent_layers, bounds, [k == "sliding_attention" for k in adapter.layer_kinds],
-                               adapter.sliding_window, attention=self.attention,
-                               key_padding=None if mask is None else mask.bool(), offload=xfer, positions_scale=world,
-                               compensate=adapter.lm_head.weight.dtype in (torch.float16, torch.bfloat16),
-                               group=group, documents=docs)
+            cache = self._make_store(st, xfer)
             stash = stash_grads(params)
             if self.pool is not None:
                 self.pool.reset_peak()
@@ -253,11 +268,7 @@ class SeCO:
                     total = reduce_step(params, group, total)
             except NeedsConcat as switch:
                 restore_grads(params, stash)
-                if not (self._auto_attention and not self._backward_ran):
-                    raise UnsupportedModelError(
-                        f"seqwrap.{self.name}: model_type '{adapter.model_type}' {switch.reason}; use "
-                        f"seqwrap.{self.name}(model, attention='concat'), which is exact for it") from None
-                self._switch_to_concat(switch.reason, docs)  # no gradient was touched yet
+                self._concat_or_refuse(switch, docs, gradient_touched=self._backward_ran)
                 _set_rng_state(rng_at_start, cuda_dev)
                 continue
             except BaseException:
@@ -272,9 +283,73 @@ class SeCO:
             sync_ddp_gradients(self._ddp)
         if self.pool is not None:
             self.offload_stats.update(host_peak_bytes=self.pool.peak_in_use, host_reserved_bytes=self.pool.reserved)
-        num_tokens = int(mask.sum()) if mask is not None else B * T
-        loss_dtype = real_dtype(adapter.lm_head.weight.dtype)
-        return StepResult((total / norm + extra).to(loss_dtype), num_tokens, norm, len(bounds), len(selected))
+        return self._result(st, total, extra, backward_chunks=len(selected))
+
+    def _result(self, st: "_Step", total: torch.Tensor, extra, backward_chunks: int) -> StepResult:
+        """total: summed token losses (float64 0-d); extra: auxiliary loss terms (not normalised)."""
+        B, T = st.ids.shape
+        num_tokens = int(st.mask.sum()) if st.mask is not None else B * T
+        loss_dtype = real_dtype(self.adapter.lm_head.weight.dtype)
+        return StepResult((total / st.norm + extra).to(loss_dtype), num_tokens, st.norm, len(st.bounds),
+                          backward_chunks)
+
+    def _prepare(self, input_ids, labels, attention_mask, num_items, position_ids, shift_labels, num_items_in_batch,
+                 boundaries) -> "_Step":
+        """Checked inputs of one step, its normaliser and chunk bounds (shared by training and evaluation)."""
+        unknown = sorted(set(boundaries) - _BOUNDARY_KEYS)
+        if unknown:
+            raise TypeError(f"seqwrap.{self.name}: unexpected keyword argument(s) {unknown}")
+        if num_items_in_batch is not None:
+            if num_items is not None:
+                raise TypeError(f"seqwrap.{self.name}: pass num_items or num_items_in_batch, not both")
+            num_items = num_items_in_batch
+        ids, shift, mask, pos = self._check_inputs(input_ids, labels, attention_mask, position_ids, shift_labels)
+        if self.chunk_size is None:  # chunk_size="auto": planned now that the length is known (training's plan)
+            self.plan = self._auto_chunk.resolve(self, ids)
+            self.chunk_size = self.plan.chunk_size
+            announce(self, self.plan)
+        boundaries = {k: boundaries.get(k) for k in sorted(_BOUNDARY_KEYS)}
+        docs, pos, shift = prepare_packed(self.name, ids, shift, mask, pos, boundaries, group=self.group,
+                                          chunk_size=self.chunk_size, ignore_index=self.ignore_index,
+                                          attention=self.attention)
+        T = ids.shape[1]
+        valid = shift != self.ignore_index
+        if num_items is None:
+            norm = float(self._group_sum(valid.sum()))
+        else:
+            norm = float(num_items.item() if torch.is_tensor(num_items) else num_items)
+            if not norm > 0:
+                raise ValueError(f"seqwrap.{self.name}: num_items must be > 0, got {num_items}")
+        norm = norm or 1.0  # no label at all: loss 0, no gradient (HF would give nan)
+        C = self.chunk_size // self._world()  # tokens of each chunk on this rank
+        bounds = [(s, min(s + C, T)) for s in range(0, T, C)]
+        if self.adapter.recurrent_layers:
+            bounds = _no_single_token_tail(bounds)
+        if docs is not None and self.adapter.recurrent_layers:
+            # the recurrent layers' state would flow from one document into the next
+            raise NotImplementedError(f"seqwrap.{self.name}: packed rows (several documents per row) are not supported "
+                                      "for models with recurrent layers yet: their state is not reset at document "
+                                      "starts inside a chunked step; pass one document per row")
+        return _Step(ids, shift, mask, pos, docs, norm, bounds, valid)
+
+    def _make_store(self, st: "_Step", xfer):
+        """The K/V (and recurrent-state) store of one step."""
+        adapter = self.adapter
+        return make_store(adapter.recurrent_layers, st.bounds, [k == "sliding_attention" for k in adapter.layer_kinds],
+                          adapter.sliding_window, attention=self.attention,
+                          key_padding=None if st.mask is None else st.mask.bool(), offload=xfer,
+                          positions_scale=self._world(),
+                          compensate=adapter.lm_head.weight.dtype in (torch.float16, torch.bfloat16),
+                          group=self.group, documents=st.docs)
+
+    def _concat_or_refuse(self, switch: NeedsConcat, docs, gradient_touched: bool) -> None:
+        """A chunk showed the model needs attention='concat': switch (attention=None, nothing touched yet)
+        or refuse."""
+        if not self._auto_attention or gradient_touched:
+            raise UnsupportedModelError(
+                f"seqwrap.{self.name}: model_type '{self.adapter.model_type}' {switch.reason}; use "
+                f"seqwrap.{self.name}(model, attention='concat'), which is exact for it") from None
+        self._switch_to_concat(switch.reason, docs)
 
     def _switch_to_concat(self, reason: str, docs) -> None:
         """attention=None: the first chunk showed that the model needs attention='concat'."""
@@ -285,7 +360,7 @@ class SeCO:
                                         f"attention='concat' is exact for it, and {blocked} needs attention='chunked'")
         warnings.warn(f"seqwrap.{self.name}: model_type '{self.adapter.model_type}' {reason}; this engine uses "
                       "attention='concat' (exact: HF's own attention over the past and fresh K/V) from now on. "
-                      "Pass attention='concat' to choose it yourself.", UserWarning, stacklevel=4)
+                      "Pass attention='concat' to choose it yourself.", UserWarning, stacklevel=user_stacklevel())
         self.attention = "concat"
         self._auto_attention = False
 

@@ -44,6 +44,8 @@ release that changes one fails one named test:
                             |                          | self.<projection>(self.<module>(hidden_states)) in the forward
   KV sharing                | compat.layer_kinds       | config.num_kv_shared_layers > 0: the last layers reuse earlier K/V
   Trainer internals         | trainer.py               | Trainer.training_step(model, inputs, num_items_in_batch),
+                            |                          | Trainer.prediction_step(model, inputs, prediction_loss_only,
+                            |                          | ignore_keys) -> (loss, logits, labels),
                             |                          | _prepare_inputs, compute_loss_context_manager,
                             |                          | current_gradient_accumulation_steps, accelerator(.scaler)
 

@@ -118,8 +118,9 @@ class RouterAux:
                                         "output_router_logits=True but its decoder returned no router_logits")
         return list(router_logits)
 
-    def prepare(self) -> None:
-        """After pass 1: coef * aux of the whole sequence and its gradient per chunk and layer."""
+    def prepare(self, grad: bool = True) -> None:
+        """After pass 1: coef * aux of the whole sequence and (grad=True) its gradient per chunk and layer;
+        grad=False (forward-only evaluation): the value only, no autograd at all (inference mode allowed)."""
         from transformers.modeling_outputs import MoeModelOutputWithPast
 
         chunks = sorted(self.recorded)
@@ -127,14 +128,16 @@ class RouterAux:
             raise RuntimeError(f"seqwrap.{self.engine}: router logits recorded for chunks {chunks} of "
                                f"{len(self.bounds)}")
         layers = len(self.recorded[0])
-        full = [torch.cat([self.recorded[c][l] for c in chunks], dim=1).requires_grad_() for l in range(layers)]
+        full = [torch.cat([self.recorded[c][l] for c in chunks], dim=1) for l in range(layers)]
+        if grad:
+            full = [r.requires_grad_() for r in full]
         hidden_size = self.causal_lm.config.hidden_size
         ref = full[0]
         stub = _RouterLogitsOnly(MoeModelOutputWithPast(
             last_hidden_state=ref.new_zeros(self.batch, 1, hidden_size),
             router_logits=tuple(r.reshape(-1, r.shape[-1]) for r in full)))
         ids = torch.zeros(self.batch, 1, dtype=torch.long, device=ref.device)
-        with torch.enable_grad(), _swapped_base_model(self.causal_lm, self.decoder, stub):
+        with torch.set_grad_enabled(grad), _swapped_base_model(self.causal_lm, self.decoder, stub):
             # output_router_logits is not passed: the forward decides from its own default, as it does in the
             # user's model(ids, labels=...) (transformers 5.15's JetMoE reads only the keyword: no aux term)
             out = self.causal_lm(input_ids=ids, attention_mask=self.mask, logits_to_keep=1, use_cache=False)
@@ -147,8 +150,12 @@ class RouterAux:
             raise UnsupportedModelError(f"seqwrap.{self.engine}: model_type '{self.causal_lm.config.model_type}' "
                                         f"returned aux_loss {aux!r} for its router logits; set output_router_logits=False")
         total = self.coef * aux
-        grads = torch.autograd.grad(total, full, allow_unused=True)
         self.value = total.detach().double()
+        if not grad:
+            self.grads = {}
+            self.recorded.clear()
+            return
+        grads = torch.autograd.grad(total, full, allow_unused=True)
         self.grads = {}
         for c in chunks:
             s, e = self.bounds[c]

@@ -1,6 +1,6 @@
 """Hugging Face Trainer whose training step runs a SeCO / SpaCO engine.
 
-Trainer internals used (see compat.py): training_step(model, inputs, num_items_in_batch),
+Trainer internals used (see compat.py): training_step(model, inputs, num_items_in_batch), prediction_step,
 _prepare_inputs, compute_loss_context_manager, current_gradient_accumulation_steps,
 args.average_tokens_across_devices, accelerator.num_processes and accelerator.scaler.
 
@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.utils import logging
 
 from ..engines import SeCO, SpaCO
 from .versions import check_version
 
+logger = logging.get_logger(__name__)
 _ENGINES = {"seco": SeCO, "spaco": SpaCO}
 _KNOWN_INPUTS = {"input_ids", "labels", "attention_mask"}
 # packed rows (DataCollatorWithFlattening, TRL padding_free, seqwrap.data.pack_documents): passed on as they are
@@ -66,11 +68,7 @@ class SeqwrapTrainerMixin:
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        unknown = sorted(k for k in inputs if k not in _KNOWN_INPUTS | _IGNORED_INPUTS | _PACKED_INPUTS)
-        if unknown:
-            raise ValueError(f"seqwrap: the chunked training step takes input_ids, labels, attention_mask and the "
-                             f"packed-row keys {sorted(_PACKED_INPUTS)}; the batch also has {unknown}")
-        packed = {k: inputs[k] for k in _PACKED_INPUTS if inputs.get(k) is not None}
+        args, packed = self._seqwrap_engine_inputs(inputs)
         # Same scaling as Trainer.compute_loss + training_step: a loss normalised by the global
         # label count is multiplied by the number of processes (DDP averages); otherwise each
         # micro-batch's mean loss is divided by the accumulation steps.
@@ -85,11 +83,41 @@ class SeqwrapTrainerMixin:
             grad_scale *= float(scaler.get_scale())
         engine = self._seqwrap_engine_for(model)
         with self.compute_loss_context_manager():  # bf16/fp16 autocast
-            out = engine(inputs["input_ids"], labels=inputs.get("labels"),
-                         attention_mask=inputs.get("attention_mask"), num_items=num_items_in_batch,
-                         loss_scale=grad_scale, **packed)
+            out = engine(**args, num_items=num_items_in_batch, loss_scale=grad_scale, **packed)
         self._seqwrap_after_step(inputs, out)
         return (out.loss * scale).detach().to(self.args.device)
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None):
+        """Evaluation: the loss of each batch from the engine's forward-only path (chunk by chunk, no full-length
+        logits), when only the loss is asked for. Logits for metrics (prediction_loss_only=False) need the full
+        forward: the stock prediction_step runs for that call, as does an FSDP2 model's (no forward-only path)."""
+        engine = self._seqwrap_engine_for(model)
+        stock = None
+        if not prediction_loss_only:
+            stock = "the evaluation asks for logits (compute_metrics / prediction_loss_only=False)"
+        elif engine._fsdp is not None:
+            stock = "the model is FSDP2-sharded"
+        if stock is not None:
+            if not getattr(self, "_seqwrap_said_stock_eval", False):
+                logger.warning("seqwrap: %s: evaluation runs the stock full-sequence forward", stock)
+                self._seqwrap_said_stock_eval = True
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        args, packed = self._seqwrap_engine_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            out = engine.evaluate(**args, **packed)
+        return out.loss.detach().to(self.args.device), None, None
+
+    def _seqwrap_engine_inputs(self, inputs: dict[str, Any]) -> tuple[dict, dict]:
+        """(input_ids / labels / attention_mask, the packed-row keys) of a batch; other keys refused."""
+        unknown = sorted(k for k in inputs if k not in _KNOWN_INPUTS | _IGNORED_INPUTS | _PACKED_INPUTS)
+        if unknown:
+            raise ValueError(f"seqwrap: the chunked training step takes input_ids, labels, attention_mask and the "
+                             f"packed-row keys {sorted(_PACKED_INPUTS)}; the batch also has {unknown}")
+        packed = {k: inputs[k] for k in _PACKED_INPUTS if inputs.get(k) is not None}
+        return {"input_ids": inputs["input_ids"], "labels": inputs.get("labels"),
+                "attention_mask": inputs.get("attention_mask")}, packed
 
     def _seqwrap_after_step(self, inputs: dict[str, Any], out) -> None:
         """Called after each engine step with its inputs and StepResult (SeqwrapSFTTrainer logs metrics)."""

@@ -11,11 +11,13 @@ collator, logging); the step is SeqwrapTrainerMixin's: one chunked forward + bac
 loss of SFT's loss_type="nll" (the sum of the token losses of the labels it built, divided by
 num_items_in_batch, times the number of processes with average_tokens_across_devices).
 
+padding_free=True and packing (packing_strategy "bfd" / "bfd_split", which TRL runs padding-free, or
+"wrapped"): TRL's collator hands one packed row per batch (position_ids restarting per document,
+cu_seq_lens_q/k, seq_idx, labels -100 at each document's first token, no attention mask); the engine
+keeps the documents apart (engines/packing.py) and computes the loss stock SFTTrainer computes.
+
 Refused at construction, with the reason (the engine would compute another loss, or cannot take
 the batch):
-  padding_free=True, or packing with a "bfd" strategy: packed sequences (position_ids restarting per
-      document, no attention mask): the engines take packed rows, but this glue does not pass TRL's
-      padding-free batches to them yet (untested against SFTTrainer), so it refuses them;
   loss_type="dft", label_smoothing_factor > 0, a compute_loss_func, a MoE router aux loss:
       losses the chunked step does not form;
   activation_offloading: use seqwrap_options={"offload": True} (the engine's own host offload).
@@ -43,12 +45,6 @@ class SeqwrapSFTTrainer(SeqwrapTrainerMixin, SFTTrainer):
             self._seqwrap_refuse_config(config, kwargs.get("compute_loss_func"))
         super().__init__(*args, **kwargs)
         self._seqwrap_refuse_config(self.args, self.compute_loss_func)
-        if self.padding_free:
-            raise NotImplementedError(
-                f"{_NAME}: padding_free=True (or packing with packing_strategy='bfd') gives packed sequences "
-                "(position_ids restarting per document, no attention mask); SeqwrapSFTTrainer does not pass TRL's "
-                "padding-free batches to the engines yet. Set padding_free=False and packing=False, or pack with "
-                "seqwrap.data.pack_documents and use SeqwrapTrainer.")
         if self.aux_loss_enabled:
             raise NotImplementedError(f"{_NAME}: the MoE router aux loss (output_router_logits) is not supported")
 

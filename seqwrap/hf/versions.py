@@ -16,6 +16,8 @@ import threading
 import warnings
 from importlib import metadata
 
+from .._warn import user_stacklevel
+
 ENV_ALLOW = "SEQWRAP_ALLOW_UNSUPPORTED_VERSIONS"
 
 # package -> (floor, ceiling): floor <= installed < ceiling
@@ -58,6 +60,11 @@ def in_range(package: str, version: str) -> bool:
     return _padded(parse_version(floor)) <= v < _padded(parse_version(ceiling))
 
 
+def allowed() -> bool:
+    """SEQWRAP_ALLOW_UNSUPPORTED_VERSIONS is set (1 / true / yes): versions outside the range only warn."""
+    return os.environ.get(ENV_ALLOW, "").strip().lower() in ("1", "true", "yes")
+
+
 def installed(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -76,11 +83,11 @@ def check_version(package: str, what: str) -> None:
     if not in_range(package, version):
         floor, ceiling = SUPPORTED[package]
         msg = (f"{what}: {package} {version} is installed, but seqwrap supports {package} >= {floor}, < {ceiling} "
-               f"(tested range). Install a supported version (pip install '{package}>={floor},<{ceiling}'), or "
-               f"set {ENV_ALLOW}=1 to go on at your own risk.")
-        if os.environ.get(ENV_ALLOW, "") not in ("1", "true", "yes"):
-            raise UnsupportedVersionError(msg)
-        warnings.warn(msg, stacklevel=3)
+               f"(tested range).")
+        if not allowed():
+            raise UnsupportedVersionError(f"{msg} Install a supported version (pip install '{package}>={floor},"
+                                          f"<{ceiling}'), or set {ENV_ALLOW}=1 to go on at your own risk.")
+        warnings.warn(f"{msg} Going on because {ENV_ALLOW} is set.", UserWarning, stacklevel=user_stacklevel())
     _checked.add(package)
 
 
@@ -103,7 +110,7 @@ def check_model_versions(model, what: str) -> None:
     if getattr(_verifying, "active", False):
         pass  # the twin of a running verify: its version question is the one being answered
     elif (version is not None and above_ceiling("transformers", version) and "transformers" not in _checked
-          and os.environ.get(ENV_ALLOW, "") not in ("1", "true", "yes")):
+          and not allowed()):
         _verify_newer(model, what, version)
     else:
         check_version("transformers", what)
@@ -118,7 +125,8 @@ def _verify_newer(model, what: str, version: str) -> None:
     key = (type(config).__name__, config.to_json_string(use_diff=False))
     report = _verified.get(key)
     engine = "mst" if "minisequence" in what else "seco"
-    if report is None:
+    fresh = report is None
+    if fresh:
         _verifying.active = True
         try:
             report = verify(model, engine=engine)
@@ -130,7 +138,9 @@ def _verify_newer(model, what: str, version: str) -> None:
         raise UnsupportedVersionError(
             f"{what}: transformers {version} is newer than the tested range (>= {floor}, < {ceiling}), and "
             f"seqwrap.verify of this architecture did not come out exact:\n{report}")
+    if not fresh:
+        return  # said when this config was verified
     warnings.warn(f"{what}: transformers {version} is newer than the tested range (< {ceiling}); seqwrap.verify ran "
                   f"a tiny float64 twin of this {config.model_type} config through {report.engine} against full "
                   f"backprop and it was exact (worst relative error {report.worst_error or 0.0:.1e}); going on",
-                  UserWarning, stacklevel=4)
+                  UserWarning, stacklevel=user_stacklevel())

@@ -19,6 +19,7 @@ import warnings
 
 import torch
 
+from .._warn import user_stacklevel
 from .planner import PlanError, plan
 
 _OPTIONS = ("device_memory", "host_memory", "reserve", "min_chunk", "target_chunk", "max_chunk")
@@ -83,4 +84,5 @@ class AutoChunk:
 
 
 def announce(engine, p) -> None:
-    warnings.warn(f"seqwrap.{engine.name}: chunk_size='auto' chose {p.summary()}", AutoChunkNotice, stacklevel=4)
+    warnings.warn(f"seqwrap.{engine.name}: chunk_size='auto' chose {p.summary()}", AutoChunkNotice,
+                  stacklevel=user_stacklevel())
