@@ -174,7 +174,8 @@ def plan(model_or_config, seq_len, *, device_memory=None, host_memory=None, lora
         notes.append(f"offload parks past K/V, relayed gradients and {parked} in pinned host memory")
     if subject.max_positions is not None and seq_len > subject.max_positions:
         notes.append(f"seq_len {seq_len:,} is above the config's max_position_embeddings={subject.max_positions:,}: "
-                     "the engines refuse such inputs until the limit (and RoPE scaling) is raised")
+                     "the engines take it for rotary models (the model was not trained that long: consider RoPE "
+                     "scaling) and refuse it for learned absolute positions")
     if world_size > 1:
         notes.append(f"per rank of {world_size} (Ulysses): {seq_len // world_size:,} tokens, weights and trainable "
                      "state whole on every rank")
