@@ -122,12 +122,6 @@ typedef struct {
 #define SW_STREAM(nm) {.name = (nm), .kind = SW_ARG_STREAM}
 #define SW_NARGS(a) ((int)(sizeof(a) / sizeof((a)[0])))
 
-/* Where a CUDA kernel runs: the device of the op's tensors and torch's stream (cudaStream_t). */
-typedef struct {
-    int device;
-    void *stream;
-} sw_launch;
-
 /* One checked argument. */
 typedef struct {
     int present;        /* 0: an optional tensor given as None */
@@ -148,7 +142,7 @@ typedef struct {
     sw_launch launch;       /* device index and stream, for CUDA launchers */
     sw_value args[SW_CALL_MAX_ARGS];
     int nsyms;              /* bound symbolic dims (for messages and run) */
-    const char *sym_name[SW_CALL_MAX_SYMS];
+    char sym_name[SW_CALL_MAX_SYMS][16];
     int64_t sym_size[SW_CALL_MAX_SYMS];
 } sw_call;
 
@@ -170,6 +164,11 @@ PyObject *sw_call_op(const sw_op *op, PyObject *args, PyObject *kwargs);
 
 /* Size bound to symbolic dim `name` in this call, or -1. */
 int64_t sw_call_dim(const sw_call *ctx, const char *name);
+
+/* Element stride of dims [0, nd) of t flattened into one index: the stride of the innermost of
+ * them with more than one element (1 when none has). Exact when those dims are collapsible, as
+ * for the contiguous tensors the call path passes today (size-1 dims may carry any stride). */
+int64_t sw_flat_stride(const sw_tensor *t, int nd);
 
 /* Python description of an op's spec (for seqwrap._C._op_registry()). */
 PyObject *sw_op_describe(const sw_op *op);

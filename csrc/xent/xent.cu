@@ -6,10 +6,9 @@
 // A label outside [0, V) sets *error_flag and the row is treated as ignored.
 #include <math.h>
 
-#include "../sw_cuda.h"
-#include "../sw_xent.h"
 #include "block_reduce.cuh"
 #include "cuda_common.cuh"
+#include "sw_xent.h"
 
 #define SW_XENT_THREADS 512
 
@@ -35,23 +34,26 @@ template <> struct XentMath<double> {
     static __device__ double log_(double x) { return log(x); }
 };
 
+// One block per row; the job travels by value (its pointers are device pointers).
 template <typename R>
-__global__ void __launch_bounds__(SW_XENT_THREADS)
-sw_xent_kernel(void *logits, sw_dtype dt, long long elem_bytes, const int64_t *labels, R *loss, R *lse,
-               const R *grad_scale, long long V, int compute_grad, sw_xent_params prm, int *error_flag) {
+__global__ void __launch_bounds__(SW_XENT_THREADS) sw_xent_kernel(const sw_xent_params job) {
     using M = XentMath<R>;
     __shared__ R scratch[32];
     __shared__ long long label_once;
     const long long r = blockIdx.x;
-    void *row = (char *)logits + r * V * elem_bytes;
+    const sw_dtype dt = job.dtype;
+    const long long V = job.vocab;
+    const long long elem_bytes = dt == SW_FLOAT64 ? 8 : dt == SW_FLOAT32 ? 4 : 2;
+    void *row = (char *)job.logits + r * job.logits_row_stride * elem_bytes;
+    const sw_xent_options prm = job.opt;
     const R cap = (R)prm.softcap, eps = (R)prm.label_smoothing, z = (R)prm.z_loss;
     // The label is read once, by one thread, and shared: the host may be writing the labels.
-    if (threadIdx.x == 0) label_once = *(const volatile int64_t *)&labels[r];
+    if (threadIdx.x == 0) label_once = *(const volatile int64_t *)&job.labels[r * job.labels_stride];
     __syncthreads();
     const int64_t y = label_once;
     bool ignored = y == prm.ignore_index;
     if (!ignored && (y < 0 || y >= V)) {
-        if (threadIdx.x == 0) atomicExch(error_flag, 1);
+        if (threadIdx.x == 0) atomicExch(job.error_flag, 1);
         ignored = true;
     }
 
@@ -74,11 +76,11 @@ sw_xent_kernel(void *logits, sw_dtype dt, long long elem_bytes, const int64_t *l
     const R log_sum_e = M::log_(sum_e);
     const R l = m + log_sum_e;
     if (threadIdx.x == 0) {
-        lse[r] = l;
-        loss[r] = ignored ? (R)0 : M::loss(log_sum_e, d_label, sum_d, l, eps, z, V);
+        ((R *)job.lse)[r * job.lse_stride] = l;
+        ((R *)job.loss)[r * job.loss_stride] = ignored ? (R)0 : M::loss(log_sum_e, d_label, sum_d, l, eps, z, V);
     }
-    if (!compute_grad) return;
-    const R scale = grad_scale ? grad_scale[r] : (R)1;
+    if (!job.compute_grad) return;
+    const R scale = job.grad_scale ? ((const R *)job.grad_scale)[r * job.grad_scale_stride] : (R)1;
     const R p_factor = (R)1 + (R)2 * z * l;
     const R inv_sum = (R)1 / sum_e;
     __syncthreads();  // every thread has read its d_label before any row element is overwritten
@@ -93,25 +95,17 @@ sw_xent_kernel(void *logits, sw_dtype dt, long long elem_bytes, const int64_t *l
     }
 }
 
-extern "C" sw_code sw_xent_cuda(const sw_xent_job *job, int *error_flag, int device, void *stream, sw_error *err) {
-    SwDeviceGuard guard(device);
+extern "C" sw_code sw_xent_cuda(const sw_xent_params *p, const sw_launch *l, sw_error *err) {
+    SwDeviceGuard guard(l->device);
     if (guard.status != cudaSuccess) return sw_cuda_fail(guard.status, "selecting the device", err);
-    if (job->rows > 2147483647LL) {
+    if (p->rows > 2147483647LL) {
         err->code = SW_ERR_VALUE;
-        snprintf(err->message, sizeof err->message, "too many rows in one chunk (%lld)", (long long)job->rows);
+        snprintf(err->message, sizeof err->message, "too many rows in one chunk (%lld)", (long long)p->rows);
         return SW_ERR_VALUE;
     }
-    cudaStream_t s = (cudaStream_t)stream;
-    const unsigned grid = (unsigned)job->rows;
-    if (job->dtype == SW_FLOAT64) {
-        sw_xent_kernel<double><<<grid, SW_XENT_THREADS, 0, s>>>(
-            job->logits, job->dtype, 8, job->labels, (double *)job->loss, (double *)job->lse,
-            (const double *)job->grad_scale, job->vocab, job->compute_grad, job->params, error_flag);
-    } else {
-        sw_xent_kernel<float><<<grid, SW_XENT_THREADS, 0, s>>>(
-            job->logits, job->dtype, job->dtype == SW_FLOAT32 ? 4 : 2, job->labels, (float *)job->loss,
-            (float *)job->lse, (const float *)job->grad_scale, job->vocab, job->compute_grad, job->params,
-            error_flag);
-    }
+    cudaStream_t s = (cudaStream_t)l->stream;
+#define LAUNCH(R, SUF) sw_xent_kernel<R><<<(unsigned)p->rows, SW_XENT_THREADS, 0, s>>>(*p)
+    SW_DISPATCH_REAL(p->dtype, LAUNCH);
+#undef LAUNCH
     return sw_cuda_fail(cudaGetLastError(), "launching the cross-entropy kernel", err);
 }
