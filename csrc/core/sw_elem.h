@@ -32,6 +32,12 @@ SW_HOSTDEV double sw_load_as_double(const void *p, sw_dtype dtype, int64_t i) {
     return (double)sw_load_as_float(p, dtype, i);
 }
 
+/* Writes v into element i of a float32 / float16 / bfloat16 / float64 buffer (round to nearest even). */
+SW_HOSTDEV void sw_store_from_double(void *p, sw_dtype dtype, int64_t i, double v) {
+    if (dtype == SW_FLOAT64) ((double *)p)[i] = v;
+    else sw_store_from_float(p, dtype, i, (float)v);
+}
+
 /* The one dtype-dispatch idiom of the kernels (C and CUDA): SW_DISPATCH_REAL(dtype, F) expands the
  * caller's macro F(R, SUF) once for the compute type of storage dtype `dtype`: F(double, d) for
  * float64, F(float, f) for float32 / float16 / bfloat16 (half storage is read and written through

@@ -12,27 +12,24 @@
 
 #define SW_XENT_THREADS 512
 
+// The per-element math of sw_xent.h for compute type R (suffix SUF), and element access of the
+// logits through double (exact for every storage dtype and for both compute types).
 template <typename R> struct XentMath;
-template <> struct XentMath<float> {
-    static __device__ float load(const void *p, sw_dtype dt, long long i) { return sw_load_as_float(p, dt, i); }
-    static __device__ void store(void *p, sw_dtype dt, long long i, float v) { sw_store_from_float(p, dt, i, v); }
-    static __device__ float cap(float x, float c) { return sw_xent_cap_f(x, c); }
-    static __device__ float cap_grad(float s, float c) { return sw_xent_cap_grad_f(s, c); }
-    static __device__ float loss(float ls, float dy, float sd, float l, float e, float z, long long v) { return sw_xent_loss_f(ls, dy, sd, l, e, z, v); }
-    static __device__ float dlogit(float p, int y, float f, float e, long long v) { return sw_xent_dlogit_f(p, y, f, e, v); }
-    static __device__ float exp_(float x) { return expf(x); }
-    static __device__ float log_(float x) { return logf(x); }
-};
-template <> struct XentMath<double> {
-    static __device__ double load(const void *p, sw_dtype, long long i) { return ((const double *)p)[i]; }
-    static __device__ void store(void *p, sw_dtype, long long i, double v) { ((double *)p)[i] = v; }
-    static __device__ double cap(double x, double c) { return sw_xent_cap_d(x, c); }
-    static __device__ double cap_grad(double s, double c) { return sw_xent_cap_grad_d(s, c); }
-    static __device__ double loss(double ls, double dy, double sd, double l, double e, double z, long long v) { return sw_xent_loss_d(ls, dy, sd, l, e, z, v); }
-    static __device__ double dlogit(double p, int y, double f, double e, long long v) { return sw_xent_dlogit_d(p, y, f, e, v); }
-    static __device__ double exp_(double x) { return exp(x); }
-    static __device__ double log_(double x) { return log(x); }
-};
+#define SW_XENT_MATH(R, SUF, EXP, LOG)                                                                              \
+    template <> struct XentMath<R> {                                                                                \
+        static __device__ R load(const void *p, sw_dtype dt, long long i) { return (R)sw_load_as_double(p, dt, i); } \
+        static __device__ void store(void *p, sw_dtype dt, long long i, R v) { sw_store_from_double(p, dt, i, v); } \
+        static __device__ R cap(R x, R c) { return sw_xent_cap_##SUF(x, c); }                                      \
+        static __device__ R cap_grad(R s, R c) { return sw_xent_cap_grad_##SUF(s, c); }                            \
+        static __device__ R loss(R ls, R dy, R sd, R l, R e, R z, long long v) {                                    \
+            return sw_xent_loss_##SUF(ls, dy, sd, l, e, z, v);                                                      \
+        }                                                                                                           \
+        static __device__ R dlogit(R p, int y, R f, R e, long long v) { return sw_xent_dlogit_##SUF(p, y, f, e, v); } \
+        static __device__ R exp_(R x) { return EXP(x); }                                                            \
+        static __device__ R log_(R x) { return LOG(x); }                                                            \
+    };
+SW_XENT_MATH(float, f, expf, logf)
+SW_XENT_MATH(double, d, exp, log)
 
 // One block per row; the job travels by value (its pointers are device pointers).
 template <typename R>

@@ -102,7 +102,6 @@ sw_code sw_xent_cpu(const sw_xent_params *job, sw_error *err) {
     const int64_t rows = job->rows, V = job->vocab;
     const size_t row_bytes = (size_t)job->logits_row_stride * elem_size(job->dtype);
     const int64_t sl = job->loss_stride, se = job->lse_stride, ss = job->grad_scale_stride;
-    const int is_double = job->dtype == SW_FLOAT64;
     /* Each label is read exactly once (volatile: the compiler may not read it again), into a
      * private copy that is checked and then used: the caller runs this without the GIL, and
      * another thread may write the labels meanwhile. */
@@ -135,14 +134,13 @@ sw_code sw_xent_cpu(const sw_xent_params *job, sw_error *err) {
             xent_row_f32_fast((float *)row, V, label, ignored, scale, (float)job->opt.label_smoothing,
                               (float)job->opt.z_loss, job->compute_grad, &((float *)job->loss)[r * sl],
                               &((float *)job->lse)[r * se]);
-        } else if (is_double) {
-            double scale = job->grad_scale ? ((const double *)job->grad_scale)[r * ss] : 1.0;
-            xent_row_d(row, job->dtype, V, label, ignored, scale, &job->opt, job->compute_grad,
-                       &((double *)job->loss)[r * sl], &((double *)job->lse)[r * se]);
         } else {
-            float scale = job->grad_scale ? ((const float *)job->grad_scale)[r * ss] : 1.0f;
-            xent_row_f(row, job->dtype, V, label, ignored, scale, &job->opt, job->compute_grad,
-                       &((float *)job->loss)[r * sl], &((float *)job->lse)[r * se]);
+#define ROW(R, SUF)                                                                                  \
+    xent_row_##SUF(row, job->dtype, V, label, ignored,                                               \
+                   job->grad_scale ? ((const R *)job->grad_scale)[r * ss] : (R)1, &job->opt,          \
+                   job->compute_grad, &((R *)job->loss)[r * sl], &((R *)job->lse)[r * se])
+            SW_DISPATCH_REAL(job->dtype, ROW);
+#undef ROW
         }
     }
     free(labels);
