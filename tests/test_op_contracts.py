@@ -402,3 +402,31 @@ def test_cuda_kernel_is_in_the_gpu_sanitizer_target(name):
         _SANITIZED["seen"] = _sanitizer_calls()
     assert name in _SANITIZED["seen"], (f"{name} has a CUDA kernel that benchmarks/gpu_check/sanitize_target.py "
                                         "never runs")
+
+
+# ---- argument parsing and failing kernels ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", ops())
+def test_missing_unknown_and_surplus_arguments_are_type_errors(name):
+    op = REGISTRY[name]
+    a = X.build(op)
+    required = next(n for n in op["arg_names"] if n in a and n != "stream")
+    with pytest.raises(TypeError, match=f"'{required}'"):
+        call(name, {k: v for k, v in a.items() if k != required})
+    last = list(a)[-1]  # own glue (CPython's parser) may first report the missing one
+    with pytest.raises(TypeError, match="'no_such_argument'" if op["spec"] else f"'no_such_argument'|'{last}'"):
+        call(name, dict({k: v for k, v in a.items() if k != last}, no_such_argument=1))
+    with pytest.raises(TypeError):
+        getattr(C, name)(*a.values(), *[None] * (len(op["arg_names"]) + 1 - len(a)), None)
+
+
+def test_versions_are_bumped_even_when_the_kernel_fails():
+    """The call path bumps before it raises: a kernel that failed may have written."""
+    w, q = torch.zeros(3, dtype=torch.float64), torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64)
+    with pytest.raises(ValueError, match="probability of chunk 1"):
+        C.sample_chunks(w, q, 0, 0, "bernoulli", 0, 0.0, None)
+    assert w._version == 1 and q._version == 0
+    logits, loss, lse = torch.randn(2, 5), torch.empty(2), torch.empty(2)
+    with pytest.raises(ValueError, match="label 9 at position 1"):
+        C.cross_entropy_chunk(logits, torch.tensor([1, 9]), loss, lse, None, -100, 0.0, 0.0, 0.0, True, None, None)
+    assert (logits._version, loss._version, lse._version) == (1, 1, 1)
