@@ -259,7 +259,7 @@ static int check_shape_spec(const char *fn, const sw_arg_spec *s, const char *la
         return -1;
     }
     /* The expected shape under the bindings so far; names seen first here bind (committed below). */
-    int64_t want[SW_MAX_DIMS];
+    int64_t want[2 * SW_MAX_DIMS]; /* room for a bound "..." of another rank, in the message */
     const char *new_name[SW_MAX_DIMS];
     int64_t new_size[SW_MAX_DIMS];
     int nnew = 0, ok = 1;

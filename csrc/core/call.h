@@ -26,18 +26,23 @@
  *   static const sw_arg_spec lm_args[] = {
  *       SW_OUT("acc_out", .dtypes = SW_DT(SW_FLOAT32) | SW_DT(SW_FLOAT64), .shape = "...,D", .nonempty = 1),
  *       SW_OUT("acc_lse", .dtype_rule = SW_DTYPE_SAME_AS, .dtype_ref = "acc_out", .shape = "..."),
- *       SW_IN("blk_out", .dtypes = SW_DT_FLOATS, .dtype_rule = SW_DTYPE_REAL_IS, .dtype_ref = "acc_out",
- *             .shape = "...,D"),
+ *       SW_IN("blk_out", .dtypes = SW_DT_FLOATS16_32 | SW_DT(SW_FLOAT64), .dtype_rule = SW_DTYPE_REAL_IS,
+ *             .dtype_ref = "acc_out", .shape = "...,D"),
  *       SW_IN("blk_lse", .dtype_rule = SW_DTYPE_SAME_AS, .dtype_ref = "acc_out", .shape = "..."),
  *       SW_STREAM("stream"),
  *   };
  *   static sw_code lm_run(const sw_call *c, sw_error *err) {
- *       const sw_tensor *acc = &c->args[LM_ACC_OUT].t;  ...fill the params struct...
+ *       const sw_tensor *acc = &c->args[LM_ACC_OUT].t;  ...fill the params struct, strides included...
  *       return c->device == SW_CUDA ? sw_lse_merge_cuda(&p, &c->launch, err) : sw_lse_merge_cpu(&p, err);
  *   }
  *   const sw_op sw_lse_merge_op = {"lse_merge", "seqwrap.lse_merge", lm_args, SW_NARGS(lm_args),
  *                                  1, NULL, lm_run};
  *   and in ops.def:  SW_OP(lse_merge, lse_merge, 1, "doc string")
+ *   The params struct is `typedef struct sw_lse_merge_params {...} sw_lse_merge_params;` (tagged:
+ *   ops.h declares the launcher sw_lse_merge_cuda(const struct sw_lse_merge_params *, const
+ *   sw_launch *, sw_error *) from ops.def, and cuda_absent.c stubs it in a build without nvcc).
+ *   Then add an entry to tests/op_examples.py EXAMPLES; tests/test_op_contracts.py does the rest.
+ *   Scalars reach run as c->args[i].i (int, bool, choice index), .u (uint64), .f (float).
  *
  * Shape strings: comma-separated dims. A name ("rows", "V", "D") binds the size it first meets and
  * must match it afterwards; a number is a fixed size; "*" is any size; a leading "..." binds a run
