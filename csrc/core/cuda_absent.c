@@ -38,15 +38,13 @@ static sw_code no_cuda(sw_error *err) {
 #include "ops.def"
 
 /* The selective scan keeps its own launcher signatures until it is ported to the call path. */
-sw_code sw_scan_fwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err) {
-    (void)p; (void)device; (void)stream;
-    return no_cuda(err);
-}
-
-sw_code sw_scan_bwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err) {
-    (void)p; (void)device; (void)stream;
-    return no_cuda(err);
-}
+#define SW_LEGACY_STUB(launcher)                                                               \
+    sw_code launcher(const sw_scan_params *p, int device, void *stream, sw_error *err) {       \
+        (void)p; (void)device; (void)stream;                                                   \
+        return no_cuda(err);                                                                   \
+    }
+SW_LEGACY_STUB(sw_scan_fwd_cuda)
+SW_LEGACY_STUB(sw_scan_bwd_cuda)
 #else
 typedef int sw_cuda_absent_unused; /* ISO C forbids an empty translation unit */
 #endif
