@@ -430,3 +430,25 @@ def test_versions_are_bumped_even_when_the_kernel_fails():
     with pytest.raises(ValueError, match="label 9 at position 1"):
         C.cross_entropy_chunk(logits, torch.tensor([1, 9]), loss, lse, None, -100, 0.0, 0.0, 0.0, True, None, None)
     assert (logits._version, loss._version, lse._version) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("name", ops(xfail=LEGACY))
+def test_strided_tensors_compute_right_and_a_self_overlapping_output_is_refused(name):
+    """Arguments the spec lets through with any strides: the kernel reads them from its params struct
+    (a stride-2 copy gives the contiguous call's result, checked above); a written one whose
+    elements alias each other (stride 0) is refused by name."""
+    op = spec(name)
+    probed = 0
+    for arg in op["args"]:
+        if arg["kind"] not in ("tensor", "optional tensor") or arg["contiguous"] or not arg["writes"]:
+            continue
+        a = X.build(op)
+        t = a[arg["name"]]
+        if t is None or t.numel() < 2:
+            continue
+        aliased = torch.zeros(1, dtype=t.dtype).expand(t.shape)
+        raises_naming(name, X.replace(a, arg["name"], None, aliased), ValueError, f"'{arg['name']}'",
+                      "overlap each other")
+        probed += 1
+    if name == "cross_entropy_chunk":
+        assert probed == 2, "loss and lse are strided outputs"

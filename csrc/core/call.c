@@ -315,6 +315,30 @@ static int check_shape_spec(const char *fn, const sw_arg_spec *s, const char *la
     return 0;
 }
 
+/* 1 if two index tuples of t address one element: with the dims of more than one element sorted by
+ * |stride|, each stride must exceed the span of the dims inside it. */
+static int overlaps_itself(const sw_tensor *t) {
+    int64_t st[SW_MAX_DIMS], sz[SW_MAX_DIMS];
+    int n = 0;
+    for (int d = 0; d < t->ndim; ++d) {
+        if (t->shape[d] < 2) continue;
+        int64_t a = t->strides[d] < 0 ? -t->strides[d] : t->strides[d];
+        int k = n++;
+        for (; k > 0 && st[k - 1] > a; --k) {
+            st[k] = st[k - 1];
+            sz[k] = sz[k - 1];
+        }
+        st[k] = a;
+        sz[k] = t->shape[d];
+    }
+    int64_t span = 0; /* largest offset reachable by the dims inside */
+    for (int k = 0; k < n; ++k) {
+        if (st[k] <= span) return 1;
+        span += (sz[k] - 1) * st[k];
+    }
+    return 0;
+}
+
 static int check_tensor(const char *fn, const sw_op *op, sw_call *c, call_state *st, int a, int idx,
                         const sw_tensor **first, char *first_label) {
     const sw_arg_spec *s = &op->args[a];
@@ -339,7 +363,12 @@ static int check_tensor(const char *fn, const sw_op *op, sw_call *c, call_state 
         return -1;
     }
     if (like && sw_check_same_shape(fn, label, t, like_label, like) < 0) return -1;
-    if (sw_check_contiguous(fn, label, t) < 0) return -1;
+    if (!s->strided && sw_check_contiguous(fn, label, t) < 0) return -1;
+    if (s->strided && s->access == SW_WRITE && overlaps_itself(t)) {
+        PyErr_Format(PyExc_ValueError, "%s: argument '%s' is written but its elements overlap each other (a zero "
+                     "or too small stride); pass a tensor with distinct elements (.contiguous())", fn, label);
+        return -1;
+    }
     if (like) {
         if (sw_check_same_device(fn, label, t, like_label, like) < 0) return -1;
     } else if (*first) {

@@ -50,8 +50,9 @@
  * instead names an earlier tensor whose shape this one must have (for list arguments: the item
  * with the same index). `what` replaces "N-D of shape (...)" in rank / emptiness messages.
  * List arguments (SW_LIST_IN / SW_LIST_OUT) are lists or tuples of tensors; all lists of one op
- * have the same length, at least 1. Every tensor must be contiguous today (`.contiguous = 1` is
- * implied); the kernels still index through the strides their parameter structs carry.
+ * have the same length, at least 1. A tensor must be contiguous unless its spec says `.strided = 1`
+ * (the kernel then indexes it through the strides its parameter struct carries); a written strided
+ * tensor whose elements overlap each other (a zero stride, say) is refused.
  */
 #ifndef SEQWRAP_CALL_H
 #define SEQWRAP_CALL_H
@@ -102,6 +103,7 @@ typedef struct {
     const char *shape_like;     /* or: same shape as this earlier tensor */
     const char *what;           /* e.g. "a non-empty (rows, V) matrix" */
     int nonempty;               /* refuse 0 elements */
+    int strided;                /* any strides (the kernel reads them from its params struct); else contiguous */
     /* scalars */
     int64_t imin, imax;         /* SW_ARG_INT range (both 0: any int64) */
     double fmin, fmax;          /* SW_ARG_FLOAT range */

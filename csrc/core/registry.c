@@ -83,7 +83,7 @@ static PyObject *describe_arg(const sw_arg_spec *s) {
                          "dtype_rule", k_rules[s->dtype_rule], "dtype_ref", str_or_none(s->dtype_ref),
                          "shape", str_or_none(s->shape), "shape_like", str_or_none(s->shape_like),
                          "what", str_or_none(s->what), "nonempty", s->nonempty ? Py_True : Py_False,
-                         "contiguous", tensor ? Py_True : Py_False, "min", lo, "max", hi,
+                         "contiguous", tensor && !s->strided ? Py_True : Py_False, "min", lo, "max", hi,
                          "finite", s->finite ? Py_True : Py_False, "choices", choice_list(s->choices),
                          "default", dflt);
 }

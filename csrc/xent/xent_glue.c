@@ -5,6 +5,7 @@
  *   logits:     (rows, V) float32 / bfloat16 / float16 / float64; overwritten with
  *               d loss_r / d logits (times grad_scale[r]) when compute_grad
  *   labels:     (rows,) int64
+ *   (labels, loss, lse and grad_scale may have any stride: the kernels read it from sw_xent_params)
  *   loss, lse:  (rows,) float32 (float64 for float64 logits), written
  *   grad_scale: None or (rows,) of the loss dtype
  *   error_flag: None on CPU; on CUDA an int32 tensor whose first element is set to 1 when a
@@ -22,12 +23,12 @@ enum { LOGITS, LABELS, LOSS, LSE, GRAD_SCALE, IGNORE_INDEX, SMOOTHING, Z_LOSS, S
        STREAM, ROW_OFFSET };
 
 #define REAL_OF_LOGITS .dtypes = SW_DT(SW_FLOAT32) | SW_DT(SW_FLOAT64), .dtype_rule = SW_DTYPE_REAL_OF, \
-                       .dtype_ref = "logits", .shape = "rows"
+                       .dtype_ref = "logits", .shape = "rows", .strided = 1
 
 static const sw_arg_spec args[] = {
     SW_OUT("logits", .dtypes = SW_DT_FLOATS16_32 | SW_DT(SW_FLOAT64), .shape = "rows,V", .nonempty = 1,
            .what = "a non-empty (rows, V) matrix"),
-    SW_IN("labels", .dtypes = SW_DT(SW_INT64), .shape = "rows"),
+    SW_IN("labels", .dtypes = SW_DT(SW_INT64), .shape = "rows", .strided = 1),
     SW_OUT("loss", REAL_OF_LOGITS),
     SW_OUT("lse", REAL_OF_LOGITS),
     SW_OPT_IN("grad_scale", REAL_OF_LOGITS),
@@ -63,7 +64,7 @@ static int validate(const sw_call *c) {
     return 0;
 }
 
-static int64_t stride0(const sw_value *v) { return v->present ? sw_flat_stride(&v->t, 1) : 1; }
+static int64_t stride0(const sw_value *v) { return v->present ? v->t.strides[0] : 1; }
 
 static sw_code run(const sw_call *c, sw_error *err) {
     const sw_tensor *logits = &c->args[LOGITS].t;
