@@ -31,6 +31,12 @@ typedef enum {
 
 typedef enum { SW_CPU = 0, SW_CUDA = 1 } sw_device_type;
 
+/* Where a CUDA kernel runs: the device index of the op's tensors and torch's stream (cudaStream_t). */
+typedef struct {
+    int device;
+    void *stream;
+} sw_launch;
+
 typedef struct {
     void *data;
     sw_dtype dtype;

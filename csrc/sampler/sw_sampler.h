@@ -12,13 +12,14 @@
  *              without replacement); weight min(k/t, cap) (cap <= 0: no cap). Only
  *              approximately unbiased: paths through p >= 2 chunks survive with
  *              probability t(t-1).../(k(k-1)...) but carry (k/t)^p.
- * The per-chunk functions below are shared by sampler_cpu.c and cuda/sampler.cu.
+ * The per-chunk functions below are shared by sampler_cpu.c and sampler.cu.
  */
 #ifndef SEQWRAP_SAMPLER_H
 #define SEQWRAP_SAMPLER_H
 
 #include <stdint.h>
 
+#include "ops.h"
 #include "sw_portable.h"
 #include "sw_status.h"
 
@@ -28,7 +29,8 @@ extern "C" {
 
 typedef enum { SW_SAMPLE_BERNOULLI = 0, SW_SAMPLE_FIXED = 1 } sw_sample_mode;
 
-typedef struct {
+/* probs[i] sits at i * probs_stride, weights[i] at i * weights_stride (elements). */
+typedef struct sw_sampler_params {
     sw_sample_mode mode;
     uint64_t seed;
     uint64_t step;
@@ -37,6 +39,8 @@ typedef struct {
     int64_t t;            /* fixed: chunks kept, 1 <= t <= k */
     double cap;           /* fixed: largest factor per hop, >= 1; 0 = no cap */
     double *weights;      /* out: k factors */
+    int64_t probs_stride;
+    int64_t weights_stride;
 } sw_sampler_params;
 
 SW_HOSTDEV uint64_t sw_splitmix64(uint64_t x) {
@@ -76,8 +80,8 @@ SW_HOSTDEV int sw_key_before(uint64_t key_a, int64_t a, uint64_t key_b, int64_t 
 /* Checks the scalar parameters (mode, k, t, cap); probs are checked by the kernels. */
 sw_code sw_sampler_check(const sw_sampler_params *p, sw_error *err);
 
-/* CPU: fills p->weights. Also rejects probabilities outside (0, 1]. */
-sw_code sw_sample_chunks_cpu(const sw_sampler_params *p, sw_error *err);
+/* CPU: fills p->weights. Also rejects probabilities outside (0, 1]. CUDA: sw_sampler_cuda (ops.h). */
+sw_code sw_sampler_cpu(const sw_sampler_params *p, sw_error *err);
 
 #ifdef __cplusplus
 }

@@ -1,13 +1,14 @@
 /* module.c - seqwrap._C: module definition, build facts and bridge controls.
  *
- * Op glue lives in py_<op>.c files (declared in py_ops.h); this file only
- * registers them, next to a few introspection functions.
+ * The ops' methods are generated from ops.def: a call-path op (SW_OP) becomes a method that hands
+ * its sw_op to sw_call_op (call.h); an SW_GLUE entry points at its own glue (py_ops.h).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
 
 #include "bridge.h"
+#include "call.h"
 #include "py_ops.h"
 #include "sw_cuda.h"
 
@@ -109,26 +110,28 @@ static PyObject *py_bridge_import(PyObject *self, PyObject *arg) {
     return PyLong_FromLongLong((long long)total);
 }
 
+#define SW_OP(name, prefix, has_cuda, doc)                                        \
+    extern const sw_op sw_##prefix##_op;                                          \
+    static PyObject *py_##name(PyObject *self, PyObject *args, PyObject *kwargs) { \
+        (void)self;                                                               \
+        return sw_call_op(&sw_##prefix##_op, args, kwargs);                       \
+    }
+#include "ops.def"
+
+PyObject *sw_op_registry(void); /* registry.c */
+
+static PyObject *py_op_registry(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return sw_op_registry();
+}
+
 static PyMethodDef methods[] = {
-    {"kahan_accumulate", (PyCFunction)(void (*)(void))sw_py_kahan_accumulate, METH_VARARGS | METH_KEYWORDS,
-     "kahan_accumulate(accs, comps, grads, scale, stream): acc += scale*g with Kahan compensation, in place."},
-    {"cross_entropy_chunk", (PyCFunction)(void (*)(void))sw_py_cross_entropy_chunk, METH_VARARGS | METH_KEYWORDS,
-     "cross_entropy_chunk(logits, labels, loss, lse, grad_scale, ignore_index, label_smoothing, z_loss, softcap, "
-     "compute_grad, error_flag, stream, row_offset=0): per-row loss and lse; logits overwritten by the gradient."},
-    {"lse_merge", (PyCFunction)(void (*)(void))sw_py_lse_merge, METH_VARARGS | METH_KEYWORDS,
-     "lse_merge(acc_out, acc_lse, blk_out, blk_lse, stream): online-softmax merge of a partial attention result."},
-    {"_round_to_half", sw_py_round_to_half, METH_VARARGS,
-     "_round_to_half(src float32, dst bfloat16/float16): the core's float->half rounding (tests)."},
-    {"sample_chunks", (PyCFunction)(void (*)(void))sw_py_sample_chunks, METH_VARARGS | METH_KEYWORDS,
-     "sample_chunks(weights, probs, seed, step, mode, budget, cap, stream): SpaCO chunk factors, in place."},
-    {"selective_scan_fwd", (PyCFunction)(void (*)(void))sw_py_selective_scan_fwd, METH_VARARGS | METH_KEYWORDS,
-     "selective_scan_fwd(u, dt, A, B, C, D, z, h0, y, hlast, ckpt, block, work, stream): Mamba scan forward."},
-    {"selective_scan_bwd", (PyCFunction)(void (*)(void))sw_py_selective_scan_bwd, METH_VARARGS | METH_KEYWORDS,
-     "selective_scan_bwd(...): adjoint backward of the scan (see csrc/py_scan.c)."},
-    {"ssd_scan_fwd", (PyCFunction)(void (*)(void))sw_py_ssd_scan_fwd, METH_VARARGS | METH_KEYWORDS,
-     "ssd_scan_fwd(x, dt, A, B, C, D, z, h0, y, hlast, ckpt, block, work, stream): Mamba-2 (SSD) scan forward."},
-    {"ssd_scan_bwd", (PyCFunction)(void (*)(void))sw_py_ssd_scan_bwd, METH_VARARGS | METH_KEYWORDS,
-     "ssd_scan_bwd(...): adjoint backward of the SSD scan (see csrc/py_ssd.c)."},
+#define SW_OP(name, prefix, has_cuda, doc) \
+    {#name, (PyCFunction)(void (*)(void))py_##name, METH_VARARGS | METH_KEYWORDS, doc},
+#define SW_GLUE(name, function, has_cuda, arg_names, writes, doc) \
+    {#name, (PyCFunction)(void (*)(void))function, METH_VARARGS | METH_KEYWORDS, doc},
+#include "ops.def"
+    {"_op_registry", py_op_registry, METH_NOARGS, "Every op of ops.def: name, arguments, what it writes, CUDA."},
     {"build_info", py_build_info, METH_NOARGS, "Facts about how this extension was built."},
     {"cuda_info", py_cuda_info, METH_NOARGS, "What the linked CUDA runtime sees (devices, driver)."},
     {"_set_bridge_mode", py_set_bridge_mode, METH_O, "'auto' (DLPack C exchange API when present) or 'capsule'."},

@@ -3,9 +3,8 @@
 // Multi-tensor launch: up to SW_MT_MAX jobs travel by value in the kernel
 // parameters; job j owns blocks [block_start[j], block_start[j+1]) and walks
 // its n elements with a block-stride loop. One launch per group of jobs.
-#include "../sw_cuda.h"
-#include "../sw_kahan.h"
 #include "cuda_common.cuh"
+#include "sw_kahan.h"
 
 #define SW_MT_MAX 32
 #define SW_KAHAN_THREADS 256
@@ -16,6 +15,7 @@ struct SwKahanBatch {
     float *comp[SW_MT_MAX];
     const void *g[SW_MT_MAX];
     long long n[SW_MT_MAX];
+    long long stride[SW_MT_MAX][3];  // acc, comp, g: element strides
     int dtype[SW_MT_MAX];
     int block_start[SW_MT_MAX + 1];
     int njobs;
@@ -32,20 +32,23 @@ __global__ void sw_kahan_kernel(const SwKahanBatch batch, float scale) {
     float *comp = batch.comp[j];
     const void *g = batch.g[j];
     const sw_dtype dt = (sw_dtype)batch.dtype[j];
-    const long long stride = (long long)nblocks * blockDim.x;
-    for (long long i = (long long)(b - first) * blockDim.x + threadIdx.x; i < n; i += stride) {
-        float a = acc[i], c = comp[i];
-        sw_kahan_step(&a, &c, sw_load_as_float(g, dt, i), scale);
-        acc[i] = a;
-        comp[i] = c;
+    const long long sa = batch.stride[j][0], sc = batch.stride[j][1], sg = batch.stride[j][2];
+    const long long step = (long long)nblocks * blockDim.x;
+    for (long long i = (long long)(b - first) * blockDim.x + threadIdx.x; i < n; i += step) {
+        float a = acc[i * sa], c = comp[i * sc];
+        sw_kahan_step(&a, &c, sw_load_as_float(g, dt, i * sg), scale);
+        acc[i * sa] = a;
+        comp[i * sc] = c;
     }
 }
 
-extern "C" sw_code sw_kahan_accumulate_cuda(const sw_kahan_job *jobs, int njobs, float scale,
-                                            int device, void *stream, sw_error *err) {
-    SwDeviceGuard guard(device);
+extern "C" sw_code sw_kahan_cuda(const sw_kahan_params *p, const sw_launch *l, sw_error *err) {
+    SwDeviceGuard guard(l->device);
     if (guard.status != cudaSuccess) return sw_cuda_fail(guard.status, "selecting the device", err);
-    cudaStream_t s = (cudaStream_t)stream;
+    cudaStream_t s = (cudaStream_t)l->stream;
+    const sw_kahan_job *jobs = p->jobs;
+    const int njobs = p->njobs;
+    const float scale = p->scale;
     for (int start = 0; start < njobs; start += SW_MT_MAX) {
         SwKahanBatch batch;
         batch.njobs = njobs - start < SW_MT_MAX ? njobs - start : SW_MT_MAX;
@@ -56,6 +59,9 @@ extern "C" sw_code sw_kahan_accumulate_cuda(const sw_kahan_job *jobs, int njobs,
             batch.comp[k] = job->comp;
             batch.g[k] = job->g;
             batch.n[k] = (long long)job->n;
+            batch.stride[k][0] = (long long)job->acc_stride;
+            batch.stride[k][1] = (long long)job->comp_stride;
+            batch.stride[k][2] = (long long)job->g_stride;
             batch.dtype[k] = (int)job->g_dtype;
             batch.block_start[k] = blocks;
             long long need = (job->n + SW_KAHAN_THREADS - 1) / SW_KAHAN_THREADS;

@@ -28,6 +28,17 @@ const char *sw_dtype_name(sw_dtype d) {
     return (d >= 0 && d < SW_NUM_DTYPES) ? k_dtype_names[d] : "unknown";
 }
 
+/* `obj` (a new reference, or NULL with an exception set) as a type; NULL and ImportError if it is not one. */
+static PyTypeObject *as_type(PyObject *obj, const char *what) {
+    if (!obj) return NULL;
+    if (!PyType_Check(obj)) {
+        Py_DECREF(obj);
+        PyErr_Format(PyExc_ImportError, "seqwrap: %s is not a type", what);
+        return NULL;
+    }
+    return (PyTypeObject *)obj;
+}
+
 int sw_bridge_init(void) {
     PyObject *torch = PyImport_ImportModule("torch");
     if (!torch) return -1;
@@ -46,24 +57,14 @@ int sw_bridge_init(void) {
         base = PyObject_GetAttrString(torch_c, "_TensorBase");
     }
     Py_DECREF(torch_c);
-    if (!base) return -1;
-    if (!PyType_Check(base)) {
-        Py_DECREF(base);
-        PyErr_SetString(PyExc_ImportError, "seqwrap: torch._C.TensorBase is not a type");
-        return -1;
-    }
-    g_tensor_base = (PyTypeObject *)base;
+    g_tensor_base = as_type(base, "torch._C.TensorBase");
+    if (!g_tensor_base) return -1;
 
     PyObject *param_mod = PyImport_ImportModule("torch.nn.parameter");
     PyObject *param = param_mod ? PyObject_GetAttrString(param_mod, "Parameter") : NULL;
     Py_XDECREF(param_mod);
-    if (!param) return -1;
-    if (!PyType_Check(param)) {
-        Py_DECREF(param);
-        PyErr_SetString(PyExc_ImportError, "seqwrap: torch.nn.Parameter is not a type");
-        return -1;
-    }
-    g_parameter_type = (PyTypeObject *)param;
+    g_parameter_type = as_type(param, "torch.nn.Parameter");
+    if (!g_parameter_type) return -1;
 
     PyObject *graph = PyImport_ImportModule("torch.autograd.graph");
     g_increment_version = graph ? PyObject_GetAttrString(graph, "increment_version") : NULL;

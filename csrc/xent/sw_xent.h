@@ -13,7 +13,7 @@
  * [0, V) is an error (CPU: reported before any row is written; CUDA: flagged, row treated as ignored).
  *
  * The coefficient helpers below are the per-row / per-element math shared by
- * the CPU kernel (xent_cpu.c) and the CUDA kernel (cuda/xent.cu).
+ * the CPU kernel (xent_cpu.c) and the CUDA kernel (xent.cu).
  */
 #ifndef SEQWRAP_XENT_H
 #define SEQWRAP_XENT_H
@@ -21,6 +21,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "ops.h"
 #include "sw_elem.h"
 #include "sw_portable.h"
 #include "sw_status.h"
@@ -35,24 +36,32 @@ typedef struct {
     double label_smoothing;   /* eps in [0, 1] */
     double z_loss;            /* z >= 0 */
     double softcap;           /* > 0 enables capping; 0 disables */
-} sw_xent_params;
+} sw_xent_options;
 
-/* One chunk: logits (rows, V) contiguous, written in place with the gradient when
- * compute_grad; labels (rows,) int64; loss/lse (rows,) float32, or float64 when the
- * logits are float64; grad_scale (rows,) of the same real type or NULL (= 1). */
-typedef struct {
+/* One chunk: logits (rows, V), row r at r * logits_row_stride elements, its V elements
+ * contiguous, written in place with the gradient when compute_grad; labels (rows,) int64;
+ * loss/lse (rows,) float32, or float64 when the logits are float64; grad_scale (rows,) of the
+ * same real type or NULL (= 1). Vectors: element r at r * its stride. error_flag: CUDA only, a
+ * device int set to 1 when a label is outside [0, V) (that row is then treated as ignored). */
+typedef struct sw_xent_params {
     void *logits;
     sw_dtype dtype;
+    int64_t logits_row_stride;
     const int64_t *labels;
+    int64_t labels_stride;
     void *loss;
+    int64_t loss_stride;
     void *lse;
+    int64_t lse_stride;
     const void *grad_scale;
+    int64_t grad_scale_stride;
     int64_t rows;
     int64_t vocab;
     int compute_grad;
-    sw_xent_params params;
+    sw_xent_options opt;
     int64_t row_offset;       /* added to row numbers in error messages */
-} sw_xent_job;
+    int *error_flag;
+} sw_xent_params;
 
 /* Per-element math, one copy per real type (float for fp32/bf16/fp16 input, double for fp64). */
 #define SW_XENT_DEFINE_MATH(SUF, REAL, TANH)                                                        \
@@ -85,7 +94,7 @@ SW_XENT_DEFINE_MATH(d, double, tanh)
 
 /* CPU: every row of the job (OpenMP over rows). Copies the labels once, checks the copy (a bad
  * label: SW_ERR_VALUE, nothing written) and computes from it. */
-sw_code sw_xent_cpu(const sw_xent_job *job, sw_error *err);
+sw_code sw_xent_cpu(const sw_xent_params *job, sw_error *err);
 
 #ifdef __cplusplus
 }

@@ -10,17 +10,17 @@ static void kahan_job_cpu(const sw_kahan_job *job, float scale) {
     float *comp = job->comp;
     const void *g = job->g;
     const sw_dtype dt = job->g_dtype;
-    const int64_t n = job->n;
+    const int64_t n = job->n, sa = job->acc_stride, sc = job->comp_stride, sg = job->g_stride;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (n >= SW_KAHAN_PARALLEL_MIN)
 #endif
     for (int64_t i = 0; i < n; ++i) {
-        sw_kahan_step(&acc[i], &comp[i], sw_load_as_float(g, dt, i), scale);
+        sw_kahan_step(&acc[i * sa], &comp[i * sc], sw_load_as_float(g, dt, i * sg), scale);
     }
 }
 
-sw_code sw_kahan_accumulate_cpu(const sw_kahan_job *jobs, int njobs, float scale, sw_error *err) {
+sw_code sw_kahan_cpu(const sw_kahan_params *p, sw_error *err) {
     (void)err;
-    for (int j = 0; j < njobs; ++j) kahan_job_cpu(&jobs[j], scale);
+    for (int j = 0; j < p->njobs; ++j) kahan_job_cpu(&p->jobs[j], p->scale);
     return SW_OK;
 }

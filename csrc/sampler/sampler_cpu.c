@@ -38,13 +38,13 @@ static int cmp_keyed(const void *a, const void *b) {
     return sw_key_before(y->key, y->index, x->key, x->index);
 }
 
-sw_code sw_sample_chunks_cpu(const sw_sampler_params *p, sw_error *err) {
+sw_code sw_sampler_cpu(const sw_sampler_params *p, sw_error *err) {
     sw_code rc = sw_sampler_check(p, err);
     if (rc != SW_OK) return rc;
     const int64_t k = p->k;
     if (p->mode == SW_SAMPLE_BERNOULLI) {
         for (int64_t i = 0; i < k; ++i) {  /* check everything before writing anything */
-            double q = p->probs[i];
+            double q = p->probs[i * p->probs_stride];
             if (!(q > 0.0 && q <= 1.0)) {
                 err->code = SW_ERR_VALUE;
                 snprintf(err->message, sizeof err->message,
@@ -52,7 +52,8 @@ sw_code sw_sample_chunks_cpu(const sw_sampler_params *p, sw_error *err) {
                 return SW_ERR_VALUE;
             }
         }
-        for (int64_t i = 0; i < k; ++i) p->weights[i] = sw_bernoulli_weight(p->seed, p->step, i, p->probs[i]);
+        for (int64_t i = 0; i < k; ++i)
+            p->weights[i * p->weights_stride] = sw_bernoulli_weight(p->seed, p->step, i, p->probs[i * p->probs_stride]);
         return SW_OK;
     }
     /* fixed: sort (key, index) and keep the first t; same set as the GPU's rank count */
@@ -65,8 +66,8 @@ sw_code sw_sample_chunks_cpu(const sw_sampler_params *p, sw_error *err) {
     for (int64_t i = 0; i < k; ++i) order[i] = (keyed){sw_chunk_key(p->seed, p->step, (uint64_t)i), i};
     qsort(order, (size_t)k, sizeof *order, cmp_keyed);
     const double f = sw_fixed_factor(k, p->t, p->cap);
-    for (int64_t i = 0; i < k; ++i) p->weights[i] = 0.0;
-    for (int64_t r = 0; r < p->t; ++r) p->weights[order[r].index] = f;
+    for (int64_t i = 0; i < k; ++i) p->weights[i * p->weights_stride] = 0.0;
+    for (int64_t r = 0; r < p->t; ++r) p->weights[order[r].index * p->weights_stride] = f;
     free(order);
     return SW_OK;
 }

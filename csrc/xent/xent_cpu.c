@@ -98,10 +98,10 @@ static size_t elem_size(sw_dtype d) {
     return d == SW_FLOAT64 ? 8 : d == SW_FLOAT32 ? 4 : 2;
 }
 
-sw_code sw_xent_cpu(const sw_xent_job *job, sw_error *err) {
+sw_code sw_xent_cpu(const sw_xent_params *job, sw_error *err) {
     const int64_t rows = job->rows, V = job->vocab;
-    const size_t row_bytes = (size_t)V * elem_size(job->dtype);
-    const int is_double = job->dtype == SW_FLOAT64;
+    const size_t row_bytes = (size_t)job->logits_row_stride * elem_size(job->dtype);
+    const int64_t sl = job->loss_stride, se = job->lse_stride, ss = job->grad_scale_stride;
     /* Each label is read exactly once (volatile: the compiler may not read it again), into a
      * private copy that is checked and then used: the caller runs this without the GIL, and
      * another thread may write the labels meanwhile. */
@@ -111,13 +111,13 @@ sw_code sw_xent_cpu(const sw_xent_job *job, sw_error *err) {
         return SW_ERR_INTERNAL;
     }
     const volatile int64_t *src = job->labels;
-    for (int64_t r = 0; r < rows; ++r) labels[r] = src[r];
+    for (int64_t r = 0; r < rows; ++r) labels[r] = src[r * job->labels_stride];
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t y = labels[r];
-        if (y != job->params.ignore_index && (y < 0 || y >= V)) {
+        if (y != job->opt.ignore_index && (y < 0 || y >= V)) {
             snprintf(err->message, sizeof err->message,
                      "label %lld at position %lld is outside [0, %lld) and is not ignore_index (%lld)", (long long)y,
-                     (long long)(r + job->row_offset), (long long)V, (long long)job->params.ignore_index);
+                     (long long)(r + job->row_offset), (long long)V, (long long)job->opt.ignore_index);
             free(labels);
             return SW_ERR_VALUE;
         }
@@ -127,21 +127,20 @@ sw_code sw_xent_cpu(const sw_xent_job *job, sw_error *err) {
 #endif
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t label = labels[r];
-        const int ignored = label == job->params.ignore_index;
+        const int ignored = label == job->opt.ignore_index;
         void *row = (char *)job->logits + (size_t)r * row_bytes;
-        if (job->dtype == SW_FLOAT32 && job->params.softcap <= 0.0) {
-            float scale = job->grad_scale ? ((const float *)job->grad_scale)[r] : 1.0f;
-            xent_row_f32_fast((float *)row, V, label, ignored, scale, (float)job->params.label_smoothing,
-                              (float)job->params.z_loss, job->compute_grad, &((float *)job->loss)[r],
-                              &((float *)job->lse)[r]);
-        } else if (is_double) {
-            double scale = job->grad_scale ? ((const double *)job->grad_scale)[r] : 1.0;
-            xent_row_d(row, job->dtype, V, label, ignored, scale, &job->params, job->compute_grad,
-                       &((double *)job->loss)[r], &((double *)job->lse)[r]);
+        if (job->dtype == SW_FLOAT32 && job->opt.softcap <= 0.0) {
+            float scale = job->grad_scale ? ((const float *)job->grad_scale)[r * ss] : 1.0f;
+            xent_row_f32_fast((float *)row, V, label, ignored, scale, (float)job->opt.label_smoothing,
+                              (float)job->opt.z_loss, job->compute_grad, &((float *)job->loss)[r * sl],
+                              &((float *)job->lse)[r * se]);
         } else {
-            float scale = job->grad_scale ? ((const float *)job->grad_scale)[r] : 1.0f;
-            xent_row_f(row, job->dtype, V, label, ignored, scale, &job->params, job->compute_grad,
-                       &((float *)job->loss)[r], &((float *)job->lse)[r]);
+#define ROW(R, SUF)                                                                                  \
+    xent_row_##SUF(row, job->dtype, V, label, ignored,                                               \
+                   job->grad_scale ? ((const R *)job->grad_scale)[r * ss] : (R)1, &job->opt,          \
+                   job->compute_grad, &((R *)job->loss)[r * sl], &((R *)job->lse)[r * se])
+            SW_DISPATCH_REAL(job->dtype, ROW);
+#undef ROW
         }
     }
     free(labels);

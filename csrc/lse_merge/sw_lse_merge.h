@@ -15,6 +15,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "ops.h"
 #include "sw_elem.h"
 #include "sw_portable.h"
 #include "sw_status.h"
@@ -48,20 +49,43 @@ extern "C" {
 SW_LSE_DEFINE_MERGE(f, float, expf, log1pf)
 SW_LSE_DEFINE_MERGE(d, double, exp, log1p)
 
-/* rows x dim: acc_out (rows, dim) and acc_lse (rows,) real (float32, or float64 when
- * is_double); blk_out (rows, dim) of blk_dtype; blk_lse (rows,) real. All contiguous. */
-typedef struct {
+/* The merge weights for either compute type, so kernels can be written once over R. */
+#ifdef __cplusplus
+extern "C++" {
+SW_HOSTDEV int sw_lse_merge_weights(float a, float b, float *wa, float *wb, float *l) {
+    return sw_lse_merge_weights_f(a, b, wa, wb, l);
+}
+SW_HOSTDEV int sw_lse_merge_weights(double a, double b, double *wa, double *wb, double *l) {
+    return sw_lse_merge_weights_d(a, b, wa, wb, l);
+}
+}
+#else
+#define sw_lse_merge_weights(a, b, wa, wb, l) \
+    _Generic((a), float: sw_lse_merge_weights_f, double: sw_lse_merge_weights_d)(a, b, wa, wb, l)
+#endif
+
+/* rows x dim (the leading dims of the attention output flattened into rows):
+ * acc_out (rows, dim) and acc_lse (rows,) real (float32, or float64 when acc_dtype is float64);
+ * blk_out (rows, dim) of blk_dtype (real(blk_dtype) == acc_dtype); blk_lse (rows,) real.
+ * Row r of acc_out / blk_out starts at r * its row stride, its dim elements at stride 1;
+ * element r of the lse vectors sits at r * its stride. */
+typedef struct sw_lse_merge_params {
     void *acc_out;
+    int64_t acc_out_row_stride;
     void *acc_lse;
+    int64_t acc_lse_stride;
     const void *blk_out;
+    int64_t blk_out_row_stride;
     const void *blk_lse;
+    int64_t blk_lse_stride;
+    sw_dtype acc_dtype;
     sw_dtype blk_dtype;
-    int is_double;
     int64_t rows;
     int64_t dim;
-} sw_lse_merge_job;
+} sw_lse_merge_params;
 
-sw_code sw_lse_merge_cpu(const sw_lse_merge_job *job, sw_error *err);
+/* CPU: OpenMP over rows. CUDA: sw_lse_merge_cuda (ops.h). */
+sw_code sw_lse_merge_cpu(const sw_lse_merge_params *p, sw_error *err);
 
 #ifdef __cplusplus
 }
