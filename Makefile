@@ -5,6 +5,7 @@
 #   make test-latest  the suite on the newest transformers / peft / test tools (own venv: .venv-latest);
 #                     fails when the newest on the index could not be installed (FORCE_NEWEST=1: --no-deps)
 #   make test-oldest  the suite at the supported floors (requirements/oldest.txt; own venv: .venv-oldest)
+#   make test-torch-next  the suite on the next torch (TORCH_NEXT, default torch==2.14.1; .venv-torch-next)
 #   make lock         write .venv-latest's versions into requirements/lock.txt (after test-latest passed)
 #   make asan         AddressSanitizer + UBSan build of the C core, C-facing tests under it
 #   make bench        benchmarks (tables and plots under benchmarks/results/)
@@ -30,7 +31,7 @@ export SEQWRAP_WERROR := 1
 # The dependencies of the hf and dev extras, names and floors as pyproject.toml declares them.
 EXTRAS = $$($(PYTHON) -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print(' '.join(d['hf'] + d['dev']))")
 
-.PHONY: all venv build test demo asan bench gpu-check gpu-check-dry clean test-latest test-oldest lock
+.PHONY: all venv build test demo asan bench gpu-check gpu-check-dry clean test-latest test-oldest test-torch-next lock
 
 all: test
 
@@ -70,15 +71,16 @@ asan: $(STAMP)
 	SEQWRAP_EXPECT_SANITIZE=1 PYTHONPATH=$(ASAN_DIR) \
 	$(PY) -m pytest $(ASAN_DIR)/tests -m ccore -p no:cacheprovider $(PYTEST_ARGS)
 
-# The version matrix. Each column has its own venv with torch $(TORCH_SPEC) and imports the extension
-# that `build` compiled in place (same Python, same torch). Outside the declared range the suite runs
+# The version matrix. Each column has its own venv with torch $(TORCH_SPEC) (test-torch-next: $(TORCH_NEXT))
+# and imports the extension that `build` compiled in place (same Python; the extension links no libtorch, so
+# one build serves every torch). Outside the declared range the suite runs
 # anyway (SEQWRAP_ALLOW_UNSUPPORTED_VERSIONS=1), so that it shows what really breaks; the one test
 # tests/test_hf_versions.py::test_installed_versions_are_in_the_supported_range names the range.
 define matrix_venv
 	@test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install --quiet --upgrade pip
-	@if [ -n "$(TORCH_SPEC)" ]; then $(1)/bin/python -m pip install --quiet "$(TORCH_SPEC)"; fi
-	$(1)/bin/python -m pip install --quiet $(2)
+	@if [ -n "$(or $(3),$(TORCH_SPEC))" ]; then $(1)/bin/python -m pip install --quiet "$(or $(3),$(TORCH_SPEC))"; fi
+	$(1)/bin/python -m pip install --quiet $(2) $(if $(3),"$(3)")
 	$(1)/bin/python -c "import torch, transformers, peft; print('matrix column:', '$(1)', 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 endef
 
@@ -95,6 +97,12 @@ test-latest: build
 	 echo; cat build/latest-versions.txt; \
 	 if [ $$versions -ne 0 ]; then echo "test-latest FAILED: not the newest releases (above)"; fi; \
 	 test $$suite -eq 0 -a $$versions -eq 0
+
+# The next torch on this machine's disk, with the locked transformers / peft (own venv: .venv-torch-next).
+TORCH_NEXT ?= torch==2.14.1
+test-torch-next: build
+	$(call matrix_venv,.venv-torch-next,-c $(LOCK) $(EXTRAS),$(TORCH_NEXT))
+	PYTHONPATH=$(CURDIR) .venv-torch-next/bin/python -m pytest tests -p no:cacheprovider $(PYTEST_ARGS)
 
 test-oldest: build
 	$(call matrix_venv,.venv-oldest,-c $(OLDEST) $(EXTRAS))
@@ -128,4 +136,4 @@ gpu-check-dry: build
 	PYTHONUNBUFFERED=1 $(PY) -m benchmarks.gpu_check --dry $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf build seqwrap/_C*.so *.egg-info .pytest_cache .venv-latest .venv-oldest
+	rm -rf build seqwrap/_C*.so *.egg-info .pytest_cache .venv-latest .venv-oldest .venv-torch-next

@@ -85,20 +85,27 @@ C_FLAGS = ["-std=c11", "-Wall", "-Wextra", *(["-Werror"] if WERROR else []), "-f
 C_FLAGS += (["-O1", "-g"] + SAN_FLAGS) if SANITIZE else ["-O3"]
 
 
+# Sources by glob: a new op folder under csrc/ (header, CPU kernel, CUDA kernel, glue) needs no edit
+# here. Every folder holding a header is on the include path, so sources include headers by name.
+# The no-CUDA stubs (csrc/core/cuda_absent.c, csrc/ssd_cuda_absent.c) compile to nothing when
+# SEQWRAP_CUDA_ARCHS is defined, which happens exactly in a CUDA build.
+C_SOURCES = sorted(p.relative_to(ROOT).as_posix() for p in CSRC.rglob("*.c"))
+CU_SOURCES = sorted(CSRC.rglob("*.cu"))
+HEADERS = sorted(p for ext in ("*.h", "*.inc", "*.def", "*.cuh") for p in CSRC.rglob(ext))
+INCLUDE_DIRS = sorted({str(p.parent) for p in HEADERS})
+
+
 class BuildExt(build_ext):
-    """Compiles csrc/cuda/*.cu with nvcc (when found) and links them in."""
+    """Compiles csrc/**/*.cu with nvcc (when found) and links them in."""
 
     def build_extension(self, ext):
         SUMMARY.unlink(missing_ok=True)
         nvcc, why_not = find_nvcc()
-        cu_sources = sorted((CSRC / "cuda").glob("*.cu"))
         if nvcc is None:
             log(f"CUDA kernels skipped ({why_not}); CPU-only build")
-            ext.sources = [s for s in ext.sources if s != "csrc/cuda_absent.c"] + ["csrc/cuda_absent.c"]
         else:
-            ext.sources = [s for s in ext.sources if s != "csrc/cuda_absent.c"]
             archs = cuda_archs()
-            objs = self.compile_cuda(nvcc, cu_sources, archs)
+            objs = self.compile_cuda(nvcc, CU_SOURCES, archs)
             cuda_lib = find_cudart_static(nvcc)
             ext.extra_objects = objs
             ext.depends = list(ext.depends) + objs  # relink when a CUDA object changes
@@ -123,14 +130,14 @@ class BuildExt(build_ext):
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
         objs = []
-        headers = list(CSRC.glob("*.h")) + list(CSRC.glob("*.inc")) + list((CSRC / "cuda").glob("*.cuh"))
-        newest_header = max((h.stat().st_mtime for h in headers), default=0)
+        newest_header = max((h.stat().st_mtime for h in HEADERS), default=0)
+        includes = [f"-I{d}" for d in INCLUDE_DIRS]
         for src in sources:
-            obj = out_dir / (src.stem + ".o")
+            obj = out_dir / (src.relative_to(CSRC).as_posix().replace("/", "_").removesuffix(".cu") + ".o")
             fresh = obj.exists() and obj.stat().st_mtime > max(src.stat().st_mtime, newest_header)
             if not fresh or self.force:
                 host = "-fPIC,-Wall,-Wextra," + ("-Werror," if WERROR else "") + "-fvisibility=hidden"
-                cmd = [str(nvcc), "-c", str(src), "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", host,
+                cmd = [str(nvcc), "-c", str(src), "-o", str(obj), "-O3", "-std=c++17", *includes, "-Xcompiler", host,
                        *(["--Werror", "all-warnings"] if WERROR else []), *gencode]
                 log("nvcc " + src.relative_to(ROOT).as_posix())
                 print(" ".join(cmd), flush=True)
@@ -139,17 +146,15 @@ class BuildExt(build_ext):
         return objs
 
 
-c_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.c"))
-
 setup(
     ext_modules=[
         Extension(
             "seqwrap._C",
-            sources=c_sources,
-            include_dirs=[str(CSRC), str(torch_include_dir())],
+            sources=C_SOURCES,
+            include_dirs=[*INCLUDE_DIRS, str(torch_include_dir())],
             extra_compile_args=C_FLAGS,
             extra_link_args=["-fopenmp"] + (SAN_FLAGS if SANITIZE else []),
-            depends=[str(p.relative_to(ROOT)) for p in [*CSRC.glob("*.h"), *CSRC.glob("*.inc")]],
+            depends=[p.relative_to(ROOT).as_posix() for p in HEADERS],
         )
     ],
     cmdclass={"build_ext": BuildExt},

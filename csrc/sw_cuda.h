@@ -1,19 +1,15 @@
-/* sw_cuda.h - the C-callable surface of the CUDA part of the core.
+/* sw_cuda.h - device queries of the CUDA part of the core, and the selective scan's launchers
+ * (the other ops declare theirs through core/ops.h, generated from core/ops.def).
  *
- * Implemented in the files of csrc/cuda/ when seqwrap is built with nvcc, and by
- * cuda_absent.c otherwise (every launcher then returns SW_ERR_NO_CUDA).
- * Launchers take the torch stream as an opaque pointer (cudaStream_t) and
- * the device index of their tensors; they never synchronise the host.
+ * Implemented in csrc/cuda/ when seqwrap is built with nvcc, and by core/cuda_absent.c otherwise
+ * (every launcher then returns SW_ERR_NO_CUDA). Launchers take the torch stream as an opaque
+ * pointer (cudaStream_t) and the device index of their tensors; they never synchronise the host.
  */
 #ifndef SEQWRAP_CUDA_H
 #define SEQWRAP_CUDA_H
 
-#include "sw_kahan.h"
-#include "sw_sampler.h"
 #include "sw_scan.h"
 #include "sw_status.h"
-#include "sw_lse_merge.h"
-#include "sw_xent.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -33,17 +29,6 @@ void sw_cuda_query(sw_cuda_info *info);
 
 /* Compute capability (major*10+minor) of device `dev`, or -1. */
 int sw_cuda_device_capability(int dev);
-
-sw_code sw_kahan_accumulate_cuda(const sw_kahan_job *jobs, int njobs, float scale,
-                                 int device, void *stream, sw_error *err);
-
-/* error_flag: device int, set to 1 when a label is outside [0, V) (that row is then ignored). */
-sw_code sw_xent_cuda(const sw_xent_job *job, int *error_flag, int device, void *stream, sw_error *err);
-
-sw_code sw_lse_merge_cuda(const sw_lse_merge_job *job, int device, void *stream, sw_error *err);
-
-/* Writes params->weights (device memory; probs too) on `stream`. */
-sw_code sw_sample_chunks_cuda(const sw_sampler_params *params, int device, void *stream, sw_error *err);
 
 /* Selective scan (sw_scan.h); p->work must hold (batch*dim)*(block+2)*dstate values. */
 sw_code sw_scan_fwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err);

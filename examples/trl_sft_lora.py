@@ -4,6 +4,8 @@
     python examples/trl_sft_lora.py --seq-len 4096 --chunk-size 512 --steps 10
     # your model (a directory with weights and tokenizer) and a text file, one document per line
     python examples/trl_sft_lora.py --model ./my-llama --text docs.txt --seq-len 32768 --chunk-size 4096
+    # TRL's padding-free packing (bfd): documents of mixed lengths packed into rows of --seq-len tokens
+    python examples/trl_sft_lora.py --pack --seq-len 4096 --chunk-size 512 --steps 10
 
 SeqwrapSFTTrainer (seqwrap.integrations) is a drop-in for trl.SFTTrainer: SFTConfig, datasets,
 peft_config and logging keep their meaning; the training step runs the engine, so no (tokens, vocab)
@@ -34,6 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--output", default="sft-lora-adapter")
+    p.add_argument("--pack", action="store_true",
+                   help="TRL packing, strategy 'bfd' (padding-free rows of several documents); the stdlib corpus "
+                        "then has documents of mixed lengths")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -76,8 +81,13 @@ def documents(args) -> list[str]:
         return [line for line in Path(args.text).read_text().splitlines() if line.strip()]
     from seqwrap.data import random_windows, stdlib_bytes
 
-    windows = random_windows(stdlib_bytes(), args.docs, args.seq_len - 2, torch.Generator().manual_seed(args.seed))
-    return [bytes(w.tolist()).decode("latin-1") for w in windows]
+    g = torch.Generator().manual_seed(args.seed)
+    windows = random_windows(stdlib_bytes(), args.docs, args.seq_len - 2, g)
+    docs = [bytes(w.tolist()).decode("latin-1") for w in windows]
+    if args.pack:  # documents of 1/8 to 1/2 of a row: bfd puts several into each packed row
+        cut = torch.randint(args.seq_len // 8, args.seq_len // 2, (len(docs),), generator=g).tolist()
+        docs = [d[:n] for d, n in zip(docs, cut)] + [d[n:] for d, n in zip(docs, cut)]
+    return docs
 
 
 def progress_callback(total_steps: int):
@@ -114,7 +124,8 @@ def main(argv=None) -> float:
     model, tok = load(args)
     config = trl.SFTConfig(output_dir=args.output, max_steps=args.steps, per_device_train_batch_size=args.batch,
                            gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, logging_steps=1,
-                           max_length=args.seq_len, packing=False, dataset_text_field="text", report_to=[],
+                           max_length=args.seq_len, packing=args.pack, packing_strategy="bfd",
+                           dataset_text_field="text", report_to=[],
                            save_strategy="no", seed=args.seed, disable_tqdm=True, gradient_checkpointing=False,
                            use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available())
     lora = peft.LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -126,7 +137,8 @@ def main(argv=None) -> float:
     trainer.train()
     trainer.model.save_pretrained(args.output)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    print(f"final loss {losses[-1]:.4f} after {args.steps} steps; adapter saved to {args.output}")
+    rows = "packed padding-free rows (bfd)" if args.pack else "one document per row"
+    print(f"final loss {losses[-1]:.4f} after {args.steps} steps, {rows}; adapter saved to {args.output}")
     return float(losses[-1])
 
 

@@ -10,12 +10,13 @@ from ._version import __version__
 from .cuda import CudaStatus, cuda_status
 from .hf import UnsupportedModelError, UnsupportedVersionError, apply_minisequence, remove_minisequence, verify
 from .ops import KahanAccumulator, kahan_accumulate_, linear_cross_entropy, sample_chunks
+from .planning import AutoChunk, AutoChunkNotice, Plan, PlanError, plan
 
 _ENGINES = ("SeCO", "SpaCO", "StepResult", "AdjointSharding", "AdjointOutput")
 
 __all__ = ["__version__", "CudaStatus", "cuda_status", "KahanAccumulator", "kahan_accumulate_", "linear_cross_entropy",
            "sample_chunks", "apply_minisequence", "remove_minisequence", "verify", "UnsupportedModelError",
-           "UnsupportedVersionError", *_ENGINES]
+           "UnsupportedVersionError", "plan", "Plan", "PlanError", "AutoChunk", "AutoChunkNotice", *_ENGINES]
 
 
 def __getattr__(name):

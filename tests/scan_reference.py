@@ -1,27 +1,17 @@
-"""Sequential PyTorch reference of the selective scan (float64-capable), for the tests."""
+"""Random test inputs for the selective scan. Its float64 reference is seqwrap.ops.reference.selective_scan_ref,
+called here under its old name, with the op's output dtypes, for the tests that import it from here."""
 import torch
 import torch.nn.functional as F
 
+from seqwrap.ops.dtypes import real_dtype
+from seqwrap.ops.reference import selective_scan_ref
 
-def scan_ref(u, dt, A, B, C, D=None, z=None, h0=None):
-    """Returns (y, h_last); same maths and shapes as seqwrap.ops.selective_scan, in u's dtype
-    (float32 state for half inputs)."""
-    comp = torch.float64 if u.dtype == torch.float64 else torch.float32
-    u_, dt_, B_, C_ = u.to(comp), dt.to(comp), B.to(comp), C.to(comp)
-    A_ = A.to(comp)
-    batch, dim, length = u.shape
-    h = h0.to(comp) if h0 is not None else u_.new_zeros(batch, dim, A.shape[1])
-    ys = []
-    for t in range(length):
-        a = torch.exp(dt_[:, :, t, None] * A_)                              # (batch, dim, dstate)
-        h = a * h + dt_[:, :, t, None] * B_[:, None, :, t] * u_[:, :, t, None]
-        ys.append((h * C_[:, None, :, t]).sum(-1))                          # (batch, dim)
-    y = torch.stack(ys, -1)
-    if D is not None:
-        y = y + D.to(comp)[None, :, None] * u_
-    if z is not None:
-        y = y * F.silu(z.to(comp))
-    return y.to(u.dtype), h
+
+def scan_ref(u, *args, **kwargs):
+    """seqwrap.ops.reference.selective_scan_ref (float64), its outputs cast to the dtypes the op returns: y in u's
+    dtype, the state in the compute dtype (float32 for half inputs)."""
+    y, state = selective_scan_ref(u, *args, **kwargs)
+    return y.to(u.dtype), state.to(real_dtype(u.dtype))
 
 
 def random_inputs(batch=2, dim=3, dstate=4, length=11, dtype=torch.float64, seed=0, requires_grad=True):

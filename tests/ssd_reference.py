@@ -1,29 +1,17 @@
-"""Sequential PyTorch reference of the Mamba-2 (SSD) scan (float64-capable), for the tests."""
+"""Random test inputs for the Mamba-2 (SSD) scan. Its float64 reference is seqwrap.ops.reference.ssd_scan_ref,
+called here under its old name, with the op's output dtypes, for the tests that import it from here."""
 import torch
 import torch.nn.functional as F
 
+from seqwrap.ops.dtypes import real_dtype
+from seqwrap.ops.reference import ssd_scan_ref
 
-def ssd_ref(x, dt, A, B, C, D=None, z=None, h0=None):
-    """(y, final state); same maths and shapes as seqwrap.ops.ssd_scan, y in x's dtype (float32
-    state for half inputs). x (b, L, H, P), dt (b, L, H), A (H,), B/C (b, L, G, N)."""
-    comp = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x_, dt_, A_ = x.to(comp), dt.to(comp), A.to(comp)
-    batch, length, heads, headdim = x.shape
-    rep = heads // B.shape[2]
-    B_ = B.to(comp).repeat_interleave(rep, dim=2)                          # (b, L, H, N)
-    C_ = C.to(comp).repeat_interleave(rep, dim=2)
-    s = h0.to(comp) if h0 is not None else x_.new_zeros(batch, heads, headdim, B.shape[3])
-    ys = []
-    for t in range(length):
-        a = torch.exp(dt_[:, t] * A_)                                       # (b, H)
-        s = a[..., None, None] * s + (dt_[:, t, :, None] * x_[:, t])[..., None] * B_[:, t, :, None, :]
-        ys.append((s * C_[:, t, :, None, :]).sum(-1))                       # (b, H, P)
-    y = torch.stack(ys, 1)
-    if D is not None:
-        y = y + D.to(comp)[:, None] * x_
-    if z is not None:
-        y = y * F.silu(z.to(comp))
-    return y.to(x.dtype), s
+
+def ssd_ref(x, *args, **kwargs):
+    """seqwrap.ops.reference.ssd_scan_ref (float64), its outputs cast to the dtypes the op returns: y in x's
+    dtype, the state in the compute dtype (float32 for half inputs)."""
+    y, state = ssd_scan_ref(x, *args, **kwargs)
+    return y.to(x.dtype), state.to(real_dtype(x.dtype))
 
 
 def random_ssd_inputs(batch=2, length=11, heads=4, headdim=3, groups=2, dstate=5, dtype=torch.float64, seed=0,

@@ -18,6 +18,7 @@ import torch
 
 import seqwrap
 from seqwrap.ops import attention_blocks as blocks_mod
+from seqwrap.ops.reference import attention_ref
 from seqwrap.ops.attention_blocks import EMPTY, BlockBackward, attend, block_mask
 
 from .hf_tiny import VOCAB, max_rel_err, perturb_with_sinks, reference
@@ -30,23 +31,8 @@ TOL = 1e-10
 
 # -- (a) block primitives ---------------------------------------------------------------------------
 def sink_reference(q, k, v, sinks, scale, window=None, key_padding=None):
-    """Plain softmax with one sink logit per head, as HF's gpt-oss eager attention: q (B,Hq,T,D), k (B,Hkv,T,D),
-    v (B,Hkv,T,Dv), sinks (Hq,), key_padding (B,T) bool (True: a real key). Returns (B,Hq,T,Dv)."""
-    b, hq, t, _ = q.shape
-    groups = hq // k.shape[1]
-    kk, vv = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    s = torch.matmul(q, kk.transpose(-1, -2)) * scale                       # (B,Hq,T,T)
-    i = torch.arange(t)
-    allowed = (i[None, :] <= i[:, None])[None, None]
-    if window is not None:
-        allowed = allowed & ((i[:, None] - i[None, :]) < window)
-    if key_padding is not None:
-        allowed = allowed & key_padding[:, None, None, :]
-    s = s.masked_fill(~allowed, float("-inf"))
-    logits = torch.cat([s, sinks.view(1, -1, 1, 1).expand(b, hq, t, 1)], dim=-1)
-    logits = logits - logits.max(dim=-1, keepdim=True).values
-    p = torch.softmax(logits, dim=-1)[..., :-1]                              # drop the sink
-    return torch.matmul(p, vv)
+    """Softmax with one sink logit per head (HF's gpt-oss eager attention): seqwrap.ops.reference.attention_ref."""
+    return attention_ref(q, k, v, scale=scale, window=window, key_padding=key_padding, sinks=sinks)[0]
 
 
 def blockwise(q, k, v, sinks, scale, chunk, dout, window=None, key_padding=None, softcap=None):
@@ -123,11 +109,7 @@ def test_sinks_with_softcap_match_reference():
     k = torch.randn(b, hkv, t, d, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(b, hkv, t, d, generator=g, dtype=torch.float64, requires_grad=True)
     sinks = torch.randn(hq, generator=g, dtype=torch.float64, requires_grad=True)
-    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-    s = torch.tanh(torch.matmul(q, kk.transpose(-1, -2)) * scale / cap) * cap
-    s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
-    p = torch.softmax(torch.cat([s, sinks.view(1, -1, 1, 1).expand(b, hq, t, 1)], -1), -1)[..., :-1]
-    ref = torch.matmul(p, vv)
+    ref, _ = attention_ref(q, k, v, scale=scale, sinks=sinks, softcap=cap)
     dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     ref_grads = torch.autograd.grad(ref, (q, k, v, sinks), dout)
     with torch.no_grad():

@@ -98,6 +98,13 @@ def test_opcheck_chunked_attention(window, dtype, packed):
             (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 3, True, window, 0.3, doc_ids))
 
 
+def test_opcheck_document_ids():
+    cu = torch.tensor([0, 3, 7, 9, 14])
+    opcheck(ops.document_ids.default, (2, 7, torch.device("cpu"), None, cu, None, "test"))
+    ids = ops.document_ids(2, 7, torch.device("cpu"), None, cu, None, "test")
+    assert ids.tolist() == [[0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]]
+
+
 # -- fullgraph compile == eager ----------------------------------------------------------------------------
 def _compare(fn, inputs, tol=1e-5):
     """fn(*inputs) -> a scalar; compiled (fullgraph) and eager: equal value and input gradients."""
@@ -135,6 +142,44 @@ def test_compiled_chunked_attention():
     q, k, v = rand(1, 4, 13, 8, grad=True), rand(1, 2, 13, 8, grad=True), rand(1, 2, 13, 8, grad=True)
     g = torch.randn(1, 4, 13, 8)
     _compare(lambda q, k, v: (seqwrap.ops.chunked_attention(q, k, v, chunk_size=4, window=6) * g).sum(), [q, k, v])
+
+
+@pytest.mark.parametrize("boundaries", ["cu_seqlens", "seq_idx", "position_ids"])
+def test_compiled_chunked_attention_packed(boundaries):
+    """Packed rows (documents of 3, 6, 4 and 8, 5 tokens) compile whole: the boundaries are resolved, with every
+    check, inside the seqwrap::document_ids op, and the doc_ids values are checked inside the attention op."""
+    torch.manual_seed(0)
+    q, k, v = rand(2, 4, 13, 8, grad=True), rand(2, 2, 13, 8, grad=True), rand(2, 2, 13, 8, grad=True)
+    g = torch.randn(2, 4, 13, 8)
+    lengths = [[3, 6, 4], [8, 5]]
+    seq_idx = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in lengths])
+    given = {"cu_seqlens": torch.tensor([0, 3, 9, 13, 21, 26]), "seq_idx": seq_idx,
+             "position_ids": torch.tensor([[t for n in row for t in range(n)] for row in lengths])}[boundaries]
+    kw = {boundaries: given}
+    _compare(lambda q, k, v: (seqwrap.ops.chunked_attention(q, k, v, chunk_size=4, window=6, **kw) * g).sum(),
+             [q, k, v])
+    # the packed result, not the unpacked one: the boundaries reached the op
+    unpacked = seqwrap.ops.chunked_attention(q, k, v, chunk_size=4, window=6)
+    assert not torch.allclose(seqwrap.ops.chunked_attention(q, k, v, chunk_size=4, window=6, **kw), unpacked)
+
+
+def test_compiled_chunked_attention_packed_dynamic_shapes():
+    """dynamic=True: one graph for two lengths, the cu_seqlens read inside the op, equal to eager."""
+    def fn(q, k, v, cu):
+        return seqwrap.ops.chunked_attention(q, k, v, chunk_size=4, cu_seqlens=cu)
+    compiled = torch.compile(fn, fullgraph=True, backend=BACKEND, dynamic=True)
+    for t in (13, 17):
+        q, k, v = rand(2, 4, t, 8), rand(2, 2, t, 8), rand(2, 2, t, 8)
+        cu = torch.tensor([0, 3, t, t + 5, 2 * t])
+        torch.testing.assert_close(compiled(q, k, v, cu), fn(q, k, v, cu), rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_chunked_attention_refuses_bad_boundaries():
+    q, k, v = rand(2, 4, 13, 8), rand(2, 2, 13, 8), rand(2, 2, 13, 8)
+    fn = torch.compile(lambda q, cu: seqwrap.ops.chunked_attention(q, k, v, chunk_size=4, cu_seqlens=cu),
+                       fullgraph=True, backend=BACKEND)
+    with pytest.raises(ValueError, match="cu_seqlens.*crosses from row 0"):
+        fn(q, torch.tensor([0, 3, 15, 26]))
 
 
 def test_compiled_selective_scan():

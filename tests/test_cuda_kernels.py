@@ -1,5 +1,5 @@
-"""Each CUDA kernel against the CPU kernel and against a float64 torch reference, on fresh random
-inputs. Skipped without a CUDA device; `make gpu-check` runs them (`pytest -m cuda`).
+"""Each CUDA kernel against the CPU kernel and against its float64 reference (seqwrap.ops.reference),
+on fresh random inputs. Skipped without a CUDA device; `make gpu-check` runs them (`pytest -m cuda`).
 
 TOLERANCES below is the contract, one row per kernel; `make gpu-check` prints it beside the results.
 Only the Kahan accumulation and the sampler are bitwise equal across devices: the cross-entropy CPU
@@ -8,18 +8,15 @@ different orders, so those comparisons are tolerance-based.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import seqwrap
-from seqwrap.ops import chunked_attention
+from seqwrap.ops import chunked_attention, reference
 from seqwrap.ops.selective_scan import _scan
 
-from .ce_reference import reference_linear_cross_entropy
 from .conftest import requires_cuda
-from .scan_reference import random_inputs, scan_ref
-from .test_sampler import key
+from .scan_reference import random_inputs
 
-# kernel -> (CUDA vs CPU kernel, CUDA vs float64 torch); "bitwise" or a relative tolerance per dtype
+# kernel -> (CUDA vs CPU kernel, CUDA vs the float64 reference); "bitwise" or a relative tolerance per dtype
 TOLERANCES = {
     "kahan": ("bitwise (float32 / bf16 / fp16 addends)",
               "|acc - exact| <= 4 eps32 (|exact| + max|g|) (exact = float64 sum)"),
@@ -59,16 +56,15 @@ def test_kahan(dtype):
     shapes = [(1000,), (3, 333), (1,), (300000,), (17, 19)]
     accs = [torch.randn(s, generator=g) for s in shapes]
     comps = [torch.zeros(s) for s in shapes]
-    exact = [a.double() for a in accs]
+    exact = [a.double() for a in accs]   # reference.kahan_accumulate_ref, step by step: the exact sum
     d_accs, d_comps = [a.to(DEV, copy=True) for a in accs], [c.to(DEV, copy=True) for c in comps]
     scale = 0.37
-    s32 = torch.tensor(scale, dtype=torch.float32).double()
     biggest = 0.0
     for _ in range(50):
         grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
         seqwrap.kahan_accumulate_(accs, comps, grads, scale)
         seqwrap.kahan_accumulate_(d_accs, d_comps, [x.to(DEV) for x in grads], scale)
-        exact = [e + x.double() * s32 for e, x in zip(exact, grads)]
+        exact = reference.kahan_accumulate_ref(exact, grads, scale)
         biggest = max(biggest, max(x.double().abs().max().item() for x in grads))
     torch.cuda.synchronize()
     eps = torch.finfo(torch.float32).eps
@@ -106,7 +102,7 @@ def test_cross_entropy(dtype, vocab):
     for name, a, c in zip(("loss", "d hidden", "d weight", "d bias"), gpu, cpu):
         assert rel(a, c) <= vs_cpu, f"{name}: CUDA vs CPU {rel(a, c):.3g} > {vs_cpu}"
     h64, w64, b64 = (t.double().requires_grad_() for t in (hidden, weight, bias))
-    ref, _ = reference_linear_cross_entropy(h64, w64, labels, b64, label_smoothing=0.1, z_loss=1e-3, softcap=20.0)
+    ref, _ = reference.linear_cross_entropy_ref(h64, w64, labels, b64, label_smoothing=0.1, z_loss=1e-3, softcap=20.0)
     want = (ref.detach(), *torch.autograd.grad(ref, (h64, w64, b64)))
     assert rel(gpu[0], want[0]) <= loss_tol, f"loss vs float64: {rel(gpu[0], want[0]):.3g}"
     for name, a, r in zip(("d hidden", "d weight", "d bias"), gpu[1:], want[1:]):
@@ -114,14 +110,6 @@ def test_cross_entropy(dtype, vocab):
 
 
 # -- LSE merge (through chunked attention) ----------------------------------------------------------
-
-def attention_reference(q, k, v, window):
-    groups = q.shape[1] // k.shape[1]
-    kk, vv = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    i = torch.arange(q.shape[2])
-    allowed = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :]) < window)
-    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed)
-
 
 @requires_cuda
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
@@ -138,7 +126,7 @@ def test_lse_merge_through_chunked_attention(dtype, tol):
 
     gpu, cpu = run(DEV), run("cpu")
     x64 = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = attention_reference(*x64, window=50)
+    ref, _ = reference.attention_ref(*x64, window=50)
     want = (ref.detach(), *torch.autograd.grad(ref, x64, up.to(dtype).double()))
     for name, a, c, r in zip(("out", "dq", "dk", "dv"), gpu, cpu, want):
         assert rel(a, c) <= tol, f"{name}: CUDA vs CPU {rel(a, c):.3g} > {tol}"
@@ -167,7 +155,7 @@ def test_selective_scan(dtype):
 
     gpu = run(x, DEV, lambda *a: _scan(*a, block=16))
     cpu = run(x, "cpu", lambda *a: _scan(*a, block=16))
-    ref = run([t.double() for t in x], "cpu", scan_ref)
+    ref = run([t.double() for t in x], "cpu", reference.selective_scan_ref)
     names = ("y", "h_last", "du", "ddt", "dA", "dB", "dC", "dD", "dz", "dh0")
     for name, a, c, r in zip(names, gpu, cpu, ref):
         assert rel_max(a, c) <= vs_cpu, f"{name}: CUDA vs CPU {rel_max(a, c):.3g} > {vs_cpu}"
@@ -224,8 +212,7 @@ def test_sampler():
         for seed, step in ((0, 0), (5, 9), (2**63 + 3, 2**40)):
             w = seqwrap.sample_chunks(k, probs=q, seed=seed, step=step, device=DEV).cpu()
             assert torch.equal(w, seqwrap.sample_chunks(k, probs=q, seed=seed, step=step))
-            want = [1 / q[i].item() if (key(seed, step, i) >> 11) / 2**53 < q[i].item() else 0.0 for i in range(k)]
-            assert w.tolist() == want
+            assert torch.equal(w, reference.sample_chunks_ref(k, probs=q, seed=seed, step=step))
             t = max(1, k // 3)
             a = seqwrap.sample_chunks(k, sampling="fixed", budget=t, max_compensation=2.0, seed=seed, step=step)
             b = seqwrap.sample_chunks(k, sampling="fixed", budget=t, max_compensation=2.0, seed=seed, step=step,

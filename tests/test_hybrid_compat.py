@@ -93,3 +93,27 @@ def test_seqwrap_mamba2_forward_equals_hf(family):
     assert (a - b).abs().max() <= 1e-12 * a.abs().max()
     assert len(ga) == len(gb) and all((x - y).norm() <= 1e-10 * x.norm() for x, y in zip(ga, gb))
     assert all("forward" not in m.__dict__ for m in mamba2_mixer.mixers(model))
+
+
+def test_the_cache_questions_of_transformers_5_25_are_answered():
+    """transformers 5.25's mixers ask the cache get_recurrent_states_to_keep(layer) before the chunked scan (the
+    chunked step needs none) and call increase_count(layer, state_idx) on the single-token path (never taken in
+    a chunked step: refused). Both are answered by seqwrap's hybrid cache itself, not by HF's base class."""
+    import inspect
+
+    import transformers
+    from transformers.models.mamba2 import modeling_mamba2
+
+    from seqwrap.hf.hybrid_cache import HybridChunkCache
+    from seqwrap.hf.versions import parse_version
+
+    assert "get_recurrent_states_to_keep" in HybridChunkCache.__dict__ and "increase_count" in HybridChunkCache.__dict__
+    source = inspect.getsource(modeling_mamba2)
+    if parse_version(transformers.__version__) >= (5, 25):
+        assert "cache.get_recurrent_states_to_keep(module.layer_idx)" in source
+        assert "cache.increase_count(layer_idx, state_idx)" in source
+        assert "seq_len == 1" in source  # increase_count only on the single-token path
+    cache = HybridChunkCache.__new__(HybridChunkCache)  # the answers need no store
+    assert cache.get_recurrent_states_to_keep(3) == 0 and cache.get_recurrent_states_to_keep() == 0
+    with pytest.raises(RuntimeError, match="single-token"):
+        cache.increase_count(2, 0)

@@ -5,7 +5,7 @@ import torch
 import seqwrap
 from seqwrap.ops.cross_entropy import default_chunk_rows
 
-from .ce_reference import reference_linear_cross_entropy
+from seqwrap.ops.reference import linear_cross_entropy_ref
 from .conftest import requires_cuda
 
 pytestmark = pytest.mark.ccore  # drives the C kernels: rerun under ASan/UBSan
@@ -36,7 +36,7 @@ def grads_of(out, inputs, upstream):
 
 def assert_matches(hidden, weight, bias, labels, *, rtol=1e-12, atol=1e-12, chunk_size=None, **opts):
     out = seqwrap.linear_cross_entropy(hidden, weight, labels, bias, chunk_size=chunk_size, **opts)
-    ref, _ = reference_linear_cross_entropy(hidden.double(), weight.double(), labels,
+    ref, _ = linear_cross_entropy_ref(hidden.double(), weight.double(), labels,
                                             None if bias is None else bias.double(), **opts)
     upstream = torch.randn_like(ref)
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
@@ -73,7 +73,7 @@ def test_batch_with_padding_and_custom_ignore_index():
 def test_lse_is_returned():
     hidden, weight, bias, labels = make_inputs((5, 3), 8, 21)
     loss, lse = seqwrap.linear_cross_entropy(hidden, weight, labels, bias, softcap=2.0, return_lse=True, chunk_size=4)
-    _, ref_lse = reference_linear_cross_entropy(hidden, weight, labels, bias, softcap=2.0)
+    _, ref_lse = linear_cross_entropy_ref(hidden, weight, labels, bias, softcap=2.0)
     assert lse.shape == labels.shape
     torch.testing.assert_close(lse, ref_lse.detach(), rtol=1e-13, atol=1e-13)
     assert not lse.requires_grad
@@ -101,7 +101,7 @@ def test_frozen_weight_and_no_grad():
     hidden, weight, bias, labels = make_inputs((9,), 8, 17, bias=False)
     weight = weight.detach()
     out = seqwrap.linear_cross_entropy(hidden, weight, labels, chunk_size=4)
-    ref, _ = reference_linear_cross_entropy(hidden, weight, labels)
+    ref, _ = linear_cross_entropy_ref(hidden, weight, labels)
     (g,) = torch.autograd.grad(out, hidden)
     (r,) = torch.autograd.grad(ref, hidden)
     torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
@@ -126,7 +126,7 @@ def test_half_precision_within_stated_tolerance(dtype):
     out = seqwrap.linear_cross_entropy(hidden, weight, labels, bias, chunk_size=64)
     assert out.dtype == torch.float32
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
-    ref, _ = reference_linear_cross_entropy(h64, w64, labels, b64)
+    ref, _ = linear_cross_entropy_ref(h64, w64, labels, b64)
     assert abs(out.item() - ref.item()) <= 1e-2 * abs(ref.item())
     got = grads_of(out, (hidden, weight, bias), torch.tensor(1.0))
     want = grads_of(ref, (h64, w64, b64), torch.tensor(1.0, dtype=torch.float64))

@@ -6,34 +6,25 @@ import pytest
 import torch
 
 import seqwrap
-from seqwrap.ops import sample_chunks
+from seqwrap.ops import reference, sample_chunks
 
 from .conftest import requires_cuda
 
 pytestmark = pytest.mark.ccore
-M64 = (1 << 64) - 1
 
 
-def splitmix64(x):
-    x = (x + 0x9E3779B97F4A7C15) & M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
-    return x ^ (x >> 31)
-
-
-def key(seed, step, i):
-    return splitmix64(splitmix64(splitmix64(seed) ^ step) ^ i)
-
-
-def test_matches_python_reference(bridge):
-    seed, step, k = 12345, 7, 50
+@pytest.mark.parametrize("seed, step", [(12345, 7), (0, 0), (2**64 - 1, 2**63 + 5)])
+def test_matches_python_reference(bridge, seed, step):
+    """The draw bit for bit against seqwrap.ops.reference.sample_chunks_ref (the documented SplitMix64 keys)."""
+    k = 50
     q = [0.05 + 0.9 * ((i * 37) % 50) / 50 for i in range(k)]
     w = sample_chunks(k, probs=q, seed=seed, step=step)
-    expect = [1 / q[i] if (key(seed, step, i) >> 11) / 2**53 < q[i] else 0.0 for i in range(k)]
-    assert w.tolist() == expect
-    order = sorted(range(k), key=lambda i: (key(seed, step, i), i))[:9]
-    w = sample_chunks(k, sampling="fixed", budget=9, max_compensation=3.0, seed=seed, step=step)
-    assert w.tolist() == [3.0 if i in order else 0.0 for i in range(k)]
+    assert torch.equal(w, reference.sample_chunks_ref(k, probs=q, seed=seed, step=step))
+    assert 0 < int((w != 0).sum()) < k   # a real draw: some chunks kept, some not
+    for cap in (None, 3.0):
+        w = sample_chunks(k, sampling="fixed", budget=9, max_compensation=cap, seed=seed, step=step)
+        assert torch.equal(w, reference.sample_chunks_ref(k, sampling="fixed", budget=9, max_compensation=cap,
+                                                          seed=seed, step=step))
 
 
 def test_reproducible_and_step_dependent():

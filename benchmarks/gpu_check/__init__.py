@@ -3,7 +3,7 @@ H100/H200 (`python -m benchmarks.gpu_check`); `make gpu-check-dry` runs the same
 toy sizes. One module per section:
 
   build         builds seqwrap._C for the visible GPU's architecture, prints cuda_status()
-  kernels       the CUDA-marked tests (pytest -m cuda): each kernel vs the CPU kernel and float64 torch
+  kernels       the CUDA-marked tests (pytest -m cuda): each kernel vs the CPU kernel and seqwrap.ops.reference
   engines       SeCO, SpaCO, SeCO + offload, SeCO + MsT on a small Llama on the device, fp32 and bf16,
                 full fine-tuning and LoRA, against float64 full backprop
   sanitizer     compute-sanitizer memcheck / racecheck / synccheck over sanitize_target.py

@@ -1,6 +1,7 @@
 """Section "kernels": every test marked `cuda` (tests/conftest.py's requires_cuda), run with pytest in this
-process: each kernel against the CPU kernel and float64 torch (tests/test_cuda_kernels.py, with its
-per-kernel tolerances), the offload path with real streams, the fused attention blocks, device-side errors.
+process: each kernel against the CPU kernel and its float64 reference in seqwrap.ops.reference
+(tests/test_cuda_kernels.py, with its per-kernel tolerances), the offload path with real streams, the fused
+attention blocks, device-side errors.
 On a GPU a skipped test is a failure (it means the kernels are not usable); a dry run only collects."""
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def run(ctx: Context) -> Result:
     code = pytest.main(args + (["--collect-only"] if ctx.dry else []), plugins=[plugin])
     from tests.test_cuda_kernels import TOLERANCES   # imported by the run above
 
-    t = r.table("Tolerances (tests/test_cuda_kernels.py)", ["kernel", "CUDA vs CPU kernel", "CUDA vs float64 torch"])
+    t = r.table("Tolerances (tests/test_cuda_kernels.py)", ["kernel", "CUDA vs CPU kernel",
+                                                                   "CUDA vs float64 reference (seqwrap.ops.reference)"])
     for kernel, (vs_cpu, vs_ref) in TOLERANCES.items():
         t.add(kernel, vs_cpu, vs_ref)
     if ctx.dry:

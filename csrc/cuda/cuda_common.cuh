@@ -6,7 +6,7 @@
 #include <cuda_runtime.h>
 #include <stdio.h>
 
-#include "../sw_status.h"
+#include "sw_status.h"
 
 // Fills err from a CUDA error and returns SW_ERR_CUDA; SW_OK if e == cudaSuccess.
 static inline sw_code sw_cuda_fail(cudaError_t e, const char *what, sw_error *err) {

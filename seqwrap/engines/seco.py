@@ -36,6 +36,7 @@ from ..labels import shift_labels as shifted
 from ..ops.dtypes import real_dtype
 from ..parallel.fsdp import FSDPSchedule, fsdp_step, fsdp_step_for
 from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, sync_ddp_gradients, unstash_grads
+from ..planning.auto import AutoChunk, announce
 from . import objective as seq_objective
 from .chunk_loss import chunk_logp_rows, chunk_loss_sum
 from .evaluate import forward_only
@@ -92,6 +93,9 @@ class SeCO:
         patched by seqwrap.parallel.apply_ulysses (sequence parallelism: see __call__).
     chunk_size: tokens per chunk (> 0); the last chunk may be shorter. Under Ulysses, tokens
         of the whole sequence per chunk (each of the P ranks holds chunk_size / P of them).
+        "auto" (or seqwrap.AutoChunk(device_memory=..., ...)): seqwrap.plan picks it at the first
+        step from its length and the free memory, with this engine's offload and the model's
+        gradient checkpointing as they are (planning/auto.py); .plan holds that plan.
     attention: "chunked": the recompute reads the past K/V block by block through the
         LSE-merging attention (seco_attention.py), never concatenating it; "concat": the cache
         hands HF's own attention [past ; fresh] K/V (models whose attention does not go through
@@ -120,10 +124,17 @@ class SeCO:
                             f"not {type(model).__name__}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or not -2**63 <= ignore_index < 2**63:
             raise TypeError(f"seqwrap.{self.name}: ignore_index must be an int (int64), not {ignore_index!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(f"seqwrap.{self.name}: chunk_size must be an int, not {type(chunk_size).__name__}")
-        if chunk_size <= 0:
+        # chunk_size="auto" / AutoChunk(...): planned at the first step (planning/auto.py)
+        self._auto_chunk = AutoChunk() if isinstance(chunk_size, str) and chunk_size == "auto" else (
+            chunk_size if isinstance(chunk_size, AutoChunk) else None)
+        if self._auto_chunk is not None:
+            chunk_size = None
+        elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"seqwrap.{self.name}: chunk_size must be an int, 'auto' or a seqwrap.AutoChunk, not "
+                            f"{chunk_size!r}")
+        elif chunk_size <= 0:
             raise ValueError(f"seqwrap.{self.name}: chunk_size must be > 0, got {chunk_size}")
+        self.plan = None  # chunk_size="auto": the seqwrap.Plan of the first step
         if attention not in (None, "chunked", "concat"):
             raise ValueError(f"seqwrap.{self.name}: attention must be 'chunked' or 'concat', got {attention!r}")
         self._auto_attention = attention is None  # "chunked" until the first chunk shows "concat" is needed
@@ -144,12 +155,16 @@ class SeCO:
         self.group = self.adapter.ulysses_group()
         if self.group is not None and attention != "chunked":
             raise ValueError(f"seqwrap.{self.name}: a model patched for Ulysses needs attention='chunked'")
+        if self.group is not None and self._auto_chunk is not None:
+            raise ValueError(f"seqwrap.{self.name}: chunk_size='auto' is not supported under Ulysses (shard_batch needs "
+                             "the chunk size before the first step): pass the chunk_size of seqwrap.plan(model, "
+                             "seq_len, world_size=...)")
         # FSDP2: the step runs inside self._fsdp.step() (the @fsdp_step on __call__)
         self._fsdp = fsdp_step_for(model, fsdp, self.name)
         if self._fsdp is not None and self.group is not None:
             raise NotImplementedError(f"seqwrap.{self.name}: Ulysses sequence parallelism on an FSDP2 model is not "
                                       "supported yet")
-        self.adapter.check_recurrent(self.name, attention, chunk_size, self.group is not None)
+        self.adapter.check_recurrent(self.name, attention, chunk_size or self._auto_chunk.smallest, self.group is not None)
         self.adapter.check_structure(self.name)
         self.adapter.check_head(self.name)
         self._router_aux = wants_router_logits(self.adapter.causal_lm)
@@ -319,6 +334,10 @@ class SeCO:
                 raise TypeError(f"seqwrap.{self.name}: pass num_items or num_items_in_batch, not both")
             num_items = num_items_in_batch
         ids, shift, mask, pos = self._check_inputs(input_ids, labels, attention_mask, position_ids, shift_labels)
+        if self.chunk_size is None:  # chunk_size="auto": planned now that the length is known (training's plan)
+            self.plan = self._auto_chunk.resolve(self, ids)
+            self.chunk_size = self.plan.chunk_size
+            announce(self, self.plan)
         boundaries = {k: boundaries.get(k) for k in sorted(_BOUNDARY_KEYS)}
         docs, pos, shift = prepare_packed(self.name, ids, shift, mask, pos, boundaries, group=self.group,
                                           chunk_size=self.chunk_size, ignore_index=self.ignore_index,

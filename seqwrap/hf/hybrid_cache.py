@@ -11,6 +11,8 @@ What HF's mixers (Mamba2, Bamba, NemotronH, GraniteMoeHybrid, Zamba2, Qwen3-Next
   both:    update_conv_state(new_inputs (B, C, L), layer, conv_kernel_size=k) -> the conv input the
            mixer convolves ([previous state ; new]; it keeps the last L outputs), and
            update_recurrent_state(final_state, layer) after the scan.
+  >= 5.25: get_recurrent_states_to_keep(layer) (intermediate states for speculative decoding: 0 here)
+           before the chunked scan, increase_count(layer, state_idx) on the single-token path.
 The single-token paths (L == 1 with a previous state) update the cached tensors in place; the
 engines never run 1-token chunks on hybrid models (seqwrap.engines.seco merges such a tail).
 """
@@ -67,6 +69,18 @@ class HybridChunkCache(ChunkCache):
 
     def is_recording_past(self, layer_idx: int) -> bool:
         return False
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        """transformers >= 5.25: how many intermediate recurrent states the chunked scan should return (for
+        speculative decoding). A chunked step needs only each chunk's final state: none."""
+        return 0
+
+    def increase_count(self, layer_idx: int, state_idx: int = 0):
+        """transformers >= 5.25 calls this only on its single-token path, which updates the conv state in place; the
+        engines never run one-token chunks on recurrent models (see the module docstring), so reaching it is a bug
+        that would make the step inexact: refuse loudly."""
+        raise RuntimeError(f"seqwrap: layer {layer_idx} took HF's single-token in-place state update inside a chunked "
+                           "step; the engines merge one-token tails, so this model's mixer is not supported")
 
     def update_conv_state(self, conv_states, layer_idx: int, state_idx: int = 0, conv_kernel_size=None, **kwargs):
         if conv_kernel_size is None:

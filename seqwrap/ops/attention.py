@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import torch
 
+from . import attention_args as args
 from . import documents as docs_mod
+from . import documents_op
 from .attention_blocks import EMPTY, BlockBackward, attend
 from .dtypes import real_dtype
 
@@ -46,18 +48,38 @@ def _blocks(t, chunk, causal, window, dtype, device, documents=None):
 
 
 # -- the op: seqwrap::chunked_attention and its backward ------------------------------------------------
+# Both implementations check every argument (ops/attention_args.py: the wrapper's rules) before anything
+# is allocated, the fake implementations every rule that does not read tensor values.
+_OP = "torch.ops.seqwrap.chunked_attention"
+
+
+def _check_static(fn, q, k, v, chunk, causal, window, scale, doc_ids):
+    args.check(fn, q, k, v, chunk=chunk, causal=causal, window=window, scale=scale, chunk_name="chunk")
+    args.check_doc_ids(fn, doc_ids, q)
+
+
+def _checked(fn, q, k, v, chunk, causal, window, scale, doc_ids):
+    """Every check, the value of doc_ids included; returns the Documents of doc_ids (or None)."""
+    _check_static(fn, q, k, v, chunk, causal, window, scale, doc_ids)
+    if doc_ids is None:
+        return None
+    documents = docs_mod.Documents(doc_ids)
+    args.check_doc_order(fn, documents)
+    return documents
+
+
 @torch.library.custom_op("seqwrap::chunked_attention", mutates_args=())
 def chunked_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, causal: bool,
                          window: int | None, scale: float, doc_ids: torch.Tensor | None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, Hq, T, D), k, v (B, Hkv, T, D) -> (out (B, Hq, T, D), lse (B, Hq, T) real). doc_ids (B, T):
     the document of every token (packed rows: block-diagonal causal), or None."""
+    documents = _checked(_OP, q, k, v, chunk, causal, window, scale, doc_ids)
     real = real_dtype(q.dtype)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=real, device=q.device)
     if q.numel() == 0:  # batch, query heads, T or head_dim is 0: no output element (as SDPA)
         return out, lse.fill_(float("-inf"))
-    documents = None if doc_ids is None else docs_mod.Documents(doc_ids)
     for q0, q1, kv in _blocks(q.shape[2], chunk, causal, window, q.dtype, q.device, documents):
         o, l = attend(q[:, :, q0:q1], ((k[:, :, k0:k1], v[:, :, k0:k1], m) for k0, k1, m in kv), scale)
         out[:, :, q0:q1] = o
@@ -67,6 +89,7 @@ def chunked_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chun
 
 @chunked_attention_op.register_fake
 def _(q, k, v, chunk, causal, window, scale, doc_ids):
+    _check_static(_OP, q, k, v, chunk, causal, window, scale, doc_ids)
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=real_dtype(q.dtype))
 
 
@@ -76,12 +99,13 @@ def chunked_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.
                                   scale: float, doc_ids: torch.Tensor | None
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) block by block from the final output and the global lse (no block's probabilities kept)."""
+    documents = _checked(_OP + "_backward", q, k, v, chunk, causal, window, scale, doc_ids)
+    args.check_backward(_OP + "_backward", dout, q, out, lse)
     if q.numel() == 0:  # k, v may hold elements (zero query heads): nothing attended to them
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dq = torch.zeros_like(q, dtype=lse.dtype)
     dk = torch.zeros(k.shape, dtype=lse.dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=lse.dtype, device=v.device)
-    documents = None if doc_ids is None else docs_mod.Documents(doc_ids)
     for q0, q1, kv in _blocks(q.shape[2], chunk, causal, window, q.dtype, q.device, documents):
         grads = BlockBackward(dout[:, :, q0:q1], q[:, :, q0:q1], out[:, :, q0:q1], lse[:, :, q0:q1], k.shape[1], scale)
         for k0, k1, mask in kv:
@@ -94,6 +118,8 @@ def chunked_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.
 
 @chunked_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, chunk, causal, window, scale, doc_ids):
+    _check_static(_OP + "_backward", q, k, v, chunk, causal, window, scale, doc_ids)
+    args.check_backward(_OP + "_backward", dout, q, out, lse)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -122,37 +148,47 @@ def chunked_attention(q, k, v, *, chunk_size: int, causal: bool = True, window: 
     gradients of k and v are zeros.
 
     Packed rows: cu_seqlens (D + 1,) over the flattened B * T tokens, seq_idx (B, T), position_ids
-    (B, T) restarting per document, or a ready seqwrap.ops.documents.Documents; no token attends
-    to another document."""
+    (B, T) restarting per document ((1, T): the same positions for every row), or a ready
+    seqwrap.ops.documents.Documents; no token attends to another document. The arguments are
+    checked as the registered op checks them (ops/attention_args.py); under torch.compile the
+    boundaries are resolved inside the seqwrap::document_ids op, so packed rows compile with
+    fullgraph=True."""
     fn = "seqwrap.ops.chunked_attention"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: '{name}' must be a torch.Tensor, not {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{fn}: '{name}' must be (batch, heads, T, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            raise TypeError(f"{fn}: '{name}' has dtype {t.dtype}; expected a floating dtype")
-    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise ValueError(f"{fn}: q, k, v must share dtype and device")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"{fn}: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
-                         "(q: (B, Hq, T, D); k, v: (B, Hkv, T, D))")
-    if (k.shape[1] == 0 and q.shape[1] != 0) or (k.shape[1] != 0 and q.shape[1] % k.shape[1]):
-        raise ValueError(f"{fn}: q_heads ({q.shape[1]}) must be a multiple of kv_heads ({k.shape[1]})")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
-    if window is not None and (not causal or isinstance(window, bool) or not isinstance(window, int) or window <= 0):
-        raise ValueError(f"{fn}: window must be a positive int and needs causal=True, got {window!r}")
+    args.check(fn, q, k, v, chunk=chunk_size, causal=causal, window=window, scale=scale)
     if scale is None:  # head_dim 0: no output element, the scale is unused
         scale = q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
     scale = float(scale)
-    if documents is None and q.numel():
-        documents = docs_mod.resolve((q.shape[0], q.shape[2]), position_ids=position_ids, cu_seqlens=cu_seqlens,
-                                     seq_idx=seq_idx, what=fn)
-    elif documents is not None and (documents.batch, documents.length) != (q.shape[0], q.shape[2]):
-        raise ValueError(f"{fn}: documents describe {documents.batch} rows of {documents.length} tokens, q has "
-                         f"{q.shape[0]} of {q.shape[2]}")
+    shape = (q.shape[0], q.shape[2])
+    position_ids = _rows_of_positions(fn, position_ids, shape)
     if documents is not None:
-        documents = documents.to(q.device)
-    doc_ids = None if documents is None else documents.ids
+        if cu_seqlens is not None or seq_idx is not None or position_ids is not None:
+            raise TypeError(f"{fn}: pass documents or raw boundaries (cu_seqlens, seq_idx, position_ids), not both")
+        if not isinstance(documents, docs_mod.Documents):
+            raise TypeError(f"{fn}: documents must be a seqwrap.ops.documents.Documents or None, not "
+                            f"{type(documents).__name__} (pass raw boundaries as cu_seqlens, seq_idx or position_ids)")
+        if (documents.batch, documents.length) != shape:
+            raise ValueError(f"{fn}: documents describe {documents.batch} rows of {documents.length} tokens, q has "
+                             f"{q.shape[0]} of {q.shape[2]}")
+        doc_ids = documents.ids.to(q.device)
+    elif not q.numel() or (cu_seqlens is None and seq_idx is None and position_ids is None):
+        doc_ids = None
+    elif torch.compiler.is_compiling():  # resolved inside an op: value checks without a graph break
+        doc_ids = documents_op.document_ids(*shape, q.device, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                                            seq_idx=seq_idx, what=fn)
+    else:
+        resolved = docs_mod.resolve(shape, position_ids=position_ids, cu_seqlens=cu_seqlens, seq_idx=seq_idx, what=fn)
+        doc_ids = None if resolved is None else resolved.ids.to(q.device)
     return torch.ops.seqwrap.chunked_attention(q, k, v, chunk_size, causal, window, scale, doc_ids)[0]
+
+
+def _rows_of_positions(fn: str, position_ids, shape):
+    """position_ids as (B, T): a (B, T) integer tensor as it is, (1, T) expanded to every row; else ValueError."""
+    if position_ids is None:
+        return None
+    if not isinstance(position_ids, torch.Tensor):
+        raise TypeError(f"{fn}: position_ids must be a torch.Tensor or None, not {type(position_ids).__name__}")
+    if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
+        raise TypeError(f"{fn}: position_ids must hold integer positions, not {position_ids.dtype}")
+    if position_ids.dim() != 2 or position_ids.shape[1] != shape[1] or position_ids.shape[0] not in (1, shape[0]):
+        raise ValueError(f"{fn}: position_ids must be (batch, T) = {shape} or (1, T), got {tuple(position_ids.shape)}")
+    return position_ids.expand(shape)

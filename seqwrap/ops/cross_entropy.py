@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 
 import torch
 
+from . import cross_entropy_args as args
 from . import library
 from .dtypes import real_dtype
 
-_REDUCTIONS = ("mean", "sum", "none")
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_OP = "torch.ops.seqwrap.linear_cross_entropy"
 
 
 def default_chunk_rows(n_rows: int, hidden_size: int, vocab: int) -> int:
@@ -157,6 +156,8 @@ def linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     lse (N,), grad_hidden (N, H), grad_weight (V, H) real, grad_bias (V,) real, n_valid ()), the three
     gradients of sum(loss_rows) formed in forward for "mean"/"sum" when needed, else (0,)
     placeholders. Its autograd formula scales them (or, for "none", recomputes)."""
+    args.check_op(_OP, hidden, weight, bias, labels, reduction=reduction, label_smoothing=label_smoothing,
+                  z_loss=z_loss, softcap=softcap, chunk_rows=chunk_rows, ignore_index=ignore_index)
     opt = _options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_rows)
     need = (need_hidden, need_weight, need_bias and bias is not None) if reduction != "none" else (False,) * 3
     loss_rows, lse, gh, gw, gb = _chunked_pass(hidden, weight, bias, labels, opt, row_scale=None, need=need)
@@ -168,6 +169,8 @@ def linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: to
 @linear_cross_entropy_op.register_fake
 def _(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_rows,
       need_hidden, need_weight, need_bias):
+    args.check_op(_OP, hidden, weight, bias, labels, reduction=reduction, label_smoothing=label_smoothing,
+                  z_loss=z_loss, softcap=softcap, chunk_rows=chunk_rows, ignore_index=ignore_index)
     n, h = hidden.shape
     v = weight.shape[0]
     real = real_dtype(hidden.dtype)
@@ -187,6 +190,8 @@ def linear_cross_entropy_backward_op(hidden: torch.Tensor, weight: torch.Tensor,
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """reduction "none": the gradients for per-row upstream gradients row_scale (N,) real, recomputing the
     logits chunk by chunk. (0,) placeholders for gradients not needed."""
+    args.check_op(_OP + "_backward", hidden, weight, bias, labels, reduction="none", label_smoothing=label_smoothing,
+                  z_loss=z_loss, softcap=softcap, chunk_rows=chunk_rows, ignore_index=ignore_index, row_scale=row_scale)
     opt = _options(ignore_index, "none", label_smoothing, z_loss, softcap, chunk_rows)
     need = (need_hidden, need_weight, need_bias and bias is not None)
     _, _, gh, gw, gb = _chunked_pass(hidden, weight, bias, labels, opt, row_scale=row_scale, need=need)
@@ -197,6 +202,8 @@ def linear_cross_entropy_backward_op(hidden: torch.Tensor, weight: torch.Tensor,
 @linear_cross_entropy_backward_op.register_fake
 def _(hidden, weight, bias, labels, row_scale, ignore_index, label_smoothing, z_loss, softcap, chunk_rows,
       need_hidden, need_weight, need_bias):
+    args.check_op(_OP + "_backward", hidden, weight, bias, labels, reduction="none", label_smoothing=label_smoothing,
+                  z_loss=z_loss, softcap=softcap, chunk_rows=chunk_rows, ignore_index=ignore_index, row_scale=row_scale)
     n, h = hidden.shape
     v = weight.shape[0]
     real = real_dtype(hidden.dtype)
@@ -235,64 +242,6 @@ def _backward(ctx, grad_loss, _glse, _gh, _gw, _gb, _gn):
 torch.library.register_autograd("seqwrap::linear_cross_entropy", _backward, setup_context=_setup_context)
 
 
-def _check(hidden, weight, labels, bias, reduction, label_smoothing, z_loss, softcap, chunk_size, ignore_index):
-    fn = "seqwrap.linear_cross_entropy"
-    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: '{name}' must be a torch.Tensor, not {type(t).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"{fn}: 'bias' must be a torch.Tensor or None, not {type(bias).__name__}")
-    if hidden.dtype not in _FLOATS:
-        raise TypeError(f"{fn}: 'hidden' has dtype {hidden.dtype}; expected float32, float16, bfloat16 or float64")
-    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
-        raise TypeError(f"{fn}: 'weight' ({weight.dtype}) and 'bias' must have the dtype of 'hidden' ({hidden.dtype})")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{fn}: 'labels' must hold integer class indices (int64), not {labels.dtype}")
-    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{fn}: 'hidden' {tuple(hidden.shape)} must be (..., H) and 'weight' {tuple(weight.shape)} (V, H)")
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"{fn}: 'labels' has shape {tuple(labels.shape)} but 'hidden' needs {tuple(hidden.shape[:-1])}")
-    if weight.shape[0] == 0 or hidden.shape[-1] == 0:
-        raise ValueError(f"{fn}: 'weight' must be non-empty, got {tuple(weight.shape)}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"{fn}: 'bias' has shape {tuple(bias.shape)}; expected ({weight.shape[0]},)")
-    devices = {t.device for t in (hidden, weight, labels) + ((bias,) if bias is not None else ())}
-    if len(devices) != 1:
-        raise ValueError(f"{fn}: all tensors must be on one device, got {sorted(map(str, devices))}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, not {reduction!r}")
-    if not 0.0 <= _real_number(fn, "label_smoothing", label_smoothing) <= 1.0:
-        raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    z = _real_number(fn, "z_loss", z_loss)
-    if not (z >= 0.0 and math.isfinite(z)):
-        raise ValueError(f"{fn}: z_loss must be a finite number >= 0, got {z_loss}")
-    if softcap is not None:
-        cap = _real_number(fn, "softcap", softcap, "None or a finite number > 0")
-        if not (cap > 0.0 and math.isfinite(cap)):
-            raise ValueError(f"{fn}: softcap must be None or a finite number > 0, got {softcap}")
-        if hidden.dtype != torch.float64 and not _F32_MIN <= cap <= _F32_MAX:
-            # float32 compute: the cap would round to 0 (no cap at all) or to infinity (NaN)
-            raise ValueError(f"{fn}: softcap {softcap!r} does not fit float32, the compute dtype of {hidden.dtype} "
-                             f"logits (it must be in [{_F32_MIN:.6g}, {_F32_MAX:.6g}]); use float64 inputs for it")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
-    if not -(1 << 63) <= ignore_index < (1 << 63):
-        raise ValueError(f"{fn}: ignore_index must fit int64 (the dtype of the labels), got {ignore_index}")
-
-
-_F32_MIN = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
-_F32_MAX = float(torch.finfo(torch.float32).max)
-
-
-def _real_number(fn: str, name: str, value, what: str = "a real number") -> float:
-    """float(value) for an int / float / numpy scalar; TypeError naming the argument otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be {what}, not {value!r}")
-    return float(value)
-
-
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -324,7 +273,9 @@ def linear_cross_entropy(
     ValueError (on CUDA after the kernel, from a device-side flag).
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    _check(hidden, weight, labels, bias, reduction, label_smoothing, z_loss, softcap, chunk_size, ignore_index)
+    args.check("seqwrap.linear_cross_entropy", hidden, weight, labels, bias, reduction=reduction,
+               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, chunk_rows=chunk_size,
+               ignore_index=ignore_index)
     lead_shape = labels.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     h2 = h2 if h2.is_contiguous() else h2.contiguous()
@@ -332,8 +283,6 @@ def linear_cross_entropy(
     y = labels.reshape(-1).to(torch.int64)
     y = y if y.is_contiguous() else y.contiguous()
     n = h2.shape[0]
-    if n == 0:
-        raise ValueError("seqwrap.linear_cross_entropy: 'hidden' holds no tokens")
     rows = chunk_size if chunk_size is not None else default_chunk_rows(n, w.shape[1], w.shape[0])
     # which gradients to form: none at all without a graph (no_grad, inference): the loss alone
     grad = torch.is_grad_enabled()

@@ -26,8 +26,8 @@ from .attention_blocks import block_mask as positional_block_mask
 
 
 class Documents:
-    """Document layout of a (B, T) batch. ids: (B, T) int64, non-decreasing along each row (checked by
-    the constructors below, not here)."""
+    """Document layout of a (B, T) batch. ids: (B, T) int64, non-decreasing along each row (made so by the
+    constructors below; not checked here: decreasing_at() finds a violation)."""
 
     def __init__(self, ids: torch.Tensor):
         self.ids = ids                                     # (B, T) on the batch's device
@@ -124,6 +124,15 @@ class Documents:
         """Lengths of the documents, row after row."""
         cu = self.cu_seqlens().tolist()
         return [b - a for a, b in zip(cu[:-1], cu[1:])]
+
+    def decreasing_at(self) -> tuple[int, int] | None:
+        """(row, t) of the first place where ids[row, t + 1] < ids[row, t] (host), or None: the layout is only
+        valid without one (the constructors below never make one; an op given raw ids checks it)."""
+        bad = (self._host[:, 1:] < self._host[:, :-1]).nonzero()
+        return None if bad.numel() == 0 else (int(bad[0, 0]), int(bad[0, 1]))
+
+    def id_at(self, row: int, t: int) -> int:
+        return self._rows[row][t]
 
     # -- block decisions (host only: no device synchronisation) ------------------------------------
     def share(self, q0: int, q1: int, k0: int, k1: int) -> bool:
