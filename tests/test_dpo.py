@@ -44,8 +44,8 @@ def f64_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, output
         logp = torch.log_softmax(logits, dim=-1)
         per_token = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
         entropy = -(logp.exp() * logp).sum(-1) * mask
-        return types.SimpleNamespace(log_probs=per_token, entropy=entropy.detach(), mean_logits=logits.mean(-1).detach(),
-                                     is_top1=(logits.argmax(-1) == target) & mask, log_sum_sq_probs=None, aux_loss=None)
+        return types.SimpleNamespace(log_probs=per_token, entropy=entropy.detach(),
+                                     mean_logits=logits.mean(-1).detach(), is_top1=(logits.argmax(-1) == target) & mask, log_sum_sq_probs=None, aux_loss=None)
 
     model.forward = types.MethodType(forward, model)
 

@@ -346,7 +346,8 @@ def test_trl_dpo_batch_and_scale():
     DPOTrainer = _dpo_trainer()
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    batch = DataCollatorForPreference(pad_token_id=0)([{"prompt_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8, 9]}])
+    example = {"prompt_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8, 9]}
+    batch = DataCollatorForPreference(pad_token_id=0)([example])
     assert set(batch) == {"input_ids", "attention_mask", "completion_mask"}
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [5, 6, 8, 9]]  # [chosen ; rejected]
     assert batch["completion_mask"].tolist() == [[0, 0, 1, 0], [0, 0, 1, 1]]

@@ -153,7 +153,12 @@ def test_objective_check_fails_when_the_row_weights_are_permuted(monkeypatch):
     fn = dpo_like(torch.zeros(4, dtype=torch.float64))
     _, _, want = reference(model, ids, labels, mask, fn)
     weights = objective.weights
-    monkeypatch.setattr(objective, "weights", lambda f, S, name: (weights(f, S, name)[0], weights(f, S, name)[1].flip(0)))
+
+    def permuted(f, S, name):
+        value, c = weights(f, S, name)
+        return value, c.flip(0)
+
+    monkeypatch.setattr(objective, "weights", permuted)
     with pure_float64():
         seqwrap.SeCO(model, chunk_size=5)(ids, labels=labels, attention_mask=mask, objective=fn)
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

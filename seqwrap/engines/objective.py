@@ -39,7 +39,8 @@ def refuse(engine, objective, num_items, docs, *, sampled: bool) -> None:
                                   "which the objective step does not form; set output_router_logits=False")
     if sampled:
         raise NotImplementedError(f"seqwrap.{name}: objective= is supported by SeCO only (exact gradients); the "
-                                  "sampled chunks of SpaCO were not shown to give an unbiased estimate of fn's gradient")
+                                  "sampled chunks of SpaCO were not shown to give an unbiased estimate of fn's "
+                                  "gradient")
     if engine.group is not None:
         raise NotImplementedError(f"seqwrap.{name}: objective= under Ulysses sequence parallelism is not supported yet "
                                   "(each rank holds part of every row's sum)")
