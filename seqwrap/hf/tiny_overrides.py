@@ -67,4 +67,6 @@ OVERRIDES: dict[str, dict] = {
     # Reformer: axial position shape multiplies to the (training) sequence length, chunked attentions
     "reformer": dict(axial_pos_shape=[5, 8], axial_pos_embds_dim=[32, 32], lsh_attn_chunk_length=8,
                      local_attn_chunk_length=8, num_buckets=4, num_hashes=1, attn_layers=["local", "lsh"]),
+    # Kolibri 1.1 (transformers >= 5.25): its key indexer scores with at most the query heads of one key head
+    "kolibri1_1": dict(index_num_heads=2),
 }
