@@ -91,7 +91,7 @@ class BuildExt(build_ext):
     def build_extension(self, ext):
         SUMMARY.unlink(missing_ok=True)
         nvcc, why_not = find_nvcc()
-        cu_sources = sorted((CSRC / "cuda").glob("*.cu"))
+        cu_sources = sorted(CSRC.glob("*/*.cu"))  # csrc/cuda/ and the op folders
         if nvcc is None:
             log(f"CUDA kernels skipped ({why_not}); CPU-only build")
             ext.sources = [s for s in ext.sources if s != "csrc/cuda_absent.c"] + ["csrc/cuda_absent.c"]
@@ -123,7 +123,7 @@ class BuildExt(build_ext):
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
         objs = []
-        headers = list(CSRC.glob("*.h")) + list(CSRC.glob("*.inc")) + list((CSRC / "cuda").glob("*.cuh"))
+        headers = list(CSRC.glob("*.h")) + list(CSRC.glob("*/*.h")) + list(CSRC.glob("*.inc")) + list((CSRC / "cuda").glob("*.cuh"))
         newest_header = max((h.stat().st_mtime for h in headers), default=0)
         for src in sources:
             obj = out_dir / (src.stem + ".o")
@@ -139,7 +139,7 @@ class BuildExt(build_ext):
         return objs
 
 
-c_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.c"))
+c_sources = sorted(str(p.relative_to(ROOT)) for p in [*CSRC.glob("*.c"), *CSRC.glob("*/*.c")])
 
 setup(
     ext_modules=[
@@ -149,7 +149,7 @@ setup(
             include_dirs=[str(CSRC), str(torch_include_dir())],
             extra_compile_args=C_FLAGS,
             extra_link_args=["-fopenmp"] + (SAN_FLAGS if SANITIZE else []),
-            depends=[str(p.relative_to(ROOT)) for p in [*CSRC.glob("*.h"), *CSRC.glob("*.inc")]],
+            depends=[str(p.relative_to(ROOT)) for p in [*CSRC.glob("*.h"), *CSRC.glob("*/*.h"), *CSRC.glob("*.inc")]],
         )
     ],
     cmdclass={"build_ext": BuildExt},

@@ -10,7 +10,7 @@
 
 #include "sw_kahan.h"
 #include "sw_sampler.h"
-#include "sw_scan.h"
+#include "scan/scan.h"
 #include "sw_status.h"
 #include "sw_lse_merge.h"
 #include "sw_xent.h"
@@ -45,7 +45,7 @@ sw_code sw_lse_merge_cuda(const sw_lse_merge_job *job, int device, void *stream,
 /* Writes params->weights (device memory; probs too) on `stream`. */
 sw_code sw_sample_chunks_cuda(const sw_sampler_params *params, int device, void *stream, sw_error *err);
 
-/* Selective scan (sw_scan.h); p->work must hold (batch*dim)*(block+2)*dstate values. */
+/* Selective scan, both modes (scan/scan.h); p->work: rows * SW_SCAN_WORK(1, dstate, block) values. */
 sw_code sw_scan_fwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err);
 sw_code sw_scan_bwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err);
 
