@@ -108,6 +108,15 @@ SW_HOSTDEV int sw_scan_resets(const sw_scan_params *p, int64_t b, int64_t t) {
 #define SW_SCAN_SIMD
 #endif
 
+/* The per-head loops: inlined into each CPU caller (scan_cpu.c compiles them once per ISA). */
+#if defined(__CUDACC__)
+#define SW_SCAN_HEAD SW_HOSTDEV
+#elif defined(__GNUC__)
+#define SW_SCAN_HEAD static inline __attribute__((always_inline))
+#else
+#define SW_SCAN_HEAD static inline
+#endif
+
 #define SW_SCAN_CAT_(a, b) a##b
 #define SW_SCAN_CAT(a, b) SW_SCAN_CAT_(a, b)
 

@@ -27,6 +27,41 @@ static int parallel(const sw_scan_params *p, int64_t items) {
 
 static size_t tsize(const sw_scan_params *p) { return p->f64 ? sizeof(double) : sizeof(float); }
 
+/* The backward runs a head's channels in tiles of this many rows, so that the tile's recomputed block
+ * states ((block+1) * rows * dstate values) stay in a core's L2 cache. */
+static int64_t bwd_tile(const sw_scan_params *p) {
+    const int64_t per_row = (p->block + 1) * p->dstate * (int64_t)tsize(p);
+    const int64_t rows = ((int64_t)256 << 10) / per_row;
+    return rows < 1 ? 1 : rows > p->headdim ? p->headdim : rows;
+}
+
+/* x86-64 with gcc: the per-head loops are also compiled for AVX2 and picked at load time (ifunc);
+ * elsewhere, and in sanitizer builds, the baseline ISA only. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SEQWRAP_SANITIZE)
+#define SW_SCAN_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SW_SCAN_CLONES
+#endif
+
+SW_SCAN_CLONES static void fwd_head(const sw_scan_params *p, int64_t b, int64_t h, char *s) {
+    const int64_t PN = p->headdim * p->dstate;
+    if (p->f64) sw_scan_fwd_head_f64(p, b, h, 0, p->headdim, (double *)s, (double *)s + PN);
+    else sw_scan_fwd_head_f32(p, b, h, 0, p->headdim, (float *)s, (float *)s + PN);
+}
+
+/* Rows [p0, p1) of head (b, h); work as laid out in sw_scan_bwd_cpu, acc: private (2, len, dstate). */
+SW_SCAN_CLONES static void bwd_rows(const sw_scan_params *p, int64_t b, int64_t h, int64_t p0, int64_t p1, char *work,
+                                    char *acc, int64_t tile) {
+    const int64_t N = p->dstate, nl = N * p->len;
+    if (p->f64) {
+        double *mu = (double *)work, *hs = mu + tile * N, *tmp = hs + (p->block + 1) * tile * N;
+        sw_scan_bwd_head_f64(p, b, h, p0, p1, mu, hs, tmp, (double *)acc, (double *)acc + nl, N, 1);
+    } else {
+        float *mu = (float *)work, *hs = mu + tile * N, *tmp = hs + (p->block + 1) * tile * N;
+        sw_scan_bwd_head_f32(p, b, h, p0, p1, mu, hs, tmp, (float *)acc, (float *)acc + nl, N, 1);
+    }
+}
+
 sw_code sw_scan_fwd_cpu(const sw_scan_params *p, sw_error *err) {
     const int64_t heads = p->batch * p->heads, N = p->dstate, P = p->headdim;
     int failed = 0;
@@ -44,8 +79,7 @@ sw_code sw_scan_fwd_cpu(const sw_scan_params *p, sw_error *err) {
         for (int64_t bh = 0; bh < heads; ++bh) {
             if (!s) continue;
             const int64_t b = bh / p->heads, h = bh % p->heads;
-            if (p->f64) sw_scan_fwd_head_f64(p, b, h, 0, P, (double *)s, (double *)s + P * N);
-            else sw_scan_fwd_head_f32(p, b, h, 0, P, (float *)s, (float *)s + P * N);
+            fwd_head(p, b, h, s);
         }
         free(s);
     }
@@ -66,7 +100,7 @@ static void add_slice(const sw_scan_params *p, void *out, const char *acc, int64
 }
 
 sw_code sw_scan_bwd_cpu(const sw_scan_params *p, sw_error *err) {
-    const int64_t N = p->dstate, L = p->len, P = p->headdim, hpg = p->heads / p->groups;
+    const int64_t N = p->dstate, L = p->len, P = p->headdim, hpg = p->heads / p->groups, tile = bwd_tile(p);
     const size_t ts = tsize(p), nl = (size_t)(N * L);   /* one (b, g) slice of dB or dC */
     int failed = 0;
     const int par = parallel(p, hpg);
@@ -78,13 +112,11 @@ sw_code sw_scan_bwd_cpu(const sw_scan_params *p, sw_error *err) {
 #pragma omp parallel reduction(| : failed) if (par)
 #endif
     {
-        char *work = (char *)malloc((size_t)SW_SCAN_WORK(P, N, p->block) * ts);
+        /* work: mu (tile, N), block states (block+1, tile, N), step constants (5, N) */
+        char *work = (char *)malloc((size_t)SW_SCAN_WORK(tile, N, p->block) * ts);
         char *acc = (char *)malloc(2 * nl * ts);   /* private dB, dC of one (b, g): (2, len, dstate) */
         const int ok = work && acc;
         if (!ok) failed = 1;
-        /* work: mu (P, N), block states (block+1, P, N), step constants (5, N) */
-        char *mu = work, *hs = ok ? mu + (size_t)(P * N) * ts : NULL;
-        char *tmp = ok ? hs + (size_t)((p->block + 1) * P * N) * ts : NULL;
         for (int64_t bg = 0; bg < p->batch * p->groups; ++bg) {
             const int64_t b = bg / p->groups, g = bg % p->groups;
             int touched = 0;
@@ -96,12 +128,7 @@ sw_code sw_scan_bwd_cpu(const sw_scan_params *p, sw_error *err) {
                 if (!ok) continue;
                 const int64_t h = g * hpg + hh;
                 touched = 1;
-                if (p->f64)
-                    sw_scan_bwd_head_f64(p, b, h, 0, P, (double *)mu, (double *)hs, (double *)tmp, (double *)acc,
-                                         (double *)(acc + nl * ts), N, 1);
-                else
-                    sw_scan_bwd_head_f32(p, b, h, 0, P, (float *)mu, (float *)hs, (float *)tmp, (float *)acc,
-                                         (float *)(acc + nl * ts), N, 1);
+                for (int64_t p0 = 0; p0 < P; p0 += tile) bwd_rows(p, b, h, p0, p0 + tile < P ? p0 + tile : P, work, acc, tile);
             }
             if (touched) {
 #ifdef _OPENMP

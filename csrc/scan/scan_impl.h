@@ -11,7 +11,7 @@ SW_HOSTDEV SCAN_T SCAN_FN(sw_scan_sigmoid)(SCAN_T v) { return (SCAN_T)1 / ((SCAN
 /* The constants of step t of head (b, h): decays a[n] (one exp per step when A is scalar, 0 at a
  * reset), Bt[n] = B[b,t,g,n] and, unless Ct is NULL, Ct[n] = C[b,t,g,n], read once for the head.
  * Returns dt[b,t,h]. */
-SW_HOSTDEV SCAN_T SCAN_FN(sw_scan_step)(const sw_scan_params *p, int64_t b, int64_t h, int64_t t, SCAN_T *a,
+SW_SCAN_HEAD SCAN_T SCAN_FN(sw_scan_step)(const sw_scan_params *p, int64_t b, int64_t h, int64_t t, SCAN_T *a,
                                         SCAN_T *Bt, SCAN_T *Ct) {
     const int64_t N = p->dstate, g = h / (p->heads / p->groups);
     const int64_t bo = b * p->sb[0] + t * p->sb[1] + g * p->sb[2], bn = p->sb[3];
@@ -36,7 +36,7 @@ SW_HOSTDEV int64_t SCAN_FN(sw_scan_xoff)(const sw_scan_params *p, int64_t b, int
 }
 
 /* Forward of rows [p0, p1) of head (b, h). s: (p1-p0)*dstate, tmp: 3*dstate values of T. */
-SW_HOSTDEV void SCAN_FN(sw_scan_fwd_head)(const sw_scan_params *p, int64_t b, int64_t h, int64_t p0, int64_t p1,
+SW_SCAN_HEAD void SCAN_FN(sw_scan_fwd_head)(const sw_scan_params *p, int64_t b, int64_t h, int64_t p0, int64_t p1,
                                           SCAN_T *s, SCAN_T *tmp) {
     const int64_t N = p->dstate, L = p->len, K = p->block, nblk = sw_scan_nblk(p), np = p1 - p0;
     const int64_t row0 = (b * p->heads + h) * p->headdim + p0;   /* first row of h0, hlast, ckpt */
@@ -71,7 +71,7 @@ SW_HOSTDEV void SCAN_FN(sw_scan_fwd_head)(const sw_scan_params *p, int64_t b, in
 
 /* Recomputes the states of block [t0, t1) of rows [p0, p1): hs[j] ((np, dstate) each) is the state
  * entering step t0 + j; hs[0] comes from ckpt. */
-SW_HOSTDEV void SCAN_FN(sw_scan_recompute)(const sw_scan_params *p, int64_t b, int64_t h, int64_t p0, int64_t np,
+SW_SCAN_HEAD void SCAN_FN(sw_scan_recompute)(const sw_scan_params *p, int64_t b, int64_t h, int64_t p0, int64_t np,
                                            int64_t blk, SCAN_T *hs, SCAN_T *tmp) {
     const int64_t N = p->dstate, K = p->block, nblk = sw_scan_nblk(p);
     const int64_t row0 = (b * p->heads + h) * p->headdim + p0, t0 = blk * K;
@@ -132,7 +132,7 @@ SW_HOSTDEV int SCAN_FN(sw_scan_slide)(const sw_scan_params *p, int64_t b, int64_
  *   dB, dC: where the head adds its share of dB[b,t,g,n], at dB[t*ts + n*ns] (the output slice of
  *   (b, g) on the GPU, atomically; a thread-private (len, dstate) buffer on the CPU). ddt is added
  *   into the output (atomically on the GPU); dx, dz, dA, dD, dh0 rows are written. */
-SW_HOSTDEV void SCAN_FN(sw_scan_bwd_head)(const sw_scan_params *p, int64_t b, int64_t h, int64_t p0, int64_t p1,
+SW_SCAN_HEAD void SCAN_FN(sw_scan_bwd_head)(const sw_scan_params *p, int64_t b, int64_t h, int64_t p0, int64_t p1,
                                           SCAN_T *mu, SCAN_T *hs, SCAN_T *tmp, SCAN_T *dB, SCAN_T *dC, int64_t ts,
                                           int64_t ns) {
     const int64_t N = p->dstate, L = p->len, K = p->block, nblk = sw_scan_nblk(p), np = p1 - p0;
@@ -173,31 +173,31 @@ SW_HOSTDEV void SCAN_FN(sw_scan_bwd_head)(const sw_scan_params *p, int64_t b, in
                     dzv = gy * ypre * sg * ((SCAN_T)1 + zv * ((SCAN_T)1 - sg));
                     gv = gy * zv * sg;
                 }
-                SW_SCAN_SIMD
-                for (int64_t n = 0; n < N; ++n) m[n] += Ct[n] * gv;
-                if (cut) {
+                if (cut) {   /* applied before this step's own C_t g_t: both only add into mu_t */
                     const SCAN_T g2 = SCAN_FN(sw_scan_gate_grad)(p, xi + p->trunc * p->sx[1]);
                     for (int64_t n = 0; n < N; ++n)
                         m[n] -= SCAN_EXP(A[p->a_scalar ? 0 : n] * (SCAN_T)win.W) * SCAN_LOAD(p->C, co + n * p->sb[3]) * g2;
                 }
-                if (!own) {
+                if (!own) {   /* mu_t += C_t g_t, then dL/ds_{t-1} = a mu_t */
                     SW_SCAN_SIMD
-                    for (int64_t n = 0; n < N; ++n) m[n] *= a[n];   /* now dL/ds_{t-1} */
+                    for (int64_t n = 0; n < N; ++n) m[n] = (m[n] + Ct[n] * gv) * a[n];
                     ((SCAN_T *)p->dx)[xi] = 0;
                     if (p->z) ((SCAN_T *)p->dz)[xi] = 0;
                     continue;
                 }
+                /* one pass over the state: mu_t = mu + C_t g_t; q = sum_n dL/da_n a_n (* A_n when A is per
+                 * state); rb = sum_n mu_t B_t; dC, dB of this step; then mu_{t-1} = a mu_t */
                 const SCAN_T dtx = dtv * xv;
-                SCAN_T q = 0, rb = 0;   /* q: sum_n dL/da_n * a_n (* A_n when A is per state); rb: sum_n mu B */
-                SW_SCAN_SIMD
-                for (int64_t n = 0; n < N; ++n) dCt[n] += gv * st[n];
+                SCAN_T q = 0, rb = 0;
                 if (p->a_scalar) {
                     SW_SCAN_SIMD_SUM2(q, rb)
                     for (int64_t n = 0; n < N; ++n) {
-                        q += m[n] * sp[n];
-                        rb += m[n] * Bt[n];
-                        dBt[n] += m[n] * dtx;
-                        m[n] *= a[n];
+                        const SCAN_T mn = m[n] + Ct[n] * gv;
+                        dCt[n] += gv * st[n];
+                        q += mn * sp[n];
+                        rb += mn * Bt[n];
+                        dBt[n] += mn * dtx;
+                        m[n] = mn * a[n];
                     }
                     q *= a[0];
                     dA[r] += q * dtv;
@@ -206,12 +206,13 @@ SW_HOSTDEV void SCAN_FN(sw_scan_bwd_head)(const sw_scan_params *p, int64_t b, in
                     SCAN_T *dAr = dA + r * N;
                     SW_SCAN_SIMD_SUM2(q, rb)
                     for (int64_t n = 0; n < N; ++n) {
-                        const SCAN_T da = m[n] * sp[n] * a[n];
+                        const SCAN_T mn = m[n] + Ct[n] * gv, da = mn * sp[n] * a[n];
+                        dCt[n] += gv * st[n];
                         q += da * A[n];
-                        rb += m[n] * Bt[n];
+                        rb += mn * Bt[n];
                         dAr[n] += da * dtv;
-                        dBt[n] += m[n] * dtx;
-                        m[n] *= a[n];
+                        dBt[n] += mn * dtx;
+                        m[n] = mn * a[n];
                     }
                 }
                 dD[r] += gv * xv;
