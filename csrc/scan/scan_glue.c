@@ -77,55 +77,55 @@ typedef struct {
 #define STREAM {"stream", K_STREAM, 0, 0, 0, 0, {0}, NULL, 0}
 #define RESET T2("reset", K_I32, R, NONE_OK, reset, Z_BATCH, Z_LEN, "(batch, len)")
 
-/* Mamba-1 shapes */
-#define M1_BDL(n, k, fl, opt, f) T3(n, k, fl, opt, f, Z_BATCH, Z_HEADS, Z_LEN, "(batch, dim, len)")
-#define M1_BNL(n, k, fl, f) T3(n, k, fl, 0, f, Z_BATCH, Z_DSTATE, Z_LEN, "(batch, dstate, len)")
-#define M1_BDN(n, fl, opt, f) T3(n, K_COMP, fl, opt, f, Z_BATCH, Z_HEADS, Z_DSTATE, "(batch, dim, dstate)")
+/* The shapes of each layout L: L_X (x, z, y, dy, dx, dz), L_DT (dt, ddt), L_BC (B, C, dB, dC), L_ROWN (h0, hlast,
+ * dhlast, dh0), L_CKPT, and A, D, dA, dD; the names of x and dx; the backward's trailing arguments. */
+#define M1_X(n, k, fl, opt, f) T3(n, k, fl, opt, f, Z_BATCH, Z_HEADS, Z_LEN, "(batch, dim, len)")
+#define M1_DT(n, k, fl, f) M1_X(n, k, fl, 0, f)
+#define M1_BC(n, k, fl, f) T3(n, k, fl, 0, f, Z_BATCH, Z_DSTATE, Z_LEN, "(batch, dstate, len)")
+#define M1_ROWN(n, fl, opt, f) T3(n, K_COMP, fl, opt, f, Z_BATCH, Z_HEADS, Z_DSTATE, "(batch, dim, dstate)")
 #define M1_CKPT(fl) T4("ckpt", K_COMP, fl, 0, ckpt, Z_BATCH, Z_HEADS, Z_NBLK, Z_DSTATE, "(batch, dim, nblk, dstate)")
-#define M1_INPUTS                                                                                               \
-    M1_BDL("u", K_IO, R, 0, x), M1_BDL("dt", K_IO, R, 0, dt),                                                   \
-        T2("A", K_COMP, R, 0, A, Z_HEADS, Z_DSTATE, "(dim, dstate)"), M1_BNL("B", K_IO, R, B),                  \
-        M1_BNL("C", K_IO, R, C), T1("D", K_COMP, R, NONE_OK, D, Z_HEADS, "(dim,)"),                             \
-        M1_BDL("z", K_IO, R, NONE_OK, z)
+#define M1_A T2("A", K_COMP, R, 0, A, Z_HEADS, Z_DSTATE, "(dim, dstate)")
+#define M1_D T1("D", K_COMP, R, NONE_OK, D, Z_HEADS, "(dim,)")
+#define M1_DA M1_ROWN("dA", W, 0, dA)
+#define M1_DD T2("dD", K_COMP, W, 0, dD, Z_BATCH, Z_HEADS, "(batch, dim)")
+#define M1_XNAME "u"
+#define M1_DXNAME "du"
+#define M1_BWD_TAIL INT("trunc", trunc, 0), INT("grad_len", grad_len, 0), WORK, STREAM, RESET
 
-static const arg_spec M1_FWD[] = {
-    M1_INPUTS, M1_BDN("h0", R, NONE_OK, h0), M1_BDL("y", K_COMP, W, 0, y), M1_BDN("hlast", W, 0, hlast),
-    M1_CKPT(W), INT("block", block, 0), WORK, STREAM, RESET,
-};
-static const arg_spec M1_BWD[] = {
-    M1_INPUTS, M1_CKPT(R), M1_BDL("dy", K_COMP, R, 0, dy), M1_BDN("dhlast", R, NONE_OK, dhlast),
-    M1_BDL("du", K_COMP, W, 0, dx), M1_BDL("ddt", K_COMP, W, 0, ddt), M1_BDL("dz", K_COMP, W, NONE_OK, dz),
-    M1_BNL("dB", K_COMP, W, dB), M1_BNL("dC", K_COMP, W, dC), M1_BDN("dA", W, 0, dA),
-    T2("dD", K_COMP, W, 0, dD, Z_BATCH, Z_HEADS, "(batch, dim)"), M1_BDN("dh0", W, 0, dh0),
-    INT("block", block, 0), INT("trunc", trunc, 0), INT("grad_len", grad_len, 0), WORK, STREAM, RESET,
-};
-
-/* Mamba-2 shapes */
 #define M2_X(n, k, fl, opt, f) T4(n, k, fl, opt, f, Z_BATCH, Z_LEN, Z_HEADS, Z_HEADDIM, "(batch, len, heads, headdim)")
 #define M2_DT(n, k, fl, f) T3(n, k, fl, 0, f, Z_BATCH, Z_LEN, Z_HEADS, "(batch, len, heads)")
 #define M2_BC(n, k, fl, f) T4(n, k, fl, 0, f, Z_BATCH, Z_LEN, Z_GROUPS, Z_DSTATE, "(batch, len, groups, dstate)")
 #define M2_ROWN(n, fl, opt, f)                                                                                  \
     T4(n, K_COMP, fl, opt, f, Z_BATCH, Z_HEADS, Z_HEADDIM, Z_DSTATE, "(batch, heads, headdim, dstate)")
-#define M2_ROW(n, f) T3(n, K_COMP, W, 0, f, Z_BATCH, Z_HEADS, Z_HEADDIM, "(batch, heads, headdim)")
 #define M2_CKPT(fl)                                                                                             \
     T5("ckpt", K_COMP, fl, 0, ckpt, Z_BATCH, Z_HEADS, Z_HEADDIM, Z_NBLK, Z_DSTATE,                             \
        "(batch, heads, headdim, nblk, dstate)")
-#define M2_INPUTS                                                                                               \
-    M2_X("x", K_IO, R, 0, x), M2_DT("dt", K_IO, R, dt), T1("A", K_COMP, R, 0, A, Z_HEADS, "(heads,)"),         \
-        M2_BC("B", K_IO, R, B), M2_BC("C", K_IO, R, C), T1("D", K_COMP, R, NONE_OK, D, Z_HEADS, "(heads,)"),  \
-        M2_X("z", K_IO, R, NONE_OK, z)
+#define M2_A T1("A", K_COMP, R, 0, A, Z_HEADS, "(heads,)")
+#define M2_D T1("D", K_COMP, R, NONE_OK, D, Z_HEADS, "(heads,)")
+#define M2_ROW(n, f) T3(n, K_COMP, W, 0, f, Z_BATCH, Z_HEADS, Z_HEADDIM, "(batch, heads, headdim)")
+#define M2_DA M2_ROW("dA", dA)
+#define M2_DD M2_ROW("dD", dD)
+#define M2_XNAME "x"
+#define M2_DXNAME "dx"
+#define M2_BWD_TAIL WORK, STREAM, INT("trunc", trunc, 0), INT("grad_len", grad_len, GRAD_LEN_DEFAULT), RESET
 
-static const arg_spec M2_FWD[] = {
-    M2_INPUTS, M2_ROWN("h0", R, NONE_OK, h0), M2_X("y", K_COMP, W, 0, y), M2_ROWN("hlast", W, 0, hlast),
-    M2_CKPT(W), INT("block", block, 0), WORK, STREAM, RESET,
-};
-static const arg_spec M2_BWD[] = {
-    M2_INPUTS, M2_CKPT(R), M2_X("dy", K_COMP, R, 0, dy), M2_ROWN("dhlast", R, NONE_OK, dhlast),
-    M2_X("dx", K_COMP, W, 0, dx), M2_DT("ddt", K_COMP, W, ddt), M2_X("dz", K_COMP, W, NONE_OK, dz),
-    M2_BC("dB", K_COMP, W, dB), M2_BC("dC", K_COMP, W, dC), M2_ROW("dA", dA), M2_ROW("dD", dD),
-    M2_ROWN("dh0", W, 0, dh0), INT("block", block, 0), WORK, STREAM, INT("trunc", trunc, 0),
-    INT("grad_len", grad_len, GRAD_LEN_DEFAULT), RESET,
-};
+/* The argument lists, in call order, of layout L. */
+#define INPUTS(L)                                                                                               \
+    L##_X(L##_XNAME, K_IO, R, 0, x), L##_DT("dt", K_IO, R, dt), L##_A, L##_BC("B", K_IO, R, B),               \
+        L##_BC("C", K_IO, R, C), L##_D, L##_X("z", K_IO, R, NONE_OK, z)
+#define FWD_SPECS(L)                                                                                            \
+    {INPUTS(L), L##_ROWN("h0", R, NONE_OK, h0), L##_X("y", K_COMP, W, 0, y), L##_ROWN("hlast", W, 0, hlast),  \
+     L##_CKPT(W), INT("block", block, 0), WORK, STREAM, RESET}
+#define BWD_SPECS(L)                                                                                            \
+    {INPUTS(L), L##_CKPT(R), L##_X("dy", K_COMP, R, 0, dy), L##_ROWN("dhlast", R, NONE_OK, dhlast),            \
+     L##_X(L##_DXNAME, K_COMP, W, 0, dx), L##_DT("ddt", K_COMP, W, ddt), L##_X("dz", K_COMP, W, NONE_OK, dz),  \
+     L##_BC("dB", K_COMP, W, dB), L##_BC("dC", K_COMP, W, dC), L##_DA, L##_DD, L##_ROWN("dh0", W, 0, dh0),     \
+     INT("block", block, 0), L##_BWD_TAIL}
+
+static const arg_spec M1_FWD[] = FWD_SPECS(M1);
+static const arg_spec M1_BWD[] = BWD_SPECS(M1);
+static const arg_spec M2_FWD[] = FWD_SPECS(M2);
+static const arg_spec M2_BWD[] = BWD_SPECS(M2);
 
 #define N_OF(a) ((int)(sizeof(a) / sizeof(a[0])))
 static const entry_spec ENTRIES[4] = {
