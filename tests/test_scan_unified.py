@@ -203,3 +203,35 @@ def test_fake_ssd_op_names_bad_shapes(bridge):
             torch.ops.seqwrap.ssd_scan_bwd(x, dt, torch.empty(4), B[..., 0], B, None, None, torch.empty(1),
                                            torch.empty(2, 7, 4, 3), None, 4)
     assert mode is not None
+
+
+def test_mamba2_entry_refuses_objects_claiming_to_be_tensors():
+    """The SSD entry imports through the shared bridge: __class__ spoofing is refused at every position
+    (child interpreter, both DLPack paths: a crash fails the test, not the runner)."""
+    from .isolated import run_isolated
+    out = run_isolated("""
+import torch
+class Liar:
+    __class__ = torch.Tensor
+def args():
+    b, L, H, P, G, N = 1, 9, 4, 3, 2, 5
+    return dict(x=torch.randn(b, L, H, P), dt=torch.rand(b, L, H), A=-torch.rand(H), B=torch.randn(b, L, G, N),
+                C=torch.randn(b, L, G, N), D=torch.randn(H), z=None, h0=torch.randn(b, H, P, N),
+                y=torch.empty(b, L, H, P), hlast=torch.empty(b, H, P, N), ckpt=torch.empty(b, H, P, 3, N), block=4,
+                work=None, stream=0, reset=torch.zeros(b, L, dtype=torch.int32))
+for mode in ("auto", "capsule"):
+    seqwrap._C._set_bridge_mode(mode)
+    seqwrap._C.ssd_scan_fwd(**args())
+    for name in ("x", "dt", "A", "B", "C", "D", "h0", "y", "hlast", "ckpt", "reset"):
+        a = args()
+        a[name] = Liar()
+        print("case", mode, name, flush=True)
+        try:
+            seqwrap._C.ssd_scan_fwd(**a)
+        except TypeError as e:
+            assert "'" + name + "' must be a torch.Tensor, not Liar" in str(e), e
+            print("refused")
+        else:
+            raise SystemExit("a fake tensor was accepted")
+""")
+    assert out.count("refused") == 22, out
