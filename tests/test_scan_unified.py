@@ -65,9 +65,11 @@ def check_against(f, ref, inputs, reset, seed):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"d{n}: {m}")
 
 
-@pytest.mark.parametrize("block", [1, 3, 64])
-def test_mamba2_mode_groups_resets_float64(bridge, block):
-    x = random_ssd_inputs(batch=2, length=12, heads=6, headdim=3, groups=3, dstate=5, seed=block)
+@pytest.mark.parametrize("block, dstate", [(1, 5), (3, 5), (64, 5), (1024, 40)])
+def test_mamba2_mode_groups_resets_float64(bridge, block, dstate):
+    """(1024, 40): the block states of one row exceed the CPU's L2 tile, so the backward runs the head
+    one row at a time, as each GPU thread does."""
+    x = random_ssd_inputs(batch=2, length=12, heads=6, headdim=3, groups=3, dstate=dstate, seed=block)
     reset = reset_mask(2, 12)
     f = lambda *a: ssd_scan(*a[:8], return_final_state=True, block=block, reset=a[8])  # noqa: E731
     check_against(f, ssd_ref_resets, x, reset, seed=block)
