@@ -8,7 +8,7 @@
 #ifndef SEQWRAP_CUDA_H
 #define SEQWRAP_CUDA_H
 
-#include "sw_scan.h"
+#include "scan/scan.h"
 #include "sw_status.h"
 
 #ifdef __cplusplus
@@ -30,7 +30,7 @@ void sw_cuda_query(sw_cuda_info *info);
 /* Compute capability (major*10+minor) of device `dev`, or -1. */
 int sw_cuda_device_capability(int dev);
 
-/* Selective scan (sw_scan.h); p->work must hold (batch*dim)*(block+2)*dstate values. */
+/* Selective scan, both modes (scan/scan.h); p->work: rows * SW_SCAN_WORK(1, dstate, block) values. */
 sw_code sw_scan_fwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err);
 sw_code sw_scan_bwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err);
 

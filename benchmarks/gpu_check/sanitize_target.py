@@ -13,7 +13,7 @@ import sys
 import torch
 
 import seqwrap
-from seqwrap.ops import chunked_attention
+from seqwrap.ops import chunked_attention, ssd_scan
 from seqwrap.ops.selective_scan import _scan
 
 
@@ -75,17 +75,29 @@ def lse_merge(dev):
 
 
 def scan(dev):
+    """The one selective-scan kernel (csrc/scan/) in both modes: Mamba-1 (A per state, with resets)
+    and Mamba-2 (scalar A per head, 2 groups, packed documents)."""
     g = torch.Generator().manual_seed(3)
-    b, d_, n, length = 2, 3, 5, 37
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    inputs = [r(b, d_, length), torch.nn.functional.softplus(r(b, d_, length)), -torch.exp(r(d_, n) * 0.5),
-              r(b, n, length), r(b, n, length), r(d_), r(b, d_, length), r(b, d_, n)]
-    outs = []
-    for d in ("cpu", dev):
-        x = [t.to(d).requires_grad_() for t in inputs]
-        y, h = _scan(*x, block=8)
-        outs.append((y, h, *torch.autograd.grad(y.sum() + h.sum(), x)))
-    assert all(close(a, c, 1e-4) for a, c in zip(outs[1], outs[0]))
+    sp = torch.nn.functional.softplus
+    b, d_, n, length = 2, 3, 5, 37
+    reset = torch.zeros(b, length, dtype=torch.int32)
+    reset[0, 11] = reset[1, 0] = reset[1, 30] = 1
+    mamba1 = [r(b, d_, length), sp(r(b, d_, length)), -torch.exp(r(d_, n) * 0.5), r(b, n, length),
+              r(b, n, length), r(d_), r(b, d_, length), r(b, d_, n)]
+    heads, hd, groups = 4, 3, 2
+    mamba2 = [r(b, length, heads, hd), sp(r(b, length, heads)), -torch.exp(r(heads) * 0.5),
+              r(b, length, groups, n), r(b, length, groups, n), r(heads), r(b, length, heads, hd),
+              r(b, heads, hd, n)]
+    runs = ((mamba1, lambda *x: _scan(*x, block=8, reset=reset.to(x[0].device))),
+            (mamba2, lambda *x: ssd_scan(*x, return_final_state=True, block=8, reset=reset.to(x[0].device))))
+    for inputs, f in runs:
+        outs = []
+        for d in ("cpu", dev):
+            x = [t.to(d).requires_grad_() for t in inputs]
+            y, h = f(*x)
+            outs.append((y, h, *torch.autograd.grad(y.sum() + h.sum(), x)))
+        assert all(close(a, c, 1e-4) for a, c in zip(outs[1], outs[0]))
 
 
 def sampler(dev):

@@ -114,10 +114,10 @@ def _(logits, labels, loss_rows, lse, row_scale, ignore_index, label_smoothing, 
 
 # -- selective scan -----------------------------------------------------------------------------------
 def _scan_work(u: torch.Tensor, dstate: int, block: int, comp: torch.dtype):
-    """CUDA scratch of the scan kernels; None on CPU."""
+    """CUDA scratch of the scan kernels (rows * (block + 7) * dstate, csrc/scan/scan.h); None on CPU."""
     if not u.is_cuda:
         return None
-    return torch.empty(u.shape[0] * u.shape[1] * (block + 2) * dstate, dtype=comp, device=u.device)
+    return torch.empty(u.shape[0] * u.shape[1] * (block + 7) * dstate, dtype=comp, device=u.device)
 
 
 def _scan_out_shapes(u, A, block):
@@ -133,7 +133,7 @@ def selective_scan_fwd_op(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y (batch, dim, len), h_last (batch, dim, dstate), checkpoints (batch, dim, blocks, dstate)), all in
     the compute dtype (float64 for float64 inputs, else float32). truncation and grad_len only shape the
-    backward (see csrc/sw_scan.h; grad_len -1: the whole length); its autograd formula is registered in
+    backward (see csrc/scan/scan.h; grad_len -1: the whole length); its autograd formula is registered in
     seqwrap/ops/selective_scan.py. reset (batch, len) int32 or None: document starts (packed rows)."""
     comp = real_dtype(u.dtype)
     ys, hs, cs = _scan_out_shapes(u, A, block)

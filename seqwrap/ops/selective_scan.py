@@ -61,31 +61,33 @@ def _backward(ctx, dy, dhlast, _dckpt):
 torch.library.register_autograd("seqwrap::selective_scan_fwd", _backward, setup_context=_setup_context)
 
 
-def _prepare(name, t, comp, required=False):
+def _prepare(name, t, comp, required=False, fn="seqwrap.selective_scan"):
     """A / D / h0: floating tensors, cast (differentiably) to the compute dtype, made contiguous."""
     if t is None:
         if required:
-            raise TypeError(f"seqwrap.selective_scan: argument '{name}' must be a tensor, not None")
+            raise TypeError(f"{fn}: argument '{name}' must be a tensor, not None")
         return None
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"seqwrap.selective_scan: argument '{name}' must be a torch.Tensor, not {type(t).__name__}")
+        raise TypeError(f"{fn}: argument '{name}' must be a torch.Tensor, not {type(t).__name__}")
     if not t.is_floating_point():
-        raise TypeError(f"seqwrap.selective_scan: argument '{name}' has dtype {t.dtype}; expected a floating dtype")
+        raise TypeError(f"{fn}: argument '{name}' has dtype {t.dtype}; expected a floating dtype")
     return t.to(comp).contiguous()
 
 
-def resets(u: torch.Tensor, seq_idx=None, reset=None):
-    """The kernels' int32 (batch, len) reset tensor from seq_idx or reset (see the module docstring), or None."""
+def resets(u: torch.Tensor, seq_idx=None, reset=None, shape=None, fn="seqwrap.selective_scan"):
+    """The kernels' int32 (batch, len) reset tensor from seq_idx or reset (see the module docstring), or None.
+    shape: the (batch, len) expected (default: from a Mamba-1 u (batch, dim, len))."""
     if seq_idx is not None and reset is not None:
-        raise TypeError("seqwrap.selective_scan: pass seq_idx or reset, not both")
+        raise TypeError(f"{fn}: pass seq_idx or reset, not both")
     given, name = (seq_idx, "seq_idx") if seq_idx is not None else (reset, "reset")
     if given is None:
         return None
-    shape = (u.shape[0], u.shape[2]) if isinstance(u, torch.Tensor) and u.dim() == 3 else None
+    if shape is None:
+        shape = (u.shape[0], u.shape[2]) if isinstance(u, torch.Tensor) and u.dim() == 3 else None
     if not isinstance(given, torch.Tensor) or given.is_floating_point() or given.is_complex() or (
             shape is not None and tuple(given.shape) != shape):
         got = f"{given.dtype} of shape {tuple(given.shape)}" if isinstance(given, torch.Tensor) else type(given).__name__
-        raise ValueError(f"seqwrap.selective_scan: '{name}' must be an integer or bool tensor of shape (batch, len) = "
+        raise ValueError(f"{fn}: '{name}' must be an integer or bool tensor of shape (batch, len) = "
                          f"{shape}, got {got}")
     if seq_idx is not None:
         out = torch.zeros(given.shape, dtype=torch.int32, device=given.device)
@@ -96,7 +98,7 @@ def resets(u: torch.Tensor, seq_idx=None, reset=None):
 
 def _scan(u, dt, A, B, C, D=None, z=None, h0=None, *, block=DEFAULT_BLOCK, truncation=0, grad_len=None,
           reset=None):
-    """Shared by the public op and the adjoint-sharding engine (truncation / grad_len: see csrc/sw_scan.h).
+    """Shared by the public op and the adjoint-sharding engine (truncation / grad_len: see csrc/scan/scan.h).
     reset: None or the kernels' int32 (batch, len) tensor (resets())."""
     if not isinstance(u, torch.Tensor):
         raise TypeError(f"seqwrap.selective_scan: argument 'u' must be a torch.Tensor, not {type(u).__name__}")

@@ -1,4 +1,4 @@
-"""Mamba-2 (SSD) scan as an autograd op on the C/CUDA core.
+"""Mamba-2 (SSD) scan: the Mamba-2 front end of the one selective-scan op (csrc/scan/).
 
 Per head h (scalar A[h]), head channel p and state n, with g the head's B/C group:
 
@@ -12,18 +12,16 @@ h0 and the final state: (batch, heads, headdim, dstate).
 `dt` is the positive step, softplus (and any clamp) already applied, as HF's Mamba2 mixers form
 it before their chunk scan: pass `softplus(dt_raw + dt_bias)` yourself.
 
-The result is the same recurrence HF's `mamba2_chunk_scan` (the SSD "chunked" form) computes; the
-kernel runs it as a sequential scan per (batch, head, channel) row, storing the state every `block`
-steps; the backward recomputes inside each block and runs the adjoint backwards, giving gradients
-for x, dt, A, B, C, D, z and h0 and accepting a gradient on the final state. Memory is
-O(len * heads * headdim) for y plus the block checkpoints, never (len x chunk) matrices.
+The result is the recurrence HF's `mamba2_chunk_scan` (the SSD "chunked" form) computes; the kernel
+(the same one as seqwrap.ops.selective_scan's, with A scalar per head: one exp per step and head)
+runs it as a sequential scan of each head's (headdim, dstate) state, storing it every `block` steps;
+the backward recomputes inside each block and runs the adjoint backwards, giving gradients for x,
+dt, A, B, C, D, z and h0 and accepting a gradient on the final state. Packed documents: `seq_idx` /
+`reset` (batch, len) as in seqwrap.ops.selective_scan. Memory is O(len * heads * headdim) for y plus
+the block checkpoints, never (len x chunk) matrices.
 
 Precision: float64 inputs compute in float64, everything else (float32, float16, bfloat16 inputs)
 in float32. y comes back in x's dtype, the final state in the compute dtype.
-
-Mamba-1's selective scan is the special case groups = 1 per call with A broadcast over the state
-and dt over the channels (tests/test_ssd_scan.py checks the two kernels against each other); the
-SSD kernel exploits the scalar A (one exp per step and head instead of one per state entry).
 """
 from __future__ import annotations
 
@@ -31,9 +29,10 @@ import torch
 
 from .._ext import C as _C
 from ._stream import stream_for
+from .library import _d
+from .selective_scan import _IO_DTYPES, _prepare, resets
 
 DEFAULT_BLOCK = 64
-_IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _FN = "seqwrap.ssd_scan"
 
 
@@ -41,118 +40,111 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _dims(x, B, fn=_FN):
+    """(batch, len, heads, headdim, dstate) from x and B, or a TypeError / ValueError naming the argument
+    (the registered ops size their outputs from these two before the C glue checks the rest)."""
+    for name, t in (("x", x), ("B", B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: argument '{name}' must be a torch.Tensor, not {type(t).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{fn}: argument 'x' must have 4 dimensions (batch, len, heads, headdim); got {x.dim()}")
+    if B.dim() != 4:
+        raise ValueError(f"{fn}: argument 'B' must have shape (batch, len, groups, dstate) with batch = "
+                         f"{x.shape[0]} and len = {x.shape[1]} (from x); got {tuple(B.shape)}")
+    return (*x.shape, B.shape[-1])
+
+
 def _work(x: torch.Tensor, dstate: int, block: int, comp: torch.dtype):
+    """CUDA scratch: rows * (block + 7) * dstate values (csrc/scan/scan.h); None on CPU."""
     if not x.is_cuda:
         return None
     batch, _, heads, headdim = x.shape
-    return torch.empty(batch * heads * headdim * (block + 2) * dstate, dtype=comp, device=x.device)
+    return torch.empty(batch * heads * headdim * (block + 7) * dstate, dtype=comp, device=x.device)
 
 
 def _shapes(x, B, block):
-    batch, length, heads, headdim = x.shape
-    dstate = B.shape[-1] if B.dim() == 4 else 1     # a bad B is reported by the C glue
+    batch, length, heads, headdim, dstate = _dims(x, B)
     nblk = -(-length // block) if block > 0 else 1  # a bad block is reported by the C glue
     return (batch, length, heads, headdim), (batch, heads, headdim, dstate), (batch, heads, headdim, nblk, dstate)
-
-
-def _d(t):
-    """Below the op's autograd layer the inputs still carry requires_grad; the bridge refuses that."""
-    return t.detach() if isinstance(t, torch.Tensor) else t
 
 
 @torch.library.custom_op("seqwrap::ssd_scan_fwd", mutates_args=())
 def ssd_scan_fwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                     D: torch.Tensor | None, z: torch.Tensor | None, h0: torch.Tensor | None,
-                    block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    block: int, reset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y (batch, len, heads, headdim), h_last (batch, heads, headdim, dstate), block checkpoints), in
-    the compute dtype. Its autograd formula is registered below."""
+    the compute dtype. reset: None or int32 (batch, len) document starts. Autograd formula below."""
     comp = _compute_dtype(x)
     ys, hs, cs = _shapes(x, B, block)
     y, hlast, ckpt = (torch.empty(sh, dtype=comp, device=x.device) for sh in (ys, hs, cs))
     x, dt, A, B, C, D, z, h0 = (_d(t) for t in (x, dt, A, B, C, D, z, h0))
-    _C.ssd_scan_fwd(x, dt, A, B, C, D, z, h0, y, hlast, ckpt, block, _work(x, hs[-1], block, comp), stream_for(x))
+    _C.ssd_scan_fwd(x, dt, A, B, C, D, z, h0, y, hlast, ckpt, block, _work(x, hs[-1], block, comp), stream_for(x),
+                    reset=reset)
     return y, hlast, ckpt
 
 
 @ssd_scan_fwd_op.register_fake
-def _(x, dt, A, B, C, D, z, h0, block):
+def _(x, dt, A, B, C, D, z, h0, block, reset=None):
     comp = _compute_dtype(x)
     return tuple(x.new_empty(sh, dtype=comp) for sh in _shapes(x, B, block))
+
+
+def _grad_shapes(x, B, z):
+    """Shapes of (dx, ddt, dA, dB, dC, dD, dz, dh0)."""
+    batch, length, heads, headdim, dstate = _dims(x, B, _FN + " (backward)")
+    xs, rows = (batch, length, heads, headdim), (batch, heads, headdim)
+    return (xs, (batch, length, heads), rows, tuple(B.shape), tuple(B.shape), rows, xs if z is not None else (0,),
+            (*rows, dstate))
 
 
 @torch.library.custom_op("seqwrap::ssd_scan_bwd", mutates_args=())
 def ssd_scan_bwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                     D: torch.Tensor | None, z: torch.Tensor | None, ckpt: torch.Tensor, dy: torch.Tensor,
-                    dhlast: torch.Tensor | None, block: int
+                    dhlast: torch.Tensor | None, block: int, reset: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                torch.Tensor, torch.Tensor]:
     """(dx, ddt, dA (batch, heads, headdim), dB, dC, dD (batch, heads, headdim), dz ((0,) without z), dh0),
     compute dtype."""
-    x, dt, A, B, C, D, z, ckpt, dy, dhlast = (_d(t) for t in (x, dt, A, B, C, D, z, ckpt, dy, dhlast))
     comp = _compute_dtype(x)
-    batch, length, heads, headdim = x.shape
-    dstate = B.shape[-1]
-    dev = x.device
-    new = lambda *s: torch.empty(*s, dtype=comp, device=dev)  # noqa: E731
-    dx = new(batch, length, heads, headdim)
-    dz = new(batch, length, heads, headdim) if z is not None else new(0)
-    ddt = torch.zeros(batch, length, heads, dtype=comp, device=dev)
-    dB = torch.zeros(B.shape, dtype=comp, device=dev)
-    dC = torch.zeros(B.shape, dtype=comp, device=dev)
-    dA, dD = new(batch, heads, headdim), new(batch, heads, headdim)
-    dh0 = new(batch, heads, headdim, dstate)
+    out = [torch.empty(s, dtype=comp, device=x.device) for s in _grad_shapes(x, B, z)]
+    x, dt, A, B, C, D, z, ckpt, dy, dhlast = (_d(t) for t in (x, dt, A, B, C, D, z, ckpt, dy, dhlast))
+    dx, ddt, dA, dB, dC, dD, dz, dh0 = out
     _C.ssd_scan_bwd(x, dt, A, B, C, D, z, ckpt, dy, dhlast, dx, ddt, dz if z is not None else None, dB, dC, dA, dD,
-                    dh0, block, _work(x, dstate, block, comp), stream_for(x))
-    return dx, ddt, dA, dB, dC, dD, dz, dh0
+                    dh0, block, _work(x, B.shape[-1], block, comp), stream_for(x), reset=reset)
+    return tuple(out)
 
 
 @ssd_scan_bwd_op.register_fake
-def _(x, dt, A, B, C, D, z, ckpt, dy, dhlast, block):
+def _(x, dt, A, B, C, D, z, ckpt, dy, dhlast, block, reset=None):
     comp = _compute_dtype(x)
-    batch, length, heads, headdim = x.shape
-    e = lambda *s: x.new_empty(s, dtype=comp)  # noqa: E731
-    return (e(batch, length, heads, headdim), e(batch, length, heads), e(batch, heads, headdim), e(*B.shape),
-            e(*B.shape), e(batch, heads, headdim), e(batch, length, heads, headdim) if z is not None else e(0),
-            e(batch, heads, headdim, B.shape[-1]))
+    return tuple(x.new_empty(s, dtype=comp) for s in _grad_shapes(x, B, z))
 
 
 def _setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, z, h0, block = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, z, output[2])
+    x, dt, A, B, C, D, z, h0, block, reset = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, output[2], reset)
     ctx.block = block
     ctx.has = (D is not None, z is not None, h0 is not None)
 
 
 def _backward(ctx, dy, dhlast, _dckpt):
-    x, dt, A, B, C, D, z, ckpt = ctx.saved_tensors
+    x, dt, A, B, C, D, z, ckpt, reset = ctx.saved_tensors
     comp = _compute_dtype(x)
     dy = torch.zeros(x.shape, dtype=comp, device=x.device) if dy is None else dy.to(comp).contiguous()
     dhlast = None if dhlast is None else dhlast.to(comp).contiguous()
     dx, ddt, dA, dB, dC, dD, dz, dh0 = torch.ops.seqwrap.ssd_scan_bwd(x, dt, A, B, C, D, z, ckpt, dy, dhlast,
-                                                                      ctx.block)
+                                                                      ctx.block, reset)
     has_D, has_z, has_h0 = ctx.has
     io = x.dtype
     return (dx.to(io), ddt.to(io), dA.sum((0, 2)), dB.to(io), dC.to(io), dD.sum((0, 2)) if has_D else None,
-            dz.to(io) if has_z else None, dh0 if has_h0 else None, None)
+            dz.to(io) if has_z else None, dh0 if has_h0 else None, None, None)
 
 
 torch.library.register_autograd("seqwrap::ssd_scan_fwd", _backward, setup_context=_setup_context)
 
 
-def _prepare(name, t, comp, required=False):
-    """A / D / h0: floating tensors, cast (differentiably) to the compute dtype, made contiguous."""
-    if t is None:
-        if required:
-            raise TypeError(f"{_FN}: argument '{name}' must be a tensor, not None")
-        return None
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{_FN}: argument '{name}' must be a torch.Tensor, not {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{_FN}: argument '{name}' has dtype {t.dtype}; expected a floating dtype")
-    return t.to(comp).contiguous()
-
-
-def ssd_scan(x, dt, A, B, C, D=None, z=None, h0=None, return_final_state=False, *, block=DEFAULT_BLOCK):
+def ssd_scan(x, dt, A, B, C, D=None, z=None, h0=None, return_final_state=False, *, block=DEFAULT_BLOCK,
+             seq_idx=None, reset=None):
     """y = SSD scan of x (see the module docstring); with return_final_state, (y, final state).
 
     x: (batch, len, heads, headdim); dt: (batch, len, heads), dt > 0 (softplus already applied);
@@ -161,6 +153,7 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, h0=None, return_final_state=False, 
     dstate) or None (zeros). x, dt, B, C, z share one dtype (float32, float16, bfloat16 or float64);
     A, D, h0 are cast to the compute dtype. Differentiable in every tensor argument, including h0
     and the final state. block: steps between stored states (memory vs recompute in backward).
+    seq_idx / reset (batch, len): document boundaries of packed rows (as seqwrap.ops.selective_scan).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{_FN}: argument 'x' must be a torch.Tensor, not {type(x).__name__}")
@@ -171,15 +164,17 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, h0=None, return_final_state=False, 
     if isinstance(block, bool) or not isinstance(block, int):
         raise TypeError(f"{_FN}: 'block' must be an int, not {type(block).__name__}")
     comp = _compute_dtype(x)
-    A = _prepare("A", A, comp, required=True)
-    D = _prepare("D", D, comp)
-    h0 = _prepare("h0", h0, comp)
+    A = _prepare("A", A, comp, required=True, fn=_FN)
+    D = _prepare("D", D, comp, fn=_FN)
+    h0 = _prepare("h0", h0, comp, fn=_FN)
     for name, t in (("dt", dt), ("B", B), ("C", C), ("z", z)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{_FN}: argument '{name}' must be a torch.Tensor, not {type(t).__name__}")
     if B is None:
         raise TypeError(f"{_FN}: argument 'B' must be a tensor, not None")
+    _dims(x, B)
+    rs = resets(x, seq_idx, reset, shape=(x.shape[0], x.shape[1]), fn=_FN)
     ct = lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t  # noqa: E731
-    y, hlast, _ = torch.ops.seqwrap.ssd_scan_fwd(ct(x), ct(dt), A, ct(B), ct(C), D, ct(z), h0, block)
+    y, hlast, _ = torch.ops.seqwrap.ssd_scan_fwd(ct(x), ct(dt), A, ct(B), ct(C), D, ct(z), h0, block, rs)
     y = y.to(x.dtype)
     return (y, hlast) if return_final_state else y
