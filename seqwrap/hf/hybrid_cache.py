@@ -3,7 +3,7 @@ linear-attention state API that HF's recurrent mixers call, answered by the engi
 ChunkStateStore (seqwrap/engines/state_store.py).
 
 What HF's mixers (Mamba2, Bamba, NemotronH, GraniteMoeHybrid, Zamba2, Qwen3-Next; transformers
-5.15-5.24) call on their cache, per layer and forward:
+5.15-5.25) call on their cache, per layer and forward:
   >= 5.2x: get_conv_state(layer, state_idx), get_recurrent_state(layer, state_idx) (None: no
            previous state), is_recording_past(layer)
   5.15:    has_previous_state(layer), then layers[layer].conv_states[0] / .recurrent_states[0]

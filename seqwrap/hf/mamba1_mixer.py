@@ -4,7 +4,7 @@ Why a re-implementation: in transformers' multi-token cached forward these mixer
 `mamba_selective_scan` from a zero state and ignore the cached SSM state (only the single-token
 path reads it), so a chunk cannot continue the previous one through HF's own forward. During a
 chunked step each such mixer instance runs `mamba1_forward` instead: HF's forward (transformers
-5.15-5.24; the cache calls go through the same HybridChunkCache as every other mixer) with the scan
+5.15-5.25; the cache calls go through the same HybridChunkCache as every other mixer) with the scan
 replaced by seqwrap's selective scan (C/CUDA core), started from the cached state and returning the
 final one. The parameters are the HF modules' own (LoRA layers inside in_proj / x_proj / out_proj
 work unchanged). `patched(model)` installs it on the instances and restores them exactly.

@@ -22,7 +22,7 @@ ENV_ALLOW = "SEQWRAP_ALLOW_UNSUPPORTED_VERSIONS"
 
 # package -> (floor, ceiling): floor <= installed < ceiling
 SUPPORTED: dict[str, tuple[str, str]] = {
-    "transformers": ("5.15.1", "5.25"),
+    "transformers": ("5.15.1", "5.26"),
     "peft": ("0.18.0", "0.22"),
 }
 
