@@ -25,20 +25,7 @@ def chunk_loss_sum(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tenso
     logits * multiplier, then softcap * tanh(logits / softcap). Like HF, logits of
     half-precision models are upcast to float32 for the loss (float64 stays float64).
     """
-    mult, cap = multiplier, softcap
-    labels = labels.to(hidden.device)
-    if mult is None and type(lm_head) is nn.Linear:  # (under autocast it casts as lm_head(hidden) would)
-        return linear_cross_entropy(hidden, lm_head.weight, labels, lm_head.bias, ignore_index=ignore_index,
-                                    reduction="sum", softcap=cap)
-    logits = lm_head(hidden)  # (B, L, vocab)
-    if mult is not None:
-        logits = logits * mult
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=ignore_index, reduction="sum")
+    return _token_losses(lm_head, hidden, labels, ignore_index, multiplier, softcap, "sum")
 
 
 def chunk_logp_rows(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
@@ -47,12 +34,15 @@ def chunk_logp_rows(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tens
     sum_t log p(labels[b, t]) over its non-ignored labels (0 for a row without one). The same
     head, transforms and precision as chunk_loss_sum, with reduction "none" (one loss per token)
     summed per row: differentiable, so a per-row upstream gradient reaches the head and hidden."""
-    mult, cap = multiplier, softcap
+    return -_token_losses(lm_head, hidden, labels, ignore_index, multiplier, softcap, "none").sum(dim=-1)  # (B,)
+
+
+def _token_losses(lm_head, hidden, labels, ignore_index, mult, cap, reduction):
+    """The chunk's token cross-entropies: reduction "sum" -> 0-d, "none" -> (B, L) (0 where ignored)."""
     labels = labels.to(hidden.device)
-    if mult is None and type(lm_head) is nn.Linear:
-        token_losses = linear_cross_entropy(hidden, lm_head.weight, labels, lm_head.bias, ignore_index=ignore_index,
-                                            reduction="none", softcap=cap)  # (B, L), 0 where ignored
-        return -token_losses.sum(dim=-1)
+    if mult is None and type(lm_head) is nn.Linear:  # (under autocast it casts as lm_head(hidden) would)
+        return linear_cross_entropy(hidden, lm_head.weight, labels, lm_head.bias, ignore_index=ignore_index,
+                                    reduction=reduction, softcap=cap)
     logits = lm_head(hidden)  # (B, L, vocab)
     if mult is not None:
         logits = logits * mult
@@ -60,5 +50,7 @@ def chunk_logp_rows(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tens
         logits = torch.tanh(logits / cap) * cap
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    token_losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=ignore_index, reduction="none")
-    return -token_losses.sum(dim=-1)  # (B,)
+    if reduction == "none":
+        return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=ignore_index, reduction="none")
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
+                           reduction="sum")
