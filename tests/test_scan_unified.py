@@ -176,8 +176,8 @@ def test_mamba2_entry_seals_against_overlaps(bridge):
 @pytest.mark.parametrize("case, exc, msg", [
     (dict(x=torch.zeros(2, 7, 4)), ValueError, r"'x' must have 4 dimensions \(batch, len, heads, headdim\); got 3"),
     (dict(B=torch.zeros(2, 7, 5)), ValueError, r"'B' must have shape \(batch, len, groups, dstate\)"),
-    (dict(C=torch.zeros(2, 7, 2)), ValueError, r"'C' has shape \(2, 7, 2\); expected"),
-    (dict(dt=torch.zeros(2, 7)), ValueError, r"'dt' has shape \(2, 7\); expected \(batch, len, heads\)"),
+    (dict(C=torch.zeros(2, 7, 2)), ValueError, r"'C' must be 4-D of shape \(batch,len,groups,dstate\), got shape \(2, 7, 2\)"),
+    (dict(dt=torch.zeros(2, 7)), ValueError, r"'dt' must be 3-D of shape \(batch,len,heads\), got shape \(2, 7\)"),
 ])
 def test_registered_ssd_ops_name_bad_shapes(bridge, case, exc, msg):
     x, dt, A, B, C, D, z, h0 = raw_ssd_args()

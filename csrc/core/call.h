@@ -12,6 +12,7 @@
  *      device, requires_grad refused) and checks, naming the function and the argument:
  *      dtype, shape (symbolic dims bind on first use and must match after), non-empty,
  *      contiguity, same device as the other tensors, a CUDA tensor only for an op with a kernel;
+ *      then an omitted int whose spec names a `default_dim` takes that dim's bound size;
  *   4. calls op->validate (GIL held) for cross-argument rules, if the op has one;
  *   5. sw_scope_seal: no written tensor overlaps another argument, nothing changed under a hook;
  *   6. calls op->run(ctx, err) with the GIL released (CPU kernels run there; CUDA kernels are
@@ -113,6 +114,9 @@ typedef struct {
     int has_default;
     int64_t idefault;
     double fdefault;
+    /* SW_ARG_INT with has_default: when omitted, the size bound to this symbolic dim by the tensors
+     * (e.g. "len": grad_len defaults to the sequence length); idefault is then unused. */
+    const char *default_dim;
 } sw_arg_spec;
 
 #define SW_IN(nm, ...) {.name = (nm), .kind = SW_ARG_TENSOR, .access = SW_READ, __VA_ARGS__}
