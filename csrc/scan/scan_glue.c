@@ -232,29 +232,15 @@ static sw_code scan_run(const sw_call *c, sw_error *err) {
         memcpy(p.sdt, sdt, sizeof sdt);
         memcpy(p.sb, sb, sizeof sb);
     }
+    /* every tensor pointer by its argument's name (NULL: None, or not an argument of this entry) */
+#define SCAN_TENSOR_SLOTS(X)                                                                             \
+    X(dt) X(A) X(B) X(C) X(D) X(z) X(h0) X(reset) X(y) X(hlast) X(ckpt) X(dy) X(dhlast) X(ddt) X(dz) X(dB) \
+    X(dC) X(dA) X(dD) X(dh0) X(work)
+#define SCAN_FILL(f) p.f = data(c, #f);
+    SCAN_TENSOR_SLOTS(SCAN_FILL)
+#undef SCAN_FILL
     p.x = x->data;
-    p.dt = data(c, "dt");
-    p.A = data(c, "A");
-    p.B = data(c, "B");
-    p.C = data(c, "C");
-    p.D = data(c, "D");
-    p.z = data(c, "z");
-    p.h0 = data(c, "h0");
-    p.reset = (const int32_t *)data(c, "reset");
-    p.y = data(c, "y");
-    p.hlast = data(c, "hlast");
-    p.ckpt = data(c, "ckpt");
-    p.dy = data(c, "dy");
-    p.dhlast = data(c, "dhlast");
     p.dx = data(c, d.ssd ? M2_DXNAME : M1_DXNAME);
-    p.ddt = data(c, "ddt");
-    p.dz = data(c, "dz");
-    p.dB = data(c, "dB");
-    p.dC = data(c, "dC");
-    p.dA = data(c, "dA");
-    p.dD = data(c, "dD");
-    p.dh0 = data(c, "dh0");
-    p.work = data(c, "work");
     p.trunc = d.backward ? arg(c, "trunc")->i : 0;
     p.grad_len = d.backward ? arg(c, "grad_len")->i : L;
     if (c->device == SW_CUDA)
