@@ -42,6 +42,11 @@
  *   The params struct is `typedef struct sw_lse_merge_params {...} sw_lse_merge_params;` (tagged:
  *   ops.h declares the launcher sw_lse_merge_cuda(const struct sw_lse_merge_params *, const
  *   sw_launch *, sw_error *) from ops.def, and cuda_absent.c stubs it in a build without nvcc).
+ *   Several entries of one kernel (csrc/scan/scan_glue.c: four entries, two layouts) share one
+ *   launcher: their ops.def entries say has_cuda `shared` and an SW_LAUNCHER(prefix, params) entry
+ *   declares and stubs sw_<prefix>_cuda(const struct sw_<params>_params *, ...).
+ *   An int left out may take a size the tensors bound: SW_INT("grad_len", 0, INT64_MAX,
+ *   .has_default = 1, .default_dim = "len") (resolved after step 3, before validate).
  *   Then add an entry to tests/op_examples.py EXAMPLES; tests/test_op_contracts.py does the rest.
  *   Scalars reach run as c->args[i].i (int, bool, choice index), .u (uint64), .f (float).
  *
