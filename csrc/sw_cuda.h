@@ -1,14 +1,11 @@
-/* sw_cuda.h - device queries of the CUDA part of the core, and the selective scan's launchers
- * (the other ops declare theirs through core/ops.h, generated from core/ops.def).
+/* sw_cuda.h - device queries of the CUDA part of the core (every op's launcher is declared by
+ * core/ops.h, generated from core/ops.def).
  *
- * Implemented in csrc/cuda/ when seqwrap is built with nvcc, and by core/cuda_absent.c otherwise
- * (every launcher then returns SW_ERR_NO_CUDA). Launchers take the torch stream as an opaque
- * pointer (cudaStream_t) and the device index of their tensors; they never synchronise the host.
+ * Implemented in csrc/cuda/ when seqwrap is built with nvcc, and by core/cuda_absent.c otherwise.
  */
 #ifndef SEQWRAP_CUDA_H
 #define SEQWRAP_CUDA_H
 
-#include "scan/scan.h"
 #include "sw_status.h"
 
 #ifdef __cplusplus
@@ -29,10 +26,6 @@ void sw_cuda_query(sw_cuda_info *info);
 
 /* Compute capability (major*10+minor) of device `dev`, or -1. */
 int sw_cuda_device_capability(int dev);
-
-/* Selective scan, both modes (scan/scan.h); p->work: rows * SW_SCAN_WORK(1, dstate, block) values. */
-sw_code sw_scan_fwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err);
-sw_code sw_scan_bwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err);
 
 #ifdef __cplusplus
 }

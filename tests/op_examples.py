@@ -4,8 +4,9 @@ EXAMPLES[name] gives what the registry's spec cannot: sizes for the symbolic dim
 tensors the spec leaves free ("shapes", one per list item for list arguments), values that must
 satisfy the kernel (labels in range, probabilities in (0, 1]: "fill"), scalar values ("values"), and
 optional tensors to pass as None ("none"). Everything else (dtypes, shapes, which tensors exist) comes
-from the spec, so a new call-path op needs one entry here and nothing else. Ops with their own glue
-(spec False: the scan ops until the unified scan op) give a "build" function instead.
+from the spec, so a new call-path op needs one entry here and nothing else. An op whose valid inputs
+the spec cannot describe (the scan backward needs the forward's checkpoints; random A would
+overflow) gives a "build" function instead, returning every argument of its spec by name.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _ssd_fwd(g, block=64):
                                                   seed=int(torch.randint(0, 1000, (1,), generator=g)))
     nblk = -(-5 // block)
     return dict(x=x, dt=dt, A=A, B=B, C=Cm, D=D, z=z, h0=h0, y=torch.empty(2, 5, 4, 3), hlast=torch.empty(2, 4, 3, 6),
-                ckpt=torch.empty(2, 4, 3, nblk, 6), block=block, work=None, stream=0)
+                ckpt=torch.empty(2, 4, 3, nblk, 6), block=block, work=None, stream=0, reset=None)
 
 
 def _ssd_bwd(g):
@@ -60,7 +61,7 @@ def _ssd_bwd(g):
     return dict(x=a["x"], dt=a["dt"], A=a["A"], B=a["B"], C=a["C"], D=a["D"], z=a["z"], ckpt=a["ckpt"],
                 dy=torch.randn(2, 5, 4, 3, generator=g), dhlast=None, dx=z(2, 5, 4, 3), ddt=z(2, 5, 4),
                 dz=z(2, 5, 4, 3), dB=z(2, 5, 2, 6), dC=z(2, 5, 2, 6), dA=z(2, 4, 3), dD=z(2, 4, 3), dh0=z(2, 4, 3, 6),
-                block=2, work=None, stream=0)
+                block=2, work=None, stream=0, trunc=0, grad_len=5, reset=None)
 
 
 EXAMPLES = {
@@ -183,7 +184,7 @@ def build(op: dict, seed: int = 0) -> dict:
     """Keyword arguments of a valid call of `op` (a registry entry), fresh tensors, deterministic in seed."""
     ex = example(op["name"])
     g = torch.Generator().manual_seed(seed)
-    if not op["spec"]:
+    if "build" in ex:
         return ex["build"](g)
     built = {}
     n_items = max((len(v) for v in ex.get("shapes", {}).values() if isinstance(v, list)), default=2)

@@ -7,8 +7,7 @@ tensor, out-of-range scalar or spoofed tensor is refused with a message naming t
 from two threads and re-entrant calls from a tensor-subclass hook give the sequential result, and a
 hook that moves an imported tensor's memory is caught; the torch custom op passes opcheck; an op
 with a CUDA kernel is exercised by the GPU sanitizer's workload (benchmarks/gpu_check).
-The scan ops still have their own glue (no spec): where they miss a contract the case is an
-xfail(strict=True) that the unified scan op turns into a pass.
+Every op is on the one call path (its spec in the registry), so every case runs for every op.
 """
 import threading
 
@@ -22,15 +21,11 @@ from . import op_examples as X
 pytestmark = pytest.mark.ccore
 C = seqwrap._C
 REGISTRY = {op["name"]: op for op in C._op_registry()}
-SCAN_FIX = "fixed by the unified scan op"
-SSD = set()  # the unified scan op (csrc/scan/) seals, bumps versions and is in the sanitizer target
-LEGACY = {n for n, op in REGISTRY.items() if not op["spec"]}
 
 
-def ops(xfail=()):
-    """Every registered op as a parameter; those in `xfail` as strict xfails (SCAN_FIX)."""
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=SCAN_FIX)) if n in xfail else n
-            for n in REGISTRY]
+def ops():
+    """Every registered op as a parameter."""
+    return list(REGISTRY)
 
 
 def call(name, kwargs):
@@ -73,7 +68,7 @@ def test_every_op_has_an_example_and_a_custom_op_entry(name):
 
 # ---- writes: versions and overlaps ------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ops(xfail=SSD))
+@pytest.mark.parametrize("name", ops())
 def test_written_tensors_get_their_version_bumped(name):
     op = REGISTRY[name]
     a = X.build(op)
@@ -107,8 +102,7 @@ def _overlap_cases():
                 continue
             for ol, oname, oidx, o in X.tensors(a):
                 if ol != wl:
-                    marks = [pytest.mark.xfail(strict=True, reason=SCAN_FIX)] if n in SSD else []
-                    yield pytest.param(n, wl, ol, marks=marks, id=f"{n}-{wl}-{ol}")
+                    yield pytest.param(n, wl, ol, id=f"{n}-{wl}-{ol}")
 
 
 @pytest.mark.parametrize("name, w_label, o_label", list(_overlap_cases()))
@@ -129,7 +123,7 @@ def test_a_written_tensor_overlapping_another_argument_is_refused(name, w_label,
 _PROBE_DTYPES = [torch.int32, torch.int64, torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("name", ops(xfail=LEGACY))
+@pytest.mark.parametrize("name", ops())
 def test_wrong_dtype_is_named(name):
     op = spec(name)
     a = X.build(op)
@@ -162,7 +156,7 @@ def _shape_probes(op):
         seen_ellipsis |= has_ell
 
 
-@pytest.mark.parametrize("name", ops(xfail=LEGACY))
+@pytest.mark.parametrize("name", ops())
 def test_wrong_shape_is_named(name):
     op = spec(name)
     probes = list(_shape_probes(op))
@@ -231,7 +225,7 @@ def _range_probes(arg):
     return []
 
 
-@pytest.mark.parametrize("name", ops(xfail=LEGACY))
+@pytest.mark.parametrize("name", ops())
 def test_out_of_range_scalars_are_named(name):
     op = spec(name)
     probed = 0
@@ -328,7 +322,7 @@ def test_reentrant_call_from_a_subclass_hook(name):
         assert torch.equal(g, w), name
 
 
-@pytest.mark.parametrize("name", ops(xfail=SSD))
+@pytest.mark.parametrize("name", ops())
 def test_hook_that_moves_an_imported_tensor_is_caught(name):
     if not C.build_info()["dlpack_fast_path"]:
         pytest.skip("the memory check after hooks needs torch's DLPack C exchange API")
@@ -395,8 +389,7 @@ def _sanitizer_calls():
 _SANITIZED = {}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=SCAN_FIX))
-                                  if n in SSD else n for n, op in REGISTRY.items() if op["has_cuda"]])
+@pytest.mark.parametrize("name", [n for n, op in REGISTRY.items() if op["has_cuda"]])
 def test_cuda_kernel_is_in_the_gpu_sanitizer_target(name):
     if "seen" not in _SANITIZED:
         _SANITIZED["seen"] = _sanitizer_calls()
@@ -413,8 +406,8 @@ def test_missing_unknown_and_surplus_arguments_are_type_errors(name):
     required = next(n for n in op["arg_names"] if n in a and n != "stream")
     with pytest.raises(TypeError, match=f"'{required}'"):
         call(name, {k: v for k, v in a.items() if k != required})
-    last = list(a)[-1]  # own glue (CPython's parser) may first report the missing one
-    with pytest.raises(TypeError, match="'no_such_argument'" if op["spec"] else f"'no_such_argument'|'{last}'"):
+    last = list(a)[-1]
+    with pytest.raises(TypeError, match="'no_such_argument'"):
         call(name, dict({k: v for k, v in a.items() if k != last}, no_such_argument=1))
     with pytest.raises(TypeError):
         getattr(C, name)(*a.values(), *[None] * (len(op["arg_names"]) + 1 - len(a)), None)
@@ -432,7 +425,7 @@ def test_versions_are_bumped_even_when_the_kernel_fails():
     assert (logits._version, loss._version, lse._version) == (1, 1, 1)
 
 
-@pytest.mark.parametrize("name", ops(xfail=LEGACY))
+@pytest.mark.parametrize("name", ops())
 def test_strided_tensors_compute_right_and_a_self_overlapping_output_is_refused(name):
     """Arguments the spec lets through with any strides: the kernel reads them from its params struct
     (a stride-2 copy gives the contiguous call's result, checked above); a written one whose

@@ -176,8 +176,8 @@ def test_mamba2_entry_seals_against_overlaps(bridge):
 @pytest.mark.parametrize("case, exc, msg", [
     (dict(x=torch.zeros(2, 7, 4)), ValueError, r"'x' must have 4 dimensions \(batch, len, heads, headdim\); got 3"),
     (dict(B=torch.zeros(2, 7, 5)), ValueError, r"'B' must have shape \(batch, len, groups, dstate\)"),
-    (dict(C=torch.zeros(2, 7, 2)), ValueError, r"'C' has shape \(2, 7, 2\); expected"),
-    (dict(dt=torch.zeros(2, 7)), ValueError, r"'dt' has shape \(2, 7\); expected \(batch, len, heads\)"),
+    (dict(C=torch.zeros(2, 7, 2)), ValueError, r"'C' must be 4-D of shape \(batch,len,groups,dstate\), got shape \(2, 7, 2\)"),
+    (dict(dt=torch.zeros(2, 7)), ValueError, r"'dt' must be 3-D of shape \(batch,len,heads\), got shape \(2, 7\)"),
 ])
 def test_registered_ssd_ops_name_bad_shapes(bridge, case, exc, msg):
     x, dt, A, B, C, D, z, h0 = raw_ssd_args()
@@ -237,3 +237,24 @@ for mode in ("auto", "capsule"):
             raise SystemExit("a fake tensor was accepted")
 """)
     assert out.count("refused") == 22, out
+
+
+def test_ssd_backward_grad_len_defaults_to_len_from_the_tensors():
+    """ssd_scan_bwd's omitted trunc and grad_len are 0 and len (call.h `.default_dim`): the same
+    gradients as passing them, and a grad_len past len is refused by name."""
+    from . import op_examples as X
+
+    spec = {a["name"]: a for a in next(o for o in _C._op_registry() if o["name"] == "ssd_scan_bwd")["args"]}
+    assert spec["grad_len"]["default_dim"] == "len" and spec["trunc"]["default"] == 0
+    full = X._ssd_bwd(torch.Generator().manual_seed(3))
+    omitted = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in full.items()
+               if k not in ("trunc", "grad_len")}
+    _C.ssd_scan_bwd(**full)
+    _C.ssd_scan_bwd(**omitted)
+    for k in ("dx", "ddt", "dz", "dB", "dC", "dA", "dD", "dh0"):
+        assert torch.equal(full[k], omitted[k]), k
+    short = dict(omitted, grad_len=2)
+    _C.ssd_scan_bwd(**short)
+    assert not torch.equal(short["dx"], full["dx"])   # the default really is len, not 0 or 2
+    with pytest.raises(ValueError, match=r"'grad_len' must be in \[0, len=5\], got 6"):
+        _C.ssd_scan_bwd(**dict(omitted, grad_len=6))

@@ -512,6 +512,15 @@ PyObject *sw_call_op(const sw_op *op, PyObject *args, PyObject *kwargs) {
         }
     }
     if (import_tensors(fn, op, &c, &st) < 0) goto done;
+    for (int a = 0; a < op->nargs; ++a) /* omitted ints that default to a dim the tensors bound */
+        if (!st.obj[a] && op->args[a].default_dim) {
+            c.args[a].i = sw_call_dim(&c, op->args[a].default_dim);
+            if (c.args[a].i < 0) {
+                PyErr_Format(PyExc_SystemError, "%s: '%s' defaults to dim '%s', which no tensor binds", fn,
+                             op->args[a].name, op->args[a].default_dim);
+                goto done;
+            }
+        }
     if (op->validate && op->validate(&c) < 0) goto done;
     if (sw_scope_seal(&st.scope, fn) < 0) goto done;
 

@@ -12,6 +12,7 @@
  *      device, requires_grad refused) and checks, naming the function and the argument:
  *      dtype, shape (symbolic dims bind on first use and must match after), non-empty,
  *      contiguity, same device as the other tensors, a CUDA tensor only for an op with a kernel;
+ *      then an omitted int whose spec names a `default_dim` takes that dim's bound size;
  *   4. calls op->validate (GIL held) for cross-argument rules, if the op has one;
  *   5. sw_scope_seal: no written tensor overlaps another argument, nothing changed under a hook;
  *   6. calls op->run(ctx, err) with the GIL released (CPU kernels run there; CUDA kernels are
@@ -41,6 +42,11 @@
  *   The params struct is `typedef struct sw_lse_merge_params {...} sw_lse_merge_params;` (tagged:
  *   ops.h declares the launcher sw_lse_merge_cuda(const struct sw_lse_merge_params *, const
  *   sw_launch *, sw_error *) from ops.def, and cuda_absent.c stubs it in a build without nvcc).
+ *   Several entries of one kernel (csrc/scan/scan_glue.c: four entries, two layouts) share one
+ *   launcher: their ops.def entries say has_cuda `shared` and an SW_LAUNCHER(prefix, params) entry
+ *   declares and stubs sw_<prefix>_cuda(const struct sw_<params>_params *, ...).
+ *   An int left out may take a size the tensors bound: SW_INT("grad_len", 0, INT64_MAX,
+ *   .has_default = 1, .default_dim = "len") (resolved after step 3, before validate).
  *   Then add an entry to tests/op_examples.py EXAMPLES; tests/test_op_contracts.py does the rest.
  *   Scalars reach run as c->args[i].i (int, bool, choice index), .u (uint64), .f (float).
  *
@@ -113,6 +119,9 @@ typedef struct {
     int has_default;
     int64_t idefault;
     double fdefault;
+    /* SW_ARG_INT with has_default: when omitted, the size bound to this symbolic dim by the tensors
+     * (e.g. "len": grad_len defaults to the sequence length); idefault is then unused. */
+    const char *default_dim;
 } sw_arg_spec;
 
 #define SW_IN(nm, ...) {.name = (nm), .kind = SW_ARG_TENSOR, .access = SW_READ, __VA_ARGS__}

@@ -27,24 +27,19 @@ static sw_code no_cuda(sw_error *err) {
     return SW_ERR_NO_CUDA;
 }
 
-#define SW_STUB_1(prefix)                                                                            \
-    sw_code sw_##prefix##_cuda(const struct sw_##prefix##_params *p, const sw_launch *l, sw_error *err) { \
+#define SW_STUB(prefix, params)                                                                      \
+    sw_code sw_##prefix##_cuda(const struct sw_##params##_params *p, const sw_launch *l, sw_error *err) { \
         (void)p;                                                                                     \
         (void)l;                                                                                     \
         return no_cuda(err);                                                                         \
     }
+#define SW_STUB_1(prefix) SW_STUB(prefix, prefix)
 #define SW_STUB_0(prefix)
+#define SW_STUB_shared(prefix) /* stubbed by its SW_LAUNCHER entry */
 #define SW_OP(name, prefix, has_cuda, doc) SW_STUB_##has_cuda(prefix)
+#define SW_LAUNCHER(prefix, params) SW_STUB(prefix, params)
 #include "ops.def"
 
-/* The selective scan keeps its own launcher signatures until it is ported to the call path. */
-#define SW_LEGACY_STUB(launcher)                                                               \
-    sw_code launcher(const sw_scan_params *p, int device, void *stream, sw_error *err) {       \
-        (void)p; (void)device; (void)stream;                                                   \
-        return no_cuda(err);                                                                   \
-    }
-SW_LEGACY_STUB(sw_scan_fwd_cuda)
-SW_LEGACY_STUB(sw_scan_bwd_cuda)
 #else
 typedef int sw_cuda_absent_unused; /* ISO C forbids an empty translation unit */
 #endif

@@ -1,7 +1,7 @@
 /* module.c - seqwrap._C: module definition, build facts and bridge controls.
  *
  * The ops' methods are generated from ops.def: a call-path op (SW_OP) becomes a method that hands
- * its sw_op to sw_call_op (call.h); an SW_GLUE entry points at its own glue (py_ops.h).
+ * its sw_op to sw_call_op (call.h).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -9,7 +9,6 @@
 
 #include "bridge.h"
 #include "call.h"
-#include "py_ops.h"
 #include "sw_cuda.h"
 
 #ifndef SEQWRAP_CUDA_ARCHS
@@ -128,8 +127,6 @@ static PyObject *py_op_registry(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
 #define SW_OP(name, prefix, has_cuda, doc) \
     {#name, (PyCFunction)(void (*)(void))py_##name, METH_VARARGS | METH_KEYWORDS, doc},
-#define SW_GLUE(name, function, has_cuda, arg_names, writes, doc) \
-    {#name, (PyCFunction)(void (*)(void))function, METH_VARARGS | METH_KEYWORDS, doc},
 #include "ops.def"
     {"_op_registry", py_op_registry, METH_NOARGS, "Every op of ops.def: name, arguments, what it writes, CUDA."},
     {"build_info", py_build_info, METH_NOARGS, "Facts about how this extension was built."},

@@ -11,11 +11,14 @@
 extern "C" {
 #endif
 
-#define SW_LAUNCHER_1(prefix)                                                                       \
-    struct sw_##prefix##_params;                                                                    \
-    sw_code sw_##prefix##_cuda(const struct sw_##prefix##_params *p, const sw_launch *l, sw_error *err);
+#define SW_DECLARE_LAUNCHER(prefix, params)                                                         \
+    struct sw_##params##_params;                                                                    \
+    sw_code sw_##prefix##_cuda(const struct sw_##params##_params *p, const sw_launch *l, sw_error *err);
+#define SW_LAUNCHER_1(prefix) SW_DECLARE_LAUNCHER(prefix, prefix)
 #define SW_LAUNCHER_0(prefix)
+#define SW_LAUNCHER_shared(prefix) /* declared by its SW_LAUNCHER entry */
 #define SW_OP(name, prefix, has_cuda, doc) SW_LAUNCHER_##has_cuda(prefix)
+#define SW_LAUNCHER(prefix, params) SW_DECLARE_LAUNCHER(prefix, params)
 #include "ops.def"
 
 #ifdef __cplusplus

@@ -4,7 +4,8 @@
  * Per op: {"name", "fn", "has_cuda", "spec": bool (on the call path), "args": [...],
  * "arg_names": [...], "writes": [...]}; per argument of a call-path op: {"name", "kind", "writes",
  * "dtypes", "dtype_rule", "dtype_ref", "shape", "shape_like", "what", "nonempty", "contiguous",
- * "min", "max", "finite", "choices", "default"} (None where it does not apply). */
+ * "min", "max", "finite", "choices", "default", "default_dim"} (None where it does not apply;
+ * "default_dim": an omitted int takes the size of that symbolic dim). */
 #include "call.h"
 
 #include <math.h>
@@ -41,21 +42,6 @@ static PyObject *choice_list(const char *const *choices) {
     return l;
 }
 
-/* A comma-separated list as a Python list of str. */
-static PyObject *split_names(const char *csv) {
-    PyObject *l = PyList_New(0);
-    const char *p = csv;
-    while (l && *p) {
-        size_t len = strcspn(p, ",");
-        PyObject *s = PyUnicode_FromStringAndSize(p, (Py_ssize_t)len);
-        if (!s || PyList_Append(l, s) < 0) Py_CLEAR(l);
-        Py_XDECREF(s);
-        p += len;
-        if (*p == ',') ++p;
-    }
-    return l;
-}
-
 static PyObject *describe_arg(const sw_arg_spec *s) {
     const int tensor = s->kind == SW_ARG_TENSOR || s->kind == SW_ARG_OPT_TENSOR || s->kind == SW_ARG_TENSOR_LIST;
     const int ranged = s->imin != 0 || s->imax != 0;
@@ -76,7 +62,7 @@ static PyObject *describe_arg(const sw_arg_spec *s) {
         Py_XDECREF(lo); Py_XDECREF(hi); Py_XDECREF(dflt);
         return NULL;
     }
-    return Py_BuildValue("{s:s,s:s,s:O,s:N,s:s,s:N,s:N,s:N,s:N,s:O,s:O,s:N,s:N,s:O,s:N,s:N}",
+    return Py_BuildValue("{s:s,s:s,s:O,s:N,s:s,s:N,s:N,s:N,s:N,s:O,s:O,s:N,s:N,s:O,s:N,s:N,s:N}",
                          "name", s->name, "kind", k_kinds[s->kind],
                          "writes", tensor && s->access == SW_WRITE ? Py_True : Py_False,
                          "dtypes", tensor ? dtype_list(s->dtypes) : Py_NewRef(Py_None),
@@ -85,7 +71,7 @@ static PyObject *describe_arg(const sw_arg_spec *s) {
                          "what", str_or_none(s->what), "nonempty", s->nonempty ? Py_True : Py_False,
                          "contiguous", tensor && !s->strided ? Py_True : Py_False, "min", lo, "max", hi,
                          "finite", s->finite ? Py_True : Py_False, "choices", choice_list(s->choices),
-                         "default", dflt);
+                         "default", dflt, "default_dim", str_or_none(s->default_dim));
 }
 
 PyObject *sw_op_describe(const sw_op *op) {
@@ -108,12 +94,6 @@ PyObject *sw_op_describe(const sw_op *op) {
                          "writes", writes);
 }
 
-static PyObject *describe_glue(const char *name, int has_cuda, const char *arg_names, const char *writes) {
-    return Py_BuildValue("{s:s,s:s,s:O,s:O,s:O,s:N,s:N}", "name", name, "fn", name, "has_cuda",
-                         has_cuda ? Py_True : Py_False, "spec", Py_False, "args", Py_None, "arg_names",
-                         split_names(arg_names), "writes", split_names(writes));
-}
-
 static int append(PyObject *list, PyObject *item) {
     int rc = item ? PyList_Append(list, item) : -1;
     Py_XDECREF(item);
@@ -125,8 +105,6 @@ PyObject *sw_op_registry(void) {
     if (!ops) return NULL;
 #define SW_OP(name, prefix, has_cuda, doc) \
     if (append(ops, sw_op_describe(&sw_##prefix##_op)) < 0) goto fail;
-#define SW_GLUE(name, function, has_cuda, arg_names, writes, doc) \
-    if (append(ops, describe_glue(#name, has_cuda, arg_names, writes)) < 0) goto fail;
 #include "ops.def"
     return ops;
 fail:

@@ -45,12 +45,12 @@ __global__ void sw_scan_bwd_kernel(const sw_scan_params p) {
                              (float *)dC, p.sb[1], p.sb[3]);
 }
 
-static sw_code launch(const sw_scan_params *p, int backward, int device, void *stream, sw_error *err) {
-    SwDeviceGuard guard(device);
+static sw_code launch(const sw_scan_params *p, int backward, const sw_launch *l, sw_error *err) {
+    SwDeviceGuard guard(l->device);
     if (guard.status != cudaSuccess) return sw_cuda_fail(guard.status, "selecting the device", err);
     const long long rows = p->batch * p->heads * p->headdim;
     const unsigned blocks = (unsigned)((rows + SW_SCAN_THREADS - 1) / SW_SCAN_THREADS);
-    cudaStream_t s = (cudaStream_t)stream;
+    cudaStream_t s = (cudaStream_t)l->stream;
     if (backward) {   // ddt, dB, dC are sums: zeroed first
         const size_t ts = p->f64 ? sizeof(double) : sizeof(float);
         const size_t nb = (size_t)(p->batch * p->len * p->groups * p->dstate) * ts;
@@ -68,10 +68,10 @@ static sw_code launch(const sw_scan_params *p, int backward, int device, void *s
                                                      : "launching the scan forward kernel", err);
 }
 
-extern "C" sw_code sw_scan_fwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err) {
-    return launch(p, 0, device, stream, err);
+extern "C" sw_code sw_scan_fwd_cuda(const sw_scan_params *p, const sw_launch *l, sw_error *err) {
+    return launch(p, 0, l, err);
 }
 
-extern "C" sw_code sw_scan_bwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err) {
-    return launch(p, 1, device, stream, err);
+extern "C" sw_code sw_scan_bwd_cuda(const sw_scan_params *p, const sw_launch *l, sw_error *err) {
+    return launch(p, 1, l, err);
 }

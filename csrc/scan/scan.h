@@ -53,6 +53,7 @@
 #include "sw_portable.h"
 #include "sw_status.h"
 #include "sw_tensor.h"
+#include "ops.h"   /* the launchers sw_scan_fwd_cuda / sw_scan_bwd_cuda */
 
 #ifdef __cplusplus
 extern "C" {
@@ -60,7 +61,7 @@ extern "C" {
 
 #define SW_SCAN_MAX_DSTATE 256
 
-typedef struct {
+typedef struct sw_scan_params {   /* tagged: core/ops.h declares the launchers with it */
     int64_t batch, len, heads, headdim, groups, dstate, block;
     int a_scalar;        /* 1: A[h] one value per head (Mamba-2); 0: A[h, n] per state (Mamba-1) */
     sw_dtype io_dtype;   /* dtype of x, dt, B, C, z */
@@ -144,9 +145,8 @@ SW_HOSTDEV int sw_scan_resets(const sw_scan_params *p, int64_t b, int64_t t) {
 
 sw_code sw_scan_fwd_cpu(const sw_scan_params *p, sw_error *err);
 sw_code sw_scan_bwd_cpu(const sw_scan_params *p, sw_error *err);
-/* CUDA launchers (scan.cu; scan_cuda_absent.c without nvcc). They never synchronise the host. */
-sw_code sw_scan_fwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err);
-sw_code sw_scan_bwd_cuda(const sw_scan_params *p, int device, void *stream, sw_error *err);
+/* The CUDA launchers sw_scan_fwd_cuda / sw_scan_bwd_cuda (scan.cu; core/cuda_absent.c without nvcc)
+ * are declared by core/ops.h (SW_LAUNCHER entries of ops.def). They never synchronise the host. */
 
 #ifdef __cplusplus
 }
