@@ -172,16 +172,11 @@ class SeqwrapDPOTrainer(SeqwrapTrainerMixin, DPOTrainer):
     # -- the step ------------------------------------------------------------------------
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
+        self._seqwrap_train_mode(model)
         inputs = self._seqwrap_batch(self._prepare_inputs(inputs))
         # DPOTrainer.loss_is_scaled_for_ga is False: Trainer divides its loss by the accumulation steps
         scale = 1.0 / self.current_gradient_accumulation_steps
-        grad_scale = scale
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and scaler.is_enabled():  # fp16: gradients carry the loss scale, as in backward()
-            grad_scale *= float(scaler.get_scale())
+        grad_scale = self._seqwrap_grad_scale(scale)
         engine = self._seqwrap_engine_for(model)
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         record: dict = {}

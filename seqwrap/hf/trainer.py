@@ -62,11 +62,23 @@ class SeqwrapTrainerMixin:
             self._seqwrap_engines[id(model)] = engine
         return engine
 
-    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
-                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    def _seqwrap_train_mode(self, model: torch.nn.Module) -> None:
+        """What Trainer.training_step does first: the model (and a schedule-free optimizer) in train mode."""
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
+
+    def _seqwrap_grad_scale(self, scale: float) -> float:
+        """The factor on the gradients of a loss scaled by `scale`: with fp16 it also carries the loss scale,
+        as backward() of the scaled loss would."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            return scale * float(scaler.get_scale())
+        return scale
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        self._seqwrap_train_mode(model)
         inputs = self._prepare_inputs(inputs)
         args, packed = self._seqwrap_engine_inputs(inputs)
         # Same scaling as Trainer.compute_loss + training_step: a loss normalised by the global
@@ -77,10 +89,7 @@ class SeqwrapTrainerMixin:
             scale /= self.current_gradient_accumulation_steps
         elif self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             scale *= self.accelerator.num_processes
-        grad_scale = scale
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and scaler.is_enabled():  # fp16: gradients carry the loss scale, as in backward()
-            grad_scale *= float(scaler.get_scale())
+        grad_scale = self._seqwrap_grad_scale(scale)
         engine = self._seqwrap_engine_for(model)
         with self.compute_loss_context_manager():  # bf16/fp16 autocast
             out = engine(**args, num_items=num_items_in_batch, loss_scale=grad_scale, **packed)
