@@ -32,7 +32,6 @@ from ..hf.attention import NeedsConcat
 from ..hf.decoder import HFDecoderAdapter, UnsupportedModelError, unwrap_ddp
 from ..hf.positions import has_dynamic_rope, rope_types
 from ..hf.router_aux import RouterAux, aux_coefficient, wants_router_logits
-from ..labels import shift_labels as shifted
 from ..ops.dtypes import real_dtype
 from ..parallel.fsdp import FSDPSchedule, fsdp_step, fsdp_step_for
 from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, sync_ddp_gradients, unstash_grads
@@ -41,9 +40,9 @@ from . import objective as seq_objective
 from .chunk_loss import chunk_logp_rows, chunk_loss_sum
 from .evaluate import forward_only
 from .hybrid_store import make_store
-from .kv_store import ChunkKVStore
 from .offload import Transfers, default_pool, park_activations
 from .packing import prepare as prepare_packed
+from .step_checks import StepChecks
 
 
 _BOUNDARY_KEYS = frozenset({"cu_seqlens", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
@@ -86,7 +85,7 @@ class StepResult:
     sequence_logps: torch.Tensor | None = None
 
 
-class SeCO:
+class SeCO(StepChecks):
     """Exact chunk-wise forward + backward for a HF decoder-only causal LM.
 
     model: a *ForCausalLM (or a peft PeftModel of one, or a DDP wrapper of either), optionally
@@ -543,119 +542,6 @@ class SeCO:
         t = torch.tensor(weights, dtype=torch.float64)
         dist.broadcast(t, group=self.group, group_src=0)
         return t.tolist()
-
-    # -- checks ----------------------------------------------------------------
-    def _check_inputs(self, input_ids, labels, attention_mask, position_ids=None, shift_labels=None):
-        """(input_ids, shifted labels, attention_mask or None, position_ids or None), (B, T) each, on the
-        model's device; shifted[b, t] is the target of position t (ignore_index where there is none)."""
-        name = self.name
-        if not torch.is_tensor(input_ids):
-            raise TypeError(f"seqwrap.{name}: input_ids must be a tensor, not {type(input_ids).__name__}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
-            raise TypeError(f"seqwrap.{name}: input_ids must hold integer token ids, not {input_ids.dtype}")
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-            labels, attention_mask, position_ids, shift_labels = (
-                t.unsqueeze(0) if torch.is_tensor(t) and t.dim() == 1 else t
-                for t in (labels, attention_mask, position_ids, shift_labels))
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-            raise ValueError(f"seqwrap.{name}: input_ids must be (batch, seq_len) and non-empty, "
-                             f"got shape {tuple(input_ids.shape)}")
-        shape = tuple(input_ids.shape)
-        if shift_labels is not None:
-            what, labels = "shift_labels", shift_labels
-        else:
-            what, labels = "labels", input_ids if labels is None else labels
-        for arg, t in ((what, labels), ("attention_mask", attention_mask), ("position_ids", position_ids)):
-            if t is not None and (not torch.is_tensor(t) or tuple(t.shape) != shape):
-                got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-                hint = " (labels are aligned with input_ids and shifted inside)" if arg == "labels" else ""
-                raise ValueError(f"seqwrap.{name}: {arg} shape {got} does not match input_ids shape {shape}{hint}")
-        T = shape[1] * self._world()
-        limit = self.adapter.max_positions
-        if limit is not None and T > limit:
-            raise ValueError(f"seqwrap.{name}: input of {T} tokens is longer than the model's limit "
-                             f"(max_position_embeddings={limit} for model_type '{self.adapter.model_type}')")
-        keep = getattr(self.adapter.config, "keep_window_size", None)
-        if isinstance(keep, int) and T > keep:
-            raise UnsupportedModelError(
-                f"seqwrap.{name}: model_type '{self.adapter.model_type}' masks keys dynamically (top-{keep} per query) "
-                f"only in calls with more than keep_window_size={keep} keys; chunks of a {T}-token input would be "
-                "masked otherwise than the whole sequence: not supported beyond keep_window_size")
-        if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"seqwrap.{name}: {what} must hold integer class indices, not {labels.dtype}")
-        self._check_label_range(labels, what)
-        device = self.adapter.lm_head.weight.device
-        input_ids = input_ids.to(device)
-        labels = labels.to(device=device, dtype=torch.long)
-        if shift_labels is None:
-            labels = shifted(labels, self.ignore_index)
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(device)
-            if bool(attention_mask.all()):
-                attention_mask = None  # no padding: same result, and the causal fast path
-        if position_ids is not None:
-            position_ids = position_ids.to(device=device, dtype=torch.long)
-        if self.group is not None:
-            world = self._world()
-            if attention_mask is not None:
-                raise ValueError(f"seqwrap.{name}: padded batches are not supported under Ulysses; pack sequences")
-            if position_ids is None or shift_labels is None:
-                raise ValueError(f"seqwrap.{name}: under Ulysses pass this rank's shard from "
-                                 "seqwrap.parallel.shard_batch(batch, group, chunk_size=...), with its position_ids "
-                                 "and shift_labels")
-            if self.chunk_size % world:
-                raise ValueError(f"seqwrap.{name}: chunk_size {self.chunk_size} is not a multiple of the {world} "
-                                 "Ulysses ranks")
-        return input_ids, labels, attention_mask, position_ids
-
-    def _check_label_range(self, labels: torch.Tensor, what: str) -> None:
-        """Every label is ignore_index or in [0, vocab): checked before the step, so that a bad label
-        does not fail the step half way (one reduction over the labels)."""
-        vocab = self.adapter.lm_head.weight.shape[0]
-        counted = labels[labels != self.ignore_index]
-        if counted.numel() == 0:
-            return
-        lo, hi = int(counted.min()), int(counted.max())
-        if lo < 0 or hi >= vocab:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"seqwrap.{self.name}: {what} holds {bad}, outside [0, {vocab}) (the vocabulary) and "
-                             f"not ignore_index ({self.ignore_index})")
-
-    def _check_updates(self, cache: ChunkKVStore, chunk: int) -> None:
-        """Run-time invariants of a chunk's forward, checked right after it (pass 1 comes before any gradient):
-        every attention layer passed its K/V through the cache once, its attention (chunked mode) went
-        through seqwrap's registry entry once, every recurrent layer wrote its state."""
-        mtype = self.adapter.model_type
-        n = len(cache.updated)
-        expected = self.adapter.num_attention_layers
-        if n != expected:
-            raise UnsupportedModelError(
-                f"seqwrap.{self.name} does not support model_type '{mtype}': only {n} of its {expected} attention "
-                f"layers passed their keys/values through the HF Cache API (cache.update) in chunk {chunk}")
-        updated_twice = sorted(layer for layer, calls in cache.update_calls.items() if calls > 1)
-        if updated_twice:
-            raise UnsupportedModelError(
-                f"seqwrap.{self.name} does not support model_type '{mtype}': its layers {updated_twice} passed "
-                f"keys/values through the HF cache more than once in one forward of chunk {chunk}")
-        missing = cache.states.missing() if hasattr(cache, "states") else []
-        if missing:
-            raise UnsupportedModelError(
-                f"seqwrap.{self.name} does not support model_type '{mtype}': its recurrent layers "
-                f"{missing} did not write their state through the HF cache in chunk {chunk}")
-        if self.attention != "chunked":
-            return
-        twice = sorted(layer for layer, calls in cache.attend_calls.items() if calls > 1)
-        if twice:
-            reason = (f"calls the attention function more than once per layer (layers {twice}, e.g. DiffLlama's "
-                      "two value halves), which the chunked attention's K/V store cannot tell apart")
-        elif len(cache.attended) != n:
-            reason = (f"runs attention outside transformers' attention-function registry in {n - len(cache.attended)} "
-                      f"of its {n} layers")
-        else:
-            return
-        raise NeedsConcat(reason)  # __call__ switches to 'concat' or refuses
-
 
 def _sum(S: torch.Tensor) -> torch.Tensor:
     """The objective of sequence_logps(): only S is wanted."""
