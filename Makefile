@@ -78,9 +78,9 @@ asan: $(STAMP)
 # tests/test_hf_versions.py::test_installed_versions_are_in_the_supported_range names the range.
 define matrix_venv
 	@test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
-	$(1)/bin/python -m pip install --quiet --upgrade pip
+	$(1)/bin/python -m pip install --quiet --upgrade pip "setuptools>=77" wheel
 	@if [ -n "$(or $(3),$(TORCH_SPEC))" ]; then $(1)/bin/python -m pip install --quiet "$(or $(3),$(TORCH_SPEC))"; fi
-	$(1)/bin/python -m pip install --quiet $(2) $(if $(3),"$(3)")
+	$(1)/bin/python -m pip install --quiet --no-build-isolation $(2) $(if $(3),"$(3)")
 	$(1)/bin/python -c "import torch, transformers, peft; print('matrix column:', '$(1)', 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 endef
 
