@@ -7,6 +7,8 @@ sums) within its CUDA-vs-CPU tolerance. tests/test_cuda_emulated_asan.py runs a 
 tests/test_cuda_emulated_bugs.py feeds it broken kernel copies and tests/test_cuda_emulated_index.py
 checks 64-bit index arithmetic at sizes past 2^31.
 """
+import os
+
 import pytest
 import torch
 
@@ -26,7 +28,8 @@ KERNELS = {"kahan": "csrc/kahan/kahan.cu", "cross_entropy": "csrc/xent/xent.cu",
 
 @pytest.fixture(scope="session")
 def emu():
-    return EmulatedDevice(build.build("plain"))
+    # SEQWRAP_EMU_MODE=asan: the sanitized build (tests/test_cuda_emulated_asan.py runs this file so)
+    return EmulatedDevice(build.build(os.environ.get("SEQWRAP_EMU_MODE", "plain")))
 
 
 def under_each_schedule(emu, fn, kernels):
