@@ -4,8 +4,7 @@ test_cuda_kernels.py's tolerance table, under three schedules (in order, reverse
 interleaving at every barrier and shuffle), with the shared-memory race check on (any report fails
 the test). Deterministic kernels must agree bitwise across schedules; the scan backward (atomicAdd
 sums) within its CUDA-vs-CPU tolerance. tests/test_cuda_emulated_asan.py runs a subset under ASan/UBSan,
-tests/test_cuda_emulated_bugs.py feeds it broken kernel copies and tests/test_cuda_emulated_index.py
-checks 64-bit index arithmetic at sizes past 2^31.
+tests/test_cuda_emulated_bugs.py feeds it broken kernel copies.
 """
 import os
 
