@@ -248,6 +248,8 @@ class CollectiveCounts:
     reduce_scatter_bytes: int = 0
     all_reduces: int = 0
     all_reduce_bytes: int = 0
+    all_to_alls: int = 0       # all_to_all_single (Ulysses); bytes: each call's input (what one rank sends,
+    all_to_all_bytes: int = 0  # its own block included: (world-1)/world of it leaves the rank)
 
 
 def _nbytes(t) -> int:
@@ -257,9 +259,10 @@ def _nbytes(t) -> int:
 @contextlib.contextmanager
 def count_collectives():
     """Counts torch.distributed all_gather_single (FSDP2's all-gathers), reduce_scatter_single (its
-    reduce-scatters) and all_reduce calls made inside the block, on this rank."""
+    reduce-scatters), all_reduce and all_to_all_single (Ulysses) calls made inside the block, on this rank."""
     counts = CollectiveCounts()
-    saved = {n: getattr(dist, n) for n in ("all_gather_single", "reduce_scatter_single", "all_reduce")}
+    saved = {n: getattr(dist, n) for n in ("all_gather_single", "reduce_scatter_single", "all_reduce",
+                                     "all_to_all_single")}
 
     def all_gather_single(output_tensor, input_tensor, *a, **k):
         counts.all_gathers += 1
@@ -276,9 +279,15 @@ def count_collectives():
         counts.all_reduce_bytes += _nbytes(tensor)
         return saved["all_reduce"](tensor, *a, **k)
 
+    def all_to_all_single(output, input, *a, **k):
+        counts.all_to_alls += 1
+        counts.all_to_all_bytes += _nbytes(input)
+        return saved["all_to_all_single"](output, input, *a, **k)
+
     dist.all_gather_single = all_gather_single
     dist.reduce_scatter_single = reduce_scatter_single
     dist.all_reduce = all_reduce
+    dist.all_to_all_single = all_to_all_single
     try:
         yield counts
     finally:
