@@ -34,7 +34,8 @@ from ..hf.positions import has_dynamic_rope, rope_types
 from ..hf.router_aux import RouterAux, aux_coefficient, wants_router_logits
 from ..ops.dtypes import real_dtype
 from ..parallel.fsdp import FSDPSchedule, fsdp_step, fsdp_step_for
-from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, sync_ddp_gradients, unstash_grads
+from ..parallel.grad_sync import (keep_grads, reduce_step, restore_grads, rollback_grads, stash_grads,
+                                  sync_ddp_gradients, unstash_grads)
 from ..planning.auto import AutoChunk, announce
 from . import objective as seq_objective
 from .chunk_loss import chunk_logp_rows, chunk_loss_sum
@@ -279,13 +280,17 @@ class SeCO(StepChecks):
 
         adapter = self.adapter
         xfer = self._transfers(ids.device) if self.offload else None
-        # the step's gradients accumulate apart from earlier ones: a failed step leaves .grad as it was
+        # A failed step leaves .grad as it was. On one rank the step accumulates straight into .grad and
+        # keeps only what a rollback needs (keep_grads: nothing when .grad starts None or zeroed, else one
+        # copy). Under Ulysses the step's own gradients are summed over the group (reduce_step), so they
+        # accumulate apart from earlier ones (stash_grads) and are added back after the reduction.
         params = self._params()
         cuda_dev = ids.device if ids.device.type == "cuda" else None
         rng_at_start = _rng_state(cuda_dev) if self._auto_attention else None
+        kept = keep_grads(params) if group is None else None
         while True:
             cache = self._make_store(st, xfer)
-            stash = stash_grads(params)
+            stash = stash_grads(params) if group is not None else None
             if self.pool is not None:
                 self.pool.reset_peak()
             try:
@@ -295,23 +300,33 @@ class SeCO(StepChecks):
                 if group is not None:
                     total = reduce_step(params, group, total)
             except NeedsConcat as switch:
-                restore_grads(params, stash)
+                self._undo_grads(params, kept, stash)
                 self._concat_or_refuse(switch, docs, gradient_touched=self._backward_ran)
                 _set_rng_state(rng_at_start, cuda_dev)
                 continue
             except BaseException:
-                restore_grads(params, stash)
+                self._undo_grads(params, kept, stash)
                 raise
             finally:
                 cache.release_all()
             break
         self._auto_attention = False  # the first step decided
-        unstash_grads(params, stash)
+        del kept
+        if stash is not None:
+            unstash_grads(params, stash)
         if self._ddp is not None:
             sync_ddp_gradients(self._ddp)
         if self.pool is not None:
             self.offload_stats.update(host_peak_bytes=self.pool.peak_in_use, host_reserved_bytes=self.pool.reserved)
         return self._result(st, total, extra, backward_chunks=len(selected), rows=rows)
+
+    @staticmethod
+    def _undo_grads(params, kept, stash) -> None:
+        """A failed step: .grad back to what it was (kept: keep_grads, one rank; stash: stash_grads, Ulysses)."""
+        if kept is not None:
+            rollback_grads(params, kept)
+        else:
+            restore_grads(params, stash)
 
     def _result(self, st: "_Step", total: torch.Tensor, extra, backward_chunks: int, rows=None) -> StepResult:
         """total: summed token losses (float64 0-d); extra: auxiliary loss terms (not normalised; with an
