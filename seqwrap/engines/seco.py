@@ -35,6 +35,7 @@ from ..hf.router_aux import RouterAux, aux_coefficient, wants_router_logits
 from ..ops.dtypes import real_dtype
 from ..parallel.agreement import agree_step, agreement_group, selection_fingerprint
 from ..parallel.fsdp import FSDPSchedule, fsdp_step_for
+from ..parallel.ulysses_fsdp import ulysses_fsdp_factor
 from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, sync_ddp_gradients, unstash_grads
 from ..planning.auto import AutoChunk, announce
 from . import objective as seq_objective
@@ -161,9 +162,10 @@ class SeCO(StepChecks):
                              "seq_len, world_size=...)")
         # FSDP2: the step runs inside self._fsdp.step() (see _train_step)
         self._fsdp = fsdp_step_for(model, fsdp, self.name)
-        if self._fsdp is not None and self.group is not None:
-            raise NotImplementedError(f"seqwrap.{self.name}: Ulysses sequence parallelism on an FSDP2 model is not "
-                                      "supported yet")
+        # Ulysses on an FSDP2 model: the backward is multiplied by the Ulysses world and FSDP2 reduces
+        # (parallel/ulysses_fsdp.py)
+        self._sp_factor = 1 if self._fsdp is None or self.group is None else \
+            ulysses_fsdp_factor(model, self._fsdp, self.group, self.name)
         self.adapter.check_recurrent(self.name, attention, chunk_size or self._auto_chunk.smallest, self.group is not None)
         self.adapter.check_structure(self.name)
         self.adapter.check_head(self.name)
@@ -317,8 +319,10 @@ class SeCO(StepChecks):
             try:
                 with adapter.step_context(self.name, cache, pos, chunked=self.attention == "chunked"):
                     total, extra, rows = self._passes(ids, shift, mask, pos, cache, bounds, weights, selected, norm,
-                                                      loss_scale, xfer, objective)
-                if group is not None:
+                                                      loss_scale * self._sp_factor, xfer, objective)
+                if group is not None and self._fsdp is not None:  # FSDP2 reduces the gradients
+                    total = self._group_sum(total)
+                elif group is not None:
                     total = reduce_step(params, group, total)
             except NeedsConcat as switch:
                 restore_grads(params, stash)
