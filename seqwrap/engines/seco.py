@@ -109,7 +109,10 @@ class SeCO(StepChecks):
         offload_min_bytes: smaller saved tensors stay on the device.
     ignore_index: label value that does not count (default -100).
     fsdp: for an FSDP2 (`fully_shard`) model, a seqwrap.FSDPSchedule (default: all-gather once and
-        reduce-scatter once per step; see seqwrap/parallel/fsdp.py).
+        reduce-scatter once per step; see seqwrap/parallel/fsdp.py). With Ulysses as well: the default schedule
+        only, FSDP2's mesh containing the Ulysses ranks (seqwrap/parallel/ulysses_fsdp.py).
+    On several ranks (DDP, FSDP2, Ulysses) every step begins with one tiny all-reduce in which the ranks
+    agree on their input checks and chunks (seqwrap/parallel/agreement.py).
     """
 
     name = "SeCO"
