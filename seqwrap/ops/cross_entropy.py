@@ -225,11 +225,35 @@ def _setup_context(ctx, inputs, output):
         ctx.args = (ignore_index, smoothing, z_loss, softcap, rows, nh, nw, nb)
 
 
+def _buffers_are_ours() -> bool:
+    """True when this backward is the last reader of the forward-formed gradient buffers: the graph is
+    not retained (autograd frees the saved tensors right after this backward), no graph of the
+    backward is built (create_graph) and no compiler traces it. Then they may be scaled in place and
+    handed on: no second gradient-sized copy. Otherwise (retain_graph, gradcheck, double backward) a
+    later backward reads them again, so they are scaled out of place."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    try:
+        return not torch._C._autograd._get_current_graph_task_keep_graph()
+    except RuntimeError:  # not inside an engine-run backward (a direct call of the formula)
+        return False
+
+
+def _scaled(g, scale):
+    """g * scale, in place when the buffers are ours (see _buffers_are_ours). scale: 0-dim."""
+    scale = scale.to(g.dtype)
+    if not _buffers_are_ours():
+        return g * scale
+    if scale.device.type == "cpu" and scale.dim() == 0 and float(scale) == 1.0:  # cheap on the host: skip a pass
+        return g
+    return g.mul_(scale)
+
+
 def _backward(ctx, grad_loss, _glse, _gh, _gw, _gb, _gn):
     if ctx.reduction != "none":
         gh, gw, gb, n_valid = ctx.saved_tensors
         scale = grad_loss / n_valid if ctx.reduction == "mean" else grad_loss
-        grads = [None if _none(g) is None else g * scale.to(g.dtype) for g in (gh, gw, gb)]
+        grads = [None if _none(g) is None else _scaled(g, scale) for g in (gh, gw, gb)]
     else:
         hidden, weight, bias, labels = ctx.saved_tensors
         row_scale = grad_loss.reshape(-1).to(real_dtype(hidden.dtype)).contiguous()
