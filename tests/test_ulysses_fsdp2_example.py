@@ -1,6 +1,6 @@
 """examples/ulysses_fsdp2.py under `torchrun --nproc_per_node 2` (gloo on CPU), tiny sizes: the Ulysses-only
-and FSDP2-only modes train on real text with a progress bar and tokens/s; the combined mode is refused on
-main until issue 22 item 1 (Ulysses x FSDP2, branch dist) lands."""
+and FSDP2-only modes train on real text with a progress bar and tokens/s; and the combined mode
+(Ulysses x FSDP2) trains too."""
 import re
 import subprocess
 import sys
@@ -35,10 +35,10 @@ def test_example_halves_train_under_torchrun(mode):
         assert "ag=3" in bar and "rs=3" in bar and "a2a=0" in bar, bar[-2000:]
 
 
-def test_example_combined_mode_is_refused_until_the_merge():
-    # main refuses Ulysses on an FSDP2 model; when issue 22 item 1 (branch dist) merges, this test flips:
-    # assert returncode == 0 and a final loss, as above.
+def test_example_combined_mode_trains():
+    # Ulysses x FSDP2 on the same 2 ranks: one all-gather and one reduce-scatter per group per step
     out = _run("both")
-    assert out.returncode != 0
-    assert "NotImplementedError" in out.stderr and "Ulysses sequence parallelism on an FSDP2 model" in out.stderr, \
-        out.stderr[-4000:]
+    assert out.returncode == 0, out.stderr[-4000:]
+    final = re.search(r"final loss (\S+) after 2 steps on 2 ranks \(both\)", out.stdout)
+    assert final and 0 < float(final.group(1)) < 10, out.stdout[-2000:]
+    assert "ag=3" in out.stderr and "rs=3" in out.stderr, out.stderr[-2000:]
