@@ -176,13 +176,9 @@ def relay_sum_bytes(shape: DecoderShape, seq_len: int, chunk: int, *, batch: int
     return batch * (past + min(compensated, past)) * kv_tok * dtype_bytes
 
 
-def longest_sequence(shape: DecoderShape, device_bytes: float, host_bytes: float | None, chunk: int,
-                     **kwargs) -> int:
-    """Largest multiple of `chunk` whose seco_peak fits device_bytes (and host_bytes, when given)."""
-    def fits(n_chunks: int) -> bool:
-        est = seco_peak(shape, n_chunks * chunk, chunk, **kwargs)
-        return est.device_total <= device_bytes and (host_bytes is None or est.host_total <= host_bytes)
-
+def longest_fitting(fits, chunk: int) -> int:
+    """Largest multiple of `chunk` whose chunk count n satisfies fits(n) (fits monotone: true, then false).
+    0: not even one chunk fits; -1: nothing grows with the length (unbounded)."""
     if not fits(1):
         return 0
     hi = 1
@@ -195,6 +191,16 @@ def longest_sequence(shape: DecoderShape, device_bytes: float, host_bytes: float
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo * chunk
+
+
+def longest_sequence(shape: DecoderShape, device_bytes: float, host_bytes: float | None, chunk: int,
+                     **kwargs) -> int:
+    """Largest multiple of `chunk` whose seco_peak fits device_bytes (and host_bytes, when given)."""
+    def fits(n_chunks: int) -> bool:
+        est = seco_peak(shape, n_chunks * chunk, chunk, **kwargs)
+        return est.device_total <= device_bytes and (host_bytes is None or est.host_total <= host_bytes)
+
+    return longest_fitting(fits, chunk)
 
 
 GB = 1e9

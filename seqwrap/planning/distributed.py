@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..memory_model import DecoderShape, MemoryEstimate, seco_peak
+from ..memory_model import DecoderShape, MemoryEstimate, longest_fitting, seco_peak
 
 _PARAMS = ("step", "layer")
 _GRADS = ("step", "chunk")
@@ -140,18 +140,7 @@ def longest_parallel_sequence(shape: DecoderShape, layout: Layout, device_bytes:
         est = parallel_peak(shape, n * chunk, chunk, layout, **kwargs)
         return est.device_total <= device_bytes and (host_bytes is None or est.host_total <= host_bytes)
 
-    if not fits(1):
-        return 0
-    hi = 1
-    while fits(hi * 2):
-        hi *= 2
-        if hi > 1 << 40:
-            return -1
-    lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo * chunk
+    return longest_fitting(fits, chunk)
 
 
 def predicted_collectives(shape: DecoderShape, seq_len: int, chunk: int, layout: Layout = Layout(), *,
