@@ -3,7 +3,10 @@
 The model is both apply_ulysses-patched and fully_shard-ed: on the same ranks (every rank holds part of
 one sequence and a shard of the parameters), and on a 2-D DeviceMesh (dp=2 x sp=2: HSDP, each data-parallel
 replica its own sequence). The reference is single-process full backprop of each whole sequence (the mean
-over the replicas on the 2-D mesh). One all-gather and one reduce-scatter per FSDP group per step.
+over the replicas on the 2-D mesh). One all-gather and one reduce-scatter per FSDP group per step with the
+default schedule; the count-dependent schedules (grads="chunk", params="layer") exact too. FSDP2's own
+divide factor makes its reduction sum the sequence ranks (parallel/ulysses_fsdp.py): MsT's plain
+`loss.backward()` needs no scaling.
 """
 import functools
 
@@ -87,40 +90,55 @@ def engine_case(engine, group, mesh, batch, **opts):
     shard(model, mesh=mesh, offload=opts.pop("offload", False), mp=opts.pop("mp", None))
     cls = seqwrap.SpaCO if engine == "spaco" else seqwrap.SeCO
     kw = dict(rate=0.5, seed=3) if engine == "spaco" else {}
-    eng = cls(model, chunk_size=CHUNK, **kw)
-    with count_collectives() as counts:
+    import warnings
+
+    from seqwrap.parallel import FSDPSchedule
+
+    schedule = opts.pop("schedule", None)
+    eng = cls(model, chunk_size=CHUNK, fsdp=None if schedule is None else FSDPSchedule(**schedule), **kw)
+    with count_collectives() as counts, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         out = eng(**sp.shard_batch(batch, group, chunk_size=CHUNK))
-    return dict(loss=out.loss.item(), grads=full_grads(model), counts=counts, chunks=out.backward_chunks)
+    return dict(loss=out.loss.item(), grads=full_grads(model), counts=counts, chunks=out.backward_chunks,
+                warnings=[str(w.message) for w in caught])
 
 
-def mst_case(group, batch):
+def mst_case(group, batch, *, shard_first=False):
+    """MsT (mini-sequence MLP and loss) under Ulysses x FSDP2, the user's plain loss.backward()."""
     import seqwrap
     import seqwrap.parallel as sp
     import torch.distributed as dist
 
     model = model_f64()
     seqwrap.apply_minisequence(model, mlp_chunks=2)
+    if shard_first:
+        shard(model)
     sp.apply_ulysses(model, group=group)
-    shard(model)
+    if not shard_first:
+        shard(model)
     out = model(**sp.shard_batch(batch, group))
-    # FSDP2 averages over its ranks; the Ulysses ranks' gradients must add up: multiply by their number
-    (out.loss * dist.get_world_size(group)).backward()
+    out.loss.backward()  # no scaling: FSDP2's divide factor was set at the forward
     total = out.loss.detach().clone()
     dist.all_reduce(total, group=group)
-    return dict(loss=total.item(), grads=full_grads(model))
+    grads = full_grads(model)
+    sp.remove_ulysses(model)
+    restored = [g.gradient_divide_factor for m in model.modules() if hasattr(m, "_get_fsdp_state")
+                for g in m._get_fsdp_state()._fsdp_param_groups]
+    return dict(loss=total.item(), grads=grads, restored=restored)
 
 
-def refusal_case(group):
+def user_factor_case(group):
+    """A gradient divide factor the user set is not overwritten silently: refused, named."""
     import seqwrap
     import seqwrap.parallel as sp
-    from seqwrap.parallel import FSDPSchedule
 
     model = model_f64()
     sp.apply_ulysses(model, group=group)
     shard(model)
+    model.set_gradient_divide_factor(3.0)
     try:
-        seqwrap.SeCO(model, chunk_size=CHUNK, fsdp=FSDPSchedule(grads="chunk"))
-    except NotImplementedError as e:
+        seqwrap.SeCO(model, chunk_size=CHUNK)
+    except ValueError as e:
         return str(e)
     return None
 
@@ -131,8 +149,14 @@ def same_ranks_worker(rank, world):
     out = {"seco": engine_case("seco", None, None, batch), "spaco": engine_case("spaco", None, None, batch)}
     if world == 2:
         out["mp_offload"] = engine_case("seco", None, None, batch, offload=True, mp=(torch.float32, torch.float64))
+        # float32 reduction: FSDP2 would use PREMUL_SUM for the divide factor (gloo lacks it); forced to SUM
+        out["mp32"] = engine_case("seco", None, None, batch, mp=(torch.float32, torch.float32))
         out["mst"] = mst_case(None, batch)
-        out["refusal"] = refusal_case(None)
+        out["mst_shard_first"] = mst_case(None, batch, shard_first=True)
+        out["seco_chunk_grads"] = engine_case("seco", None, None, batch, schedule=dict(grads="chunk"))
+        out["seco_layer_params"] = engine_case("seco", None, None, batch, schedule=dict(params="layer"))
+        out["spaco_chunk_grads"] = engine_case("spaco", None, None, batch, schedule=dict(grads="chunk"))
+        out["user_factor"] = user_factor_case(None)
     return out
 
 
@@ -146,6 +170,9 @@ def mesh_worker(rank, world):
     replica = mesh.get_local_rank("dp")
     out = engine_case("seco", group, mesh, make_batch(1 + replica, seq=24 if replica == 0 else 16))
     out["replica"] = replica
+    # grads="chunk" with 3 chunks on replica 0, 2 on replica 1: the agreement makes this step use the default
+    out["chunk_grads"] = engine_case("seco", group, mesh, make_batch(1 + replica, seq=24 if replica == 0 else 16),
+                                     schedule=dict(grads="chunk"))
     # sharded over the dp dimension only, FSDP2 would never sum the sequence ranks' gradients: refused
     import seqwrap
     import seqwrap.parallel as sp
@@ -158,6 +185,17 @@ def mesh_worker(rank, world):
         out["dp_only"] = None
     except ValueError as e:
         out["dp_only"] = str(e)
+    # SpaCO's draw under Ulysses is made after the agreement: per-chunk collectives on 2 replicas refused
+    from seqwrap.parallel import FSDPSchedule
+
+    model = model_f64()
+    sp.apply_ulysses(model, group=group)
+    shard(model, mesh=mesh)
+    try:
+        seqwrap.SpaCO(model, chunk_size=CHUNK, rate=0.5, fsdp=FSDPSchedule(grads="chunk"))
+        out["spaco_refusal"] = None
+    except NotImplementedError as e:
+        out["spaco_refusal"] = str(e)
     return out
 
 
@@ -182,17 +220,38 @@ def test_seco_and_spaco_on_ulysses_fsdp2_same_ranks_equal_single_process(world):
             assert (c.all_gathers, c.reduce_scatters) == (GROUPS, GROUPS), (case, c)
 
 
-def test_mixed_precision_offload_mst_and_refusal_on_ulysses_fsdp2():
+def test_mixed_precision_offload_and_mst_on_ulysses_fsdp2():
     batch = make_batch(1)
     ref_loss, ref = full_backprop(batch)
     for rank, r in enumerate(same_ranks(2)):
-        # float32 parameters and compute (MixedPrecisionPolicy), float64 reduction, CPU offload
-        assert max_rel(r["mp_offload"]["grads"], ref) < 2e-5, rank
-        c = r["mp_offload"]["counts"]
-        assert (c.all_gathers, c.reduce_scatters) == (GROUPS, GROUPS), c
-        assert max_rel(r["mst"]["grads"], ref) < 1e-10, rank
-        assert abs(r["mst"]["loss"] - ref_loss) < 1e-6 * ref_loss  # HF's loss upcasts the logits to float32
-        assert "only the default FSDPSchedule()" in r["refusal"]
+        # float32 parameters and compute (MixedPrecisionPolicy), float64 / float32 reduction, CPU offload:
+        # float32 rounding of a float64 reference (measured ~1e-7)
+        for case in ("mp_offload", "mp32"):
+            assert max_rel(r[case]["grads"], ref) < 2e-5, (rank, case)
+            c = r[case]["counts"]
+            assert (c.all_gathers, c.reduce_scatters) == (GROUPS, GROUPS), c
+        for case in ("mst", "mst_shard_first"):  # plain loss.backward(), no user-side scaling
+            assert max_rel(r[case]["grads"], ref) < 1e-10, (rank, case)
+            assert abs(r[case]["loss"] - ref_loss) < 1e-6 * ref_loss  # HF's loss upcasts the logits to float32
+            assert set(r[case]["restored"]) == {None}  # remove_ulysses gave FSDP2 its own mean back
+        assert "gradient divide factor set ([3.0])" in r["user_factor"]
+
+
+def test_count_dependent_schedules_on_ulysses_fsdp2_same_ranks_are_exact():
+    batch = make_batch(1)
+    _, ref = full_backprop(batch)
+    _, sp_ref, sp_chunks = spaco_single(batch, CHUNK)
+    chunks = 24 // CHUNK
+    for rank, r in enumerate(same_ranks(2)):
+        for case, want in (("seco_chunk_grads", ref), ("seco_layer_params", ref), ("spaco_chunk_grads", sp_ref)):
+            assert max_rel(r[case]["grads"], want) < 1e-10, (rank, case)
+            assert r[case]["warnings"] == [], (case, r[case]["warnings"])  # the user's schedule ran
+        c = r["seco_chunk_grads"]["counts"]
+        assert (c.all_gathers, c.reduce_scatters) == (GROUPS, GROUPS * chunks), c  # one per group per chunk
+        c = r["spaco_chunk_grads"]["counts"]
+        assert c.reduce_scatters == GROUPS * sp_chunks, c
+        c = r["seco_layer_params"]["counts"]
+        assert c.all_gathers > GROUPS * chunks and c.reduce_scatters == GROUPS, c  # per-layer gathers
 
 
 def test_seco_on_a_2d_mesh_equals_the_mean_of_the_replicas_full_backprop():
@@ -204,3 +263,9 @@ def test_seco_on_a_2d_mesh_equals_the_mean_of_the_replicas_full_backprop():
         c = r["counts"]
         assert (c.all_gathers, c.reduce_scatters) == (GROUPS, GROUPS), c
         assert "does not contain the Ulysses ranks" in r["dp_only"]
+        # uneven replicas under grads="chunk": exact, on the default schedule for this step, said so
+        assert max_rel(r["chunk_grads"]["grads"], mean) < 1e-10, rank
+        c = r["chunk_grads"]["counts"]
+        assert (c.all_gathers, c.reduce_scatters) == (GROUPS, GROUPS), c
+        assert any("2 to 3 chunks" in w for w in r["chunk_grads"]["warnings"]), r["chunk_grads"]["warnings"]
+        assert "the draw of the 2 data-parallel replicas" in r["spaco_refusal"]

@@ -37,7 +37,7 @@ from ..parallel.agreement import agree_step, agreement_group, selection_fingerpr
 from ..parallel.fsdp import FSDPSchedule, fsdp_step_for
 from ..parallel.grad_sync import (keep_grads, reduce_step, restore_grads, rollback_grads, stash_grads,
                                   sync_ddp_gradients, unstash_grads)
-from ..parallel.ulysses_fsdp import ulysses_fsdp_factor
+from ..parallel.ulysses_fsdp import ulysses_fsdp_setup
 from ..planning.auto import AutoChunk, announce
 from . import objective as seq_objective
 from .chunk_loss import chunk_logp_rows, chunk_loss_sum
@@ -110,8 +110,9 @@ class SeCO(StepChecks):
         offload_min_bytes: smaller saved tensors stay on the device.
     ignore_index: label value that does not count (default -100).
     fsdp: for an FSDP2 (`fully_shard`) model, a seqwrap.FSDPSchedule (default: all-gather once and
-        reduce-scatter once per step; see seqwrap/parallel/fsdp.py). With Ulysses as well: the default schedule
-        only, FSDP2's mesh containing the Ulysses ranks (seqwrap/parallel/ulysses_fsdp.py).
+        reduce-scatter once per step; see seqwrap/parallel/fsdp.py). With Ulysses as well: FSDP2's mesh made of
+        whole Ulysses groups; SpaCO on several of them takes the default schedule only
+        (seqwrap/parallel/ulysses_fsdp.py).
     On several ranks (DDP, FSDP2, Ulysses) every step begins with one tiny all-reduce in which the ranks
     agree on their input checks and chunks (seqwrap/parallel/agreement.py).
     """
@@ -166,10 +167,11 @@ class SeCO(StepChecks):
                              "seq_len, world_size=...)")
         # FSDP2: the step runs inside self._fsdp.step() (see _train_step)
         self._fsdp = fsdp_step_for(model, fsdp, self.name)
-        # Ulysses on an FSDP2 model: the backward is multiplied by the Ulysses world and FSDP2 reduces
-        # (parallel/ulysses_fsdp.py)
-        self._sp_factor = 1 if self._fsdp is None or self.group is None else \
-            ulysses_fsdp_factor(model, self._fsdp, self.group, self.name)
+        # Ulysses on an FSDP2 model: FSDP2's divide factor becomes the number of data-parallel replicas, so
+        # its reduction sums the sequence ranks (parallel/ulysses_fsdp.py); the backward is not scaled
+        if self._fsdp is not None and self.group is not None:
+            ulysses_fsdp_setup(model, self._fsdp, self.group, self.name,
+                               sampled=type(self).chunk_weights is not SeCO.chunk_weights)
         self.adapter.check_recurrent(self.name, attention, chunk_size or self._auto_chunk.smallest, self.group is not None)
         self.adapter.check_structure(self.name)
         self.adapter.check_head(self.name)
@@ -327,7 +329,7 @@ class SeCO(StepChecks):
             try:
                 with adapter.step_context(self.name, cache, pos, chunked=self.attention == "chunked"):
                     total, extra, rows = self._passes(ids, shift, mask, pos, cache, bounds, weights, selected, norm,
-                                                      loss_scale * self._sp_factor, xfer, objective)
+                                                      loss_scale, xfer, objective)
                 if group is not None and self._fsdp is not None:  # FSDP2 reduces the gradients
                     total = self._group_sum(total)
                 elif group is not None:
