@@ -6,7 +6,8 @@ each. Counted per rank with seqwrap.parallel.count_collectives (all-gathers: byt
 parameters; reduce-scatters: the unsharded gradients; all-reduces; all-to-alls: what a rank sends).
 Ulysses: every rank holds SEQ/P tokens of one sequence (shard_batch with the chunk); FSDP2: every rank
 trains its own sequence of SEQ tokens; Ulysses x FSDP2: one sequence over the ranks, the parameters
-sharded over the same ranks (raises NotImplementedError until issue 22 item 1 lands: the row then says so).
+sharded over the same ranks (FSDP2's divide factor makes its reduction sum the sequence ranks:
+seqwrap/parallel/ulysses_fsdp.py). A configuration SeCO refuses (NotImplementedError) gets a row saying so.
 Writes benchmarks/results/distributed.md.
 
 Run: `pytest benchmarks/bench_distributed.py -s` (about 2 minutes on 2 idle CPU cores).
@@ -121,7 +122,8 @@ def write_table(rows, path):
         f"{MODEL['num_attention_heads']} heads / {MODEL['num_key_value_heads']} K/V heads, vocab "
         f"{MODEL['vocab_size']}; SeCO chunk {CHUNK}, {SEQ} tokens per sequence. Ulysses: one sequence split over "
         f"the P ranks; FSDP2: fully_shard per layer + root, default FSDPSchedule (one all-gather and one "
-        f"reduce-scatter per group per step), every rank its own sequence. Per rank, the step after a warm-up "
+        f"reduce-scatter per group per step), every rank its own sequence; Ulysses x FSDP2: one sequence split "
+        f"over the P ranks and the parameters sharded over the same P ranks. Per rank, the step after a warm-up "
         f"step (the largest over the ranks). AG / RS / AR / A2A = all-gathers / reduce-scatters / all-reduces "
         f"/ all-to-alls; MiB moved = gathered + reduced + all-reduced + sent bytes. Peak = peak RSS of a rank "
         f"process; 'growth' = peak minus the RSS after imports (Python + torch + transformers). 'pred' = "
