@@ -11,13 +11,18 @@ from .cuda_emu import build
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_emulated_kernels_under_asan_and_ubsan():
-    build.build("asan")  # built here, so that a compile error shows as such
+def asan_env():
+    """The environment of a child that loads a sanitized emulated build."""
     libs = [subprocess.run(["gcc", f"-print-file-name={n}"], capture_output=True, text=True).stdout.strip()
             for n in ("libasan.so", "libubsan.so")]
-    env = dict(os.environ, LD_PRELOAD=" ".join(libs), SEQWRAP_EMU_MODE="asan", OMP_NUM_THREADS="1",
-               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
-               PYTHONPATH=str(ROOT))
+    return dict(os.environ, LD_PRELOAD=" ".join(libs), SEQWRAP_EMU_MODE="asan", OMP_NUM_THREADS="1",
+                ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
+                PYTHONPATH=str(ROOT))
+
+
+def test_emulated_kernels_under_asan_and_ubsan():
+    build.build("asan")  # built here, so that a compile error shows as such
+    env = asan_env()
     r = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_cuda_emulated.py"), "-q", "-x",
                         "-p", "no:cacheprovider", "-k", "dtype0 or float32 or sampler or empty_rows or kahan"],
                        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
