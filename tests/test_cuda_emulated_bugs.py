@@ -85,9 +85,6 @@ def test_non_atomic_accumulation_is_reported_as_a_global_memory_race():
         assert races, reports
         # the seeded plain `+=`: a write over a plain (non-atomic) write of another thread, or a read of one
         assert any("written plainly (non-atomic)" in r for r in races), races
-        # both kinds of unordered pair: threads of one block, and threads of different blocks
-        assert any(r.split(" of block ")[-1].split(" ")[0] != r.split(" block ")[1].split(":")[0] for r in races) \
-            or len(races) >= 64, races
         _, clean = _scan_backward(good, schedule, seed)
         assert clean == [], clean
 
