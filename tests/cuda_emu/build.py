@@ -7,6 +7,10 @@ whose kernels run as fibers under emu_runtime.cpp. One library per mode:
   plain   -O2
   asan    -O1 -g -fsanitize=address,undefined (signed overflow included), no recovery; load it in a
           process with the ASan runtime preloaded (LD_PRELOAD, as the Makefile's `asan` target does)
+  race    -O1, the .cu files only also with gcc's ThreadSanitizer instrumentation (-fsanitize=thread) but
+          linked WITHOUT libtsan: every load, store and atomic of the kernels calls a __tsan_* hook that
+          emu_runtime.cpp defines itself, the global-memory race check (plain accesses of one address by
+          two threads of a launch, one a write, not ordered by a __syncthreads of their block)
 Cached under build/cuda_emu/<mode>-<hash of sources, flags and `rewrites`>/.
 
 `rewrites` (source name -> text -> text) builds a deliberately altered kernel copy (seeded-bug tests).
@@ -35,7 +39,9 @@ def repo_root():
 ROOT = repo_root()
 CSRC = ROOT / "csrc"
 SAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-MODES = {"plain": ["-O2"], "asan": ["-O1", "-g", *SAN]}
+MODES = {"plain": ["-O2"], "asan": ["-O1", "-g", *SAN], "race": ["-O1"]}
+# flags for the kernels' translation units only (the C core and the runtime stay uninstrumented)
+KERNEL_FLAGS = {"race": ["-fsanitize=thread"]}
 
 # `__shared__ T name[N];` -> a shadowed slot array, and its name registered for the race reports
 SHARED_DECL = re.compile(r"__shared__\s+((?:[A-Za-z_]\w*\s+)*?[A-Za-z_][\w:]*)\s+([A-Za-z_]\w*)\s*(\[[^\]]*\])?\s*;")
@@ -64,7 +70,7 @@ def build(mode="plain", rewrites=None, tag=""):
     c_src, cu_src, headers = _sources()
     include_dirs = sorted({str(p.parent) for p in headers})
     emu_files = [HERE / "sw_cuda_emu.h", HERE / "include" / "cuda_runtime.h", HERE / "emu_runtime.cpp", Path(__file__)]
-    h = hashlib.sha256(repr((mode, sorted(rewrites.items()), MODES[mode])).encode())
+    h = hashlib.sha256(repr((mode, sorted(rewrites.items()), MODES[mode], KERNEL_FLAGS.get(mode))).encode())
     for p in [*c_src, *cu_src, *headers, *emu_files]:
         h.update(p.as_posix().encode())
         h.update(p.read_bytes())
@@ -77,10 +83,26 @@ def build(mode="plain", rewrites=None, tag=""):
     incs = [f"-I{d}" for d in include_dirs] + [f"-I{py_inc}", f"-I{torch_include()}"]
     common = ["-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-ffp-contract=off", *MODES[mode]]
     defs = ['-DSEQWRAP_CUDA_ARCHS="emulated"', "-DSW_EMU_CPU_AS_CUDA"] + (["-DSEQWRAP_SANITIZE=1"] if mode == "asan" else [])
-    jobs = []
+    # Objects are cached by content (the compile command, the source text, every header): a variant
+    # with one rewritten kernel compiles that kernel only and links it with the cached rest.
+    objects = ROOT / "build" / "cuda_emu" / "objects"
+    objects.mkdir(parents=True, exist_ok=True)
+    shared_h = hashlib.sha256()
+    for p in [*headers, *emu_files]:
+        shared_h.update(p.as_posix().encode())
+        shared_h.update(p.read_bytes())
+    jobs, objs = [], []
+
+    def add(cmd, src_path, text):
+        key = hashlib.sha256(repr(cmd).encode() + text.encode() + shared_h.digest()).hexdigest()[:24]
+        obj = objects / f"{Path(src_path).stem}-{key}.o"
+        objs.append(str(obj))
+        if not obj.exists():
+            tmp = f"{obj}.{os.getpid()}.tmp"   # concurrent builds never share a partial object
+            jobs.append((cmd + ["-c", str(src_path), "-o", tmp], obj, tmp))
+
     for src in c_src:
-        obj = out / (src.relative_to(CSRC).as_posix().replace("/", "_") + ".o")
-        jobs.append(["gcc", "-std=c11", "-fopenmp", *common, *defs, *incs, "-c", str(src), "-o", str(obj)])
+        add(["gcc", "-std=c11", "-fopenmp", *common, *defs, *incs], src, src.read_text())
     for src in cu_src:
         text = src.read_text()
         name = src.relative_to(CSRC).as_posix()
@@ -89,20 +111,23 @@ def build(mode="plain", rewrites=None, tag=""):
                 raise ValueError(f"rewrite of {name}: {old!r} not found")
             text = text.replace(old, new)
         host = out / (name.replace("/", "_") + ".cpp")
-        host.write_text(f'#line 1 "{src}"\n' + rewrite_shared(text))
-        jobs.append(["g++", "-std=c++17", "-x", "c++", "-include", str(HERE / "sw_cuda_emu.h"),
-                     f"-I{HERE / 'include'}", f"-I{src.parent}", *common, *defs, *incs, "-c", str(host),
-                     "-o", str(host.with_suffix(".o"))])
-    jobs.append(["g++", "-std=c++17", *common, f"-I{HERE}", "-c", str(HERE / "emu_runtime.cpp"),
-                 "-o", str(out / "emu_runtime.o")])
+        host_text = f'#line 1 "{src}"\n' + rewrite_shared(text)
+        host.write_text(host_text)
+        add(["g++", "-std=c++17", "-x", "c++", "-include", str(HERE / "sw_cuda_emu.h"), f"-I{HERE / 'include'}",
+             f"-I{src.parent}", *common, *KERNEL_FLAGS.get(mode, []), *defs, *incs], host, host_text)
+    add(["g++", "-std=c++17", *common, f"-I{HERE}"], HERE / "emu_runtime.cpp", "")
 
     def run(cmd):
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError("tests/cuda_emu build failed:\n" + " ".join(cmd) + "\n" + r.stderr[-6000:])
+
+    def compile_one(job):
+        cmd, obj, tmp = job
+        run(cmd)
+        os.replace(tmp, obj)
     with ThreadPoolExecutor(max_workers=2) as ex:
-        list(ex.map(run, jobs))
-    objs = [j[j.index("-o") + 1] for j in jobs]
+        list(ex.map(compile_one, jobs))
     tmp = out / "_C.so.tmp"
     run(["g++", "-shared", "-fopenmp", *MODES[mode], "-o", str(tmp), *objs])
     os.replace(tmp, so)

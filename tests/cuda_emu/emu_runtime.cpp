@@ -20,6 +20,7 @@
 #endif
 
 extern "C" {
+void sw_emu_begin_launch(void);
 __thread uint3 sw_emu_tidx, sw_emu_bidx;
 __thread dim3 sw_emu_bdim, sw_emu_gdim;
 }
@@ -306,7 +307,8 @@ void sw_emu_report(const char *fmt, ...) {
 }
 
 // Test interface (ctypes) ------------------------------------------------------------------------------
-// schedule: 0 in order, 1 reversed, 2 seeded random; blocks [first, last] only (last < 0: all).
+// schedule: 0 in order, 1 reversed, 2 seeded random; blocks [first, last] only, a negative index
+// counting from the end of each launch's grid ((0, -1): every block; (-2, -1): the last two).
 __attribute__((visibility("default"))) void sw_emu_configure(int schedule, uint64_t seed, long long first_block, long long last_block) {
     g_cfg.schedule = schedule;
     g_cfg.seed = seed;
@@ -339,6 +341,7 @@ long long sw_emu_epoch(void) { return (long long)g_epoch; }
 int sw_emu_launch(const char *kernel, dim3 grid, dim3 block, size_t dyn_smem, void *stream, sw_emu_body body,
                   void *closure) {
     (void)stream;
+    sw_emu_begin_launch();
     bool seen = false;
     for (const std::string &k : g_launched) seen = seen || k == kernel;
     if (!seen) g_launched.emplace_back(kernel);
@@ -360,7 +363,9 @@ int sw_emu_launch(const char *kernel, dim3 grid, dim3 block, size_t dyn_smem, vo
     sw_emu_bdim = block;
     sw_emu_gdim = grid;
     const long long nblocks = (long long)grid.x * grid.y * grid.z;
-    long long first = g_cfg.first_block, last = g_cfg.last_block < 0 ? nblocks - 1 : g_cfg.last_block;
+    // negative: counted from the end of this launch's grid (-1 the last block), as Python indexes
+    long long first = g_cfg.first_block < 0 ? nblocks + g_cfg.first_block : g_cfg.first_block;
+    long long last = g_cfg.last_block < 0 ? nblocks + g_cfg.last_block : g_cfg.last_block;
     if (first < 0) first = 0;
     if (last > nblocks - 1) last = nblocks - 1;
     std::vector<long long> blocks;
@@ -489,4 +494,168 @@ const char *cudaGetErrorName(cudaError_t e) {
     }
 }
 
+}  // extern "C"
+
+// ---- global-memory race check (build mode "race") ---------------------------------------------------------
+// The kernels' translation units are compiled with -fsanitize=thread but linked without libtsan: gcc
+// then calls the __tsan_* hooks below at every load, store and atomic. Per global address (keyed by
+// the exact start address of the access: partial overlaps of different widths are not compared), a
+// shadow keeps the last write and a summary of the plain reads of the current launch. Two accesses
+// by different threads conflict when at least one writes, not both are atomic, and they are not
+// ordered: blocks of one launch are unordered (a GPU runs them concurrently), threads of one block
+// are ordered only by a __syncthreads between them (the epoch). A plain `+=` from two threads is
+// such a pair (a lost update on a GPU) whichever order the emulator runs them in, so the check
+// does not depend on the schedule. Shared memory (its own check), the fibers' stacks, the
+// launching thread's stack (the kernel's by-value arguments) and the emulator's thread-locals are
+// not global memory and are skipped. Launches are ordered (one stream): the shadow is per launch.
+#include <pthread.h>
+
+#include <unordered_map>
+
+namespace {
+struct GlobalShadow {
+    uint64_t launch = 0;                          // the launch these fields belong to
+    long long w_block = -1;                       // last write: block, thread, epoch, atomic
+    int w_tid = -1;
+    uint64_t w_epoch = 0;
+    bool w_atomic = false;
+    long long r_block = -1;                       // plain reads: their block (-2: several blocks)
+    uint64_t r_epoch = 0;                         // the latest epoch of a plain read
+    int r_tid = -1;                               // its reader; -2: several threads read in r_epoch
+};
+std::unordered_map<uintptr_t, GlobalShadow> g_global;
+uint64_t g_launch_id = 0;
+uintptr_t g_host_stack_lo = 0, g_host_stack_hi = 0;
+
+bool is_global(uintptr_t a) {
+    if (!g_cur) return false;  // host code of the launcher
+    const uintptr_t st = (uintptr_t)g_cur->stack;
+    if (a >= st && a < st + kStack) return false;
+    if (!g_host_stack_hi) {
+        pthread_attr_t at;
+        void *lo;
+        size_t n;
+        pthread_getattr_np(pthread_self(), &at);
+        pthread_attr_getstack(&at, &lo, &n);
+        pthread_attr_destroy(&at);
+        g_host_stack_lo = (uintptr_t)lo;
+        g_host_stack_hi = (uintptr_t)lo + n;
+    }
+    if (a >= g_host_stack_lo && a < g_host_stack_hi) return false;
+    const uintptr_t tl[] = {(uintptr_t)&sw_emu_tidx, (uintptr_t)&sw_emu_bidx, (uintptr_t)&sw_emu_bdim,
+                            (uintptr_t)&sw_emu_gdim};
+    for (uintptr_t t : tl)
+        if (a >= t && a < t + sizeof(dim3)) return false;
+    if (!g_dyn_smem.empty() && a >= (uintptr_t)g_dyn_smem.data() && a < (uintptr_t)g_dyn_smem.data() + g_dyn_smem.size())
+        return false;
+    for (const SharedName &s : g_names)
+        if (a >= (uintptr_t)s.base && a < (uintptr_t)s.base + s.bytes) return false;
+    return true;
+}
+
+// true when an access of (block, tid) now is unordered with one of (b, t, epoch) earlier in this launch
+bool unordered(long long b, int t, uint64_t epoch) {
+    return b != g_block_linear || (t != g_cur->tid && epoch == g_epoch);
+}
+
+void global_access(const void *p, int size, bool write, bool atomic) {
+    const uintptr_t a = (uintptr_t)p;
+    if (!is_global(a)) return;
+    GlobalShadow &s = g_global[a];
+    if (s.launch != g_launch_id) s = GlobalShadow{g_launch_id};
+    const int t = g_cur->tid;
+    const char *what = write ? (atomic ? "updates atomically" : "writes") : (atomic ? "reads atomically" : "reads");
+    if (s.w_tid >= 0 && !(atomic && s.w_atomic) && unordered(s.w_block, s.w_tid, s.w_epoch) &&
+        !(s.w_block == g_block_linear && s.w_tid == t)) {
+        sw_emu_report("%s block %lld: race on global memory: thread %d %s %p (%d bytes), written %s by thread %d of "
+                      "block %lld in this launch, not ordered by a __syncthreads (%s)", g_kernel, g_block_linear, t,
+                      what, p, size, s.w_atomic ? "atomically" : "plainly (non-atomic)", s.w_tid, s.w_block,
+                      write ? "a lost update on a GPU" : "a stale or torn read on a GPU");
+    } else if (write && s.r_tid != -1 &&
+               (s.r_block != g_block_linear || (s.r_epoch == g_epoch && s.r_tid != t))) {
+        sw_emu_report("%s block %lld: race on global memory: thread %d %s %p (%d bytes), read (plainly) by %s in this "
+                      "launch, not ordered by a __syncthreads", g_kernel, g_block_linear, t, what, p, size,
+                      s.r_block != g_block_linear ? "another block" : "another thread of the block");
+    }
+    if (write) {
+        s.w_block = g_block_linear;
+        s.w_tid = t;
+        s.w_epoch = g_epoch;
+        s.w_atomic = atomic;
+        s.r_tid = -1;  // later accesses are compared with this write, which is ordered after those reads
+        s.r_block = -1;
+    } else if (!atomic) {
+        if (s.r_tid == -1) {
+            s.r_block = g_block_linear;
+            s.r_tid = t;
+            s.r_epoch = g_epoch;
+        } else {
+            if (s.r_block != g_block_linear) s.r_block = -2;
+            if (s.r_epoch != g_epoch) {
+                s.r_epoch = g_epoch;
+                s.r_tid = t;
+            } else if (s.r_tid != t) {
+                s.r_tid = -2;
+            }
+        }
+    }
+}
+}  // namespace
+
+extern "C" {
+void sw_emu_begin_launch(void) {  // called by sw_emu_launch
+    ++g_launch_id;
+    if (g_global.size() > (1u << 22)) g_global.clear();
+}
+void __tsan_init(void) {}
+void __tsan_func_entry(void *) {}
+void __tsan_func_exit(void) {}
+#define SW_TSAN_RW(n)                                                                        \
+    void __tsan_read##n(void *p) { global_access(p, n, false, false); }                     \
+    void __tsan_write##n(void *p) { global_access(p, n, true, false); }                     \
+    void __tsan_unaligned_read##n(void *p) { global_access(p, n, false, false); }           \
+    void __tsan_unaligned_write##n(void *p) { global_access(p, n, true, false); }           \
+    void __tsan_volatile_read##n(void *p) { global_access(p, n, false, false); }            \
+    void __tsan_volatile_write##n(void *p) { global_access(p, n, true, false); }
+SW_TSAN_RW(1)
+SW_TSAN_RW(2)
+SW_TSAN_RW(4)
+SW_TSAN_RW(8)
+SW_TSAN_RW(16)
+void __tsan_read_range(void *p, unsigned long n) { global_access(p, (int)n, false, false); }
+void __tsan_write_range(void *p, unsigned long n) { global_access(p, (int)n, true, false); }
+void __tsan_vptr_update(void **p, void *) { global_access(p, 8, true, false); }
+void __tsan_vptr_read(void **p) { global_access(p, 8, false, false); }
+// Atomics: performed here (the instrumented code no longer does them), recorded as atomic accesses.
+#define SW_TSAN_ATOMIC(bits, T)                                                                          \
+    T __tsan_atomic##bits##_load(const volatile T *a, int mo) {                                          \
+        global_access((const void *)a, bits / 8, false, true);                                          \
+        return __atomic_load_n(a, mo);                                                                   \
+    }                                                                                                    \
+    void __tsan_atomic##bits##_store(volatile T *a, T v, int mo) {                                       \
+        global_access((const void *)a, bits / 8, true, true);                                           \
+        __atomic_store_n(a, v, mo);                                                                      \
+    }                                                                                                    \
+    T __tsan_atomic##bits##_exchange(volatile T *a, T v, int mo) {                                       \
+        global_access((const void *)a, bits / 8, true, true);                                           \
+        return __atomic_exchange_n(a, v, mo);                                                            \
+    }                                                                                                    \
+    T __tsan_atomic##bits##_fetch_add(volatile T *a, T v, int mo) {                                      \
+        global_access((const void *)a, bits / 8, true, true);                                           \
+        return __atomic_fetch_add(a, v, mo);                                                             \
+    }                                                                                                    \
+    int __tsan_atomic##bits##_compare_exchange_strong(volatile T *a, T *c, T v, int mo, int fmo) {        \
+        global_access((const void *)a, bits / 8, true, true);                                           \
+        return __atomic_compare_exchange_n(a, c, v, false, mo, fmo);                                     \
+    }                                                                                                    \
+    int __tsan_atomic##bits##_compare_exchange_weak(volatile T *a, T *c, T v, int mo, int fmo) {          \
+        global_access((const void *)a, bits / 8, true, true);                                           \
+        return __atomic_compare_exchange_n(a, c, v, true, mo, fmo);                                      \
+    }
+SW_TSAN_ATOMIC(8, char)
+SW_TSAN_ATOMIC(16, short)
+SW_TSAN_ATOMIC(32, int)
+SW_TSAN_ATOMIC(64, long long)
+void __tsan_atomic_thread_fence(int mo) { __atomic_thread_fence(mo); }
+void __tsan_atomic_signal_fence(int mo) { __atomic_signal_fence(mo); }
 }  // extern "C"
