@@ -56,7 +56,7 @@ def _with_recorder(model, seq, seen):
 
     def pair(self, chunk, layer):
         k, v = original(self, chunk, layer)
-        rk = RecordingSink(k.compensate, k.host, k.kv_dtype, k.adds)
+        rk = RecordingSink(k.compensate, k.host, k.kv_dtype, k.adds, k.plain)
         rk.chunk0 = chunk == 0 and layer == 0
         return rk, v
 
