@@ -7,7 +7,11 @@ Environment: SEQWRAP_BENCH_LENGTHS="1024,2048,4096,8192,16384", SEQWRAP_BENCH_CH
 SEQWRAP_BENCH_LAYERS=4, SEQWRAP_BENCH_STEPS=1 (timed rounds after one warm-up round), SEQWRAP_BENCH_THREADS=1
 (torch threads), SEQWRAP_BENCH_METHODS (comma list, default all), SEQWRAP_BENCH_HF_MAX=4096 /
 SEQWRAP_BENCH_CKPT_MAX=16384 (longest length HF full backprop / HF + ckpt run at: their logits and
-activations need several GB beyond that on a shared machine).
+activations need several GB beyond that on a shared machine), SEQWRAP_BENCH_MST_MAX=16384 (SeCO +
+minisequence), SEQWRAP_BENCH_WARMUP_MAX=16384 (longest length with a warm-up round before the timed
+ones; above it the first round is timed: its warm-up share is small there), SEQWRAP_BENCH_OVERLAP=0
+(1: the memory cases run in a second worker beside the timing processes, halving the wall time on a
+2-core machine; peaks are unaffected and each timing ratio still comes from one process).
 Memory: one fresh subprocess per (method, length), one step. Time: one fresh subprocess per length
 in which the methods take turns, round after round; the best round of each method is reported.
 
@@ -31,7 +35,9 @@ LABELS = {"hf": "HF full backprop", "hf_ckpt": "HF + grad ckpt", "streambp": "St
           "spaco": "SpaCO rate 1/8", "seco_mst": "SeCO + minisequence"}
 LAYERS = int(os.environ.get("SEQWRAP_BENCH_LAYERS", "4"))
 MAX_LEN = {"hf": int(os.environ.get("SEQWRAP_BENCH_HF_MAX", "4096")),
-           "hf_ckpt": int(os.environ.get("SEQWRAP_BENCH_CKPT_MAX", "16384"))}
+           "hf_ckpt": int(os.environ.get("SEQWRAP_BENCH_CKPT_MAX", "16384")),
+           "seco_mst": int(os.environ.get("SEQWRAP_BENCH_MST_MAX", "16384"))}
+WARMUP_MAX = int(os.environ.get("SEQWRAP_BENCH_WARMUP_MAX", "16384"))
 
 
 def runs_at(method: str, seq_len: int) -> bool:
@@ -105,11 +111,12 @@ def run_timing(seq_len: int, chunk: int, rounds: int) -> dict:
     methods = [m for m in METHODS if runs_at(m, seq_len)]
     steps = {m: _stepper(m, model, opt, ids, chunk) for m in methods}
     best = {m: float("inf") for m in methods}
-    for r in range(rounds + 1):
+    warmup = 1 if seq_len <= WARMUP_MAX else 0
+    for r in range(rounds + warmup):
         for m in methods:
             t0 = time.perf_counter()
             steps[m]()
-            if r:
+            if r >= warmup:
                 best[m] = min(best[m], time.perf_counter() - t0)
     return {"seq_len": seq_len, "times": best}
 
@@ -237,17 +244,34 @@ def test_seco_memory_and_time(results_dir):
         print("StreamBP re-implementation vs full backprop (float64), relative error", check_exact())
     chunk = int(os.environ.get("SEQWRAP_BENCH_CHUNK", "1024"))
     steps = int(os.environ.get("SEQWRAP_BENCH_STEPS", "1"))
-    results = []
-    for n in lengths:
-        for m in [m for m in METHODS if runs_at(m, n)]:  # memory: one fresh process per case
-            r = measure(m, n, chunk, 0)
-            print(r, flush=True)
-            results.append(r)
-        t = _subprocess("timing", n, chunk, steps)  # time: the methods alternate in one fresh process
-        print(t, flush=True)
-        for r in results:
-            if r["seq_len"] == n and "error" not in r:
-                r["step_s"] = t["times"].get(r["method"], float("nan")) if isinstance(t, dict) else float("nan")
+    cases = [(m, n) for n in lengths for m in METHODS if runs_at(m, n)]
+
+    def memory_runs():  # memory: one fresh process per case
+        out = []
+        for m, n in cases:
+            out.append(measure(m, n, chunk, 0))
+            print(out[-1], flush=True)
+        return out
+
+    def timing_runs():  # time: the methods alternate in one fresh process per length
+        out = {}
+        for n in lengths:
+            out[n] = _subprocess("timing", n, chunk, steps)
+            print(out[n], flush=True)
+        return out
+
+    if os.environ.get("SEQWRAP_BENCH_OVERLAP", "0") == "1":
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            mem_f, time_f = pool.submit(memory_runs), pool.submit(timing_runs)
+            results, timings = mem_f.result(), time_f.result()
+    else:
+        results, timings = memory_runs(), timing_runs()
+    for r in results:
+        t = timings.get(r["seq_len"])
+        if "error" not in r:
+            r["step_s"] = t["times"].get(r["method"], float("nan")) if isinstance(t, dict) else float("nan")
     print(report(results, chunk, results_dir))
 
 

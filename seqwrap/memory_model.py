@@ -16,10 +16,12 @@ Hq / Hkv heads of size D, V vocabulary, b bytes per model element, r = 4 bytes (
               LoRA: 16 bytes per adapter parameter, float32 weight, grad and two moments)
   sequence    stored K/V of the past, 2 L Hkv D b per token, and the relayed K/V gradient sums,
               2 L Hkv D r per token; half-precision (bfloat16) models keep them in the K/V dtype,
-              2 L Hkv D b per token, plus as much again for the tokens of the chunks that more than
-              RELAY_PLAIN_MAX_ADDS later chunks add into (their Kahan compensation; kv_store.py).
-              Host bytes per token of sequence with offload, bf16: 2x the bf16 K/V up to
-              RELAY_PLAIN_MAX_ADDS + 1 chunks, approaching 3x at many chunks.
+              2 L Hkv D b per token, plus as much again for the chunks that more than
+              RELAY_PLAIN_MAX_ADDS later chunks add into, once they are compensated (their Kahan
+              buffer exists from their relay_plain_adds-th addition to their own backward;
+              kv_store.py); the relay term is the peak of that schedule (relay_sum_bytes).
+              Host bytes per token of sequence with offload, bf16: 2x the bf16 K/V up to 32
+              chunks, 2.02x at 64, 2.51x at 256, approaching 3x at very many chunks.
               Peak at the first replayed chunk: both exist for the T - C tokens before it.
               Token ids, labels and mask: 24 bytes per token, always on the device.
   chunk       the replayed chunk's saved activations per token and layer (Llama-style block):
@@ -160,11 +162,14 @@ def seco_peak(shape: DecoderShape, seq_len: int, chunk: int, *, batch: int = 1, 
 
 
 def relay_sum_bytes(shape: DecoderShape, seq_len: int, chunk: int, *, batch: int = 1, dtype_bytes: int = 2) -> int:
-    """Bytes of the relayed K/V gradient sums at their peak (the first replayed chunk: every past chunk's
-    sums exist), as kv_store.RelaySink allocates them for full-attention layers. dtype_bytes=2 (bfloat16):
-    the sums in bfloat16, each past chunk's doubled when more than RELAY_PLAIN_MAX_ADDS later chunks add
-    into it (chunk j of n gets n - 1 - j additions); float32 models: float32; float64: float64."""
-    from .engines.kv_store import RELAY_PLAIN_MAX_ADDS
+    """Bytes of the relayed K/V gradient sums at their peak, as kv_store.RelaySink allocates them for
+    full-attention layers in a SeCO step. float32 models: float32 sums of every past chunk (the peak is the
+    first replayed chunk); float64: float64. dtype_bytes=2 (bfloat16): bfloat16 sums, and a bfloat16
+    compensation for chunk j (n - 1 - j additions, the k-th from chunk n - k) from its
+    relay_plain_adds-th addition on, i.e. from the replay of chunk n - 1 - plain_j; chunk i's sums and
+    compensation are freed after its own backward. The peak over the replays i = n-1 .. 1 of
+    (sums of the chunks j <= i, j < n - 1) + (compensations allocated by then for j <= i)."""
+    from .engines.kv_store import relay_plain_adds
 
     C = min(chunk, seq_len)
     n = -(-seq_len // C)                     # chunks
@@ -172,8 +177,21 @@ def relay_sum_bytes(shape: DecoderShape, seq_len: int, chunk: int, *, batch: int
     kv_tok = 2 * shape.layers * shape.kv_heads * shape.head_dim
     if dtype_bytes != 2:
         return batch * past * kv_tok * (8 if dtype_bytes == 8 else 4)
-    compensated = max(0, n - 1 - RELAY_PLAIN_MAX_ADDS) * C  # tokens of the chunks j < n - 1 - MAX
-    return batch * (past + min(compensated, past)) * kv_tok * dtype_bytes
+    # comp of chunk j lives over the replays i in [j, n - 1 - plain_j] (when plain_j < adds_j): a difference
+    # array over i counts the live ones
+    live = [0] * (n + 1)
+    for j in range(max(0, n - 1)):
+        adds = n - 1 - j
+        plain = relay_plain_adds(adds)
+        if plain < adds:
+            live[j] += 1
+            live[n - plain] -= 1  # last replay it is alive at: n - 1 - plain
+    peak_chunks, comps = 0, 0
+    for i in range(n):
+        comps += live[i]
+        if i >= 1:  # replay of chunk i (chunk 0 relays to no one; its sums were counted at i = 1)
+            peak_chunks = max(peak_chunks, min(i + 1, n - 1) + comps)
+    return batch * min(peak_chunks * C, 2 * past) * kv_tok * dtype_bytes
 
 
 def longest_fitting(fits, chunk: int) -> int:

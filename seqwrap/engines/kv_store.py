@@ -28,6 +28,8 @@ mask sizes they report say so (kv_offset).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..ops.attention_blocks import EMPTY
@@ -41,10 +43,23 @@ from .offload import HostAccumulator, add_in_kv_dtype_, prefetched
 # (4 * 2^-9); rounding the exact sum to bfloat16 alone costs about 1.7e-3, i.e. 0.85 half-ulps.
 # A plain bfloat16 running sum of n random-sign addends errs by about 1.2e-3 * sqrt(n) (measured:
 # benchmarks/results/relay_precision.md), within the tolerance up to about 40 additions; a compensated
-# one stays at the rounding floor. So a chunk's sums get a compensation buffer only when more than
-# RELAY_PLAIN_MAX_ADDS later chunks add into them (with margin).
+# one stays at the rounding floor. A sum that adds p plainly and then the rest compensated errs by about
+# 1.2e-3 * p / sqrt(n) (the early roundings shrink against the growing sum), so a chunk whose sums get
+# n > RELAY_PLAIN_MAX_ADDS additions goes plain for the first relay_plain_adds(n) = isqrt(16 n) of them
+# (about 0.7x the error of 32 plain additions: margin for the spread between sums; isqrt(32 n) missed the
+# tolerance by 9% on one of 320 random sums) and only then allocates its Kahan buffer: the compensation
+# buffers come into existence late in the backward, when most later chunks' K/V and sums are freed.
 RELAY_TOLERANCE = 4 * 2.0**-9
 RELAY_PLAIN_MAX_ADDS = 32
+
+
+def relay_plain_adds(adds: int, exact: bool = True) -> int:
+    """How many of a bfloat16 relayed sum's `adds` additions are plain before its Kahan compensation starts
+    (== adds: never compensated). exact=False (adds is only an upper bound: sampled chunks, documents,
+    padding, sliding windows): RELAY_PLAIN_MAX_ADDS, safe for any smaller count that actually arrives."""
+    if adds <= RELAY_PLAIN_MAX_ADDS:
+        return adds
+    return math.isqrt(RELAY_PLAIN_MAX_ADDS * adds // 2) if exact else RELAY_PLAIN_MAX_ADDS
 
 
 class RelaySink:
@@ -52,22 +67,26 @@ class RelaySink:
 
     kv_dtype=torch.bfloat16 (the stored K/V's dtype): the sum is bfloat16, each addition done in
     float32 and rounded once; with adds > RELAY_PLAIN_MAX_ADDS (the number of additions it will get)
-    a second bfloat16 buffer compensates it (Kahan). Otherwise float64 models accumulate in float64,
+    a second bfloat16 buffer compensates it (Kahan) from addition plain + 1 on (plain =
+    relay_plain_adds(adds, exact), given by the store; allocated only then). Otherwise float64 models accumulate in float64,
     everything else in float32; float16 gradients (or every gradient, with compensate=True: a
     half-precision model whose block gradients arrive in float32) go through the core's
     compensated (Kahan) accumulation.
     host: a HostAccumulator when the sums live in host memory (offload), else None.
     """
 
-    __slots__ = ("acc", "comp", "compensate", "host", "kv_dtype", "adds")
+    __slots__ = ("acc", "comp", "compensate", "host", "kv_dtype", "adds", "plain", "done")
 
-    def __init__(self, compensate: bool = False, host=None, kv_dtype: torch.dtype | None = None, adds: int = 0):
+    def __init__(self, compensate: bool = False, host=None, kv_dtype: torch.dtype | None = None, adds: int = 0,
+                 plain: int | None = None):
         self.acc = None
         self.comp = None
         self.compensate = compensate
         self.host = host
         self.kv_dtype = kv_dtype
         self.adds = adds
+        self.plain = relay_plain_adds(adds, exact=False) if plain is None else plain
+        self.done = 0  # additions so far
 
     def add_(self, g: torch.Tensor) -> None:
         if self.kv_dtype == torch.bfloat16:
@@ -91,13 +110,16 @@ class RelaySink:
 
     def _add_in_kv_dtype(self, g: torch.Tensor) -> None:
         if self.acc is None:
-            compensated = self.adds > RELAY_PLAIN_MAX_ADDS
             if self.host is None:
                 self.acc = torch.zeros(g.shape, dtype=torch.bfloat16, device=g.device)
-                self.comp = torch.zeros_like(self.acc) if compensated else None
             else:
                 self.acc = self.host.xfer.pool.zeros(g.shape, torch.bfloat16, "relay")
-                self.comp = self.host.xfer.pool.zeros(g.shape, torch.bfloat16, "relay") if compensated else None
+        if self.comp is None and self.done == self.plain < self.adds:  # compensated from here on
+            if self.host is None:
+                self.comp = torch.zeros_like(self.acc)
+            else:
+                self.comp = self.host.xfer.pool.zeros(g.shape, torch.bfloat16, "relay")
+        self.done += 1
         if self.host is not None:
             self.host.add(self.acc, self.comp, g)
         else:
@@ -150,11 +172,14 @@ class ChunkKVStore:
     documents: the document layout of a packed batch over attention positions (ops/documents.py),
         or None: queries only see keys of their own document, past chunks without such keys are
         not read, and a chunk whose documents end inside it is not stored ("chunked" only)
+    replayed: the chunks pass 2 replays (SpaCO: the sampled ones), None: all; only they relay gradients,
+        so they are what relay_adds counts
     """
 
     def __init__(self, bounds: list[tuple[int, int]], sliding: list[bool], window: int | None, *,
                  attention: str = "concat", key_padding: torch.Tensor | None = None, offload=None,
-                 positions_scale: int = 1, compensate: bool = False, group=None, documents=None):
+                 positions_scale: int = 1, compensate: bool = False, group=None, documents=None,
+                 replayed=None):
         if attention not in ("concat", "chunked"):
             raise ValueError(f"attention must be 'concat' or 'chunked', got {attention!r}")
         if documents is not None and attention != "chunked":
@@ -175,6 +200,7 @@ class ChunkKVStore:
         self.compensate = compensate
         self.group = group  # Ulysses process group (the attention all-to-alls around the blocks), or None
         self.documents = documents
+        self.replayed = None if replayed is None else frozenset(replayed)
         n = len(sliding)
         self.keys: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]    # layer -> chunk -> (B,H,L,D)
         self.values: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]
@@ -268,12 +294,18 @@ class ChunkKVStore:
         return [j for j in range(chunk) if self.attn_bounds[j][1] > first_key]
 
     def relay_adds(self, chunk: int, layer: int) -> int:
-        """How many later chunks read `chunk` in `layer` (each adds once into its relayed sums), at most."""
-        later = range(chunk + 1, len(self.bounds))
+        """How many later replayed chunks read `chunk` in `layer` (each adds once into its relayed sums), at
+        most (exactly when relay_adds_exact)."""
+        later = [i for i in range(chunk + 1, len(self.bounds)) if self.replayed is None or i in self.replayed]
         if not self.sliding[layer]:
             return len(later)
         end = self.attn_bounds[chunk][1]  # chunk i reads it while end > start_i - window + 1
         return sum(1 for i in later if end > self.attn_bounds[i][0] - self.window + 1)
+
+    def relay_adds_exact(self, layer: int) -> bool:
+        """Whether every later replayed chunk reads every past chunk of `layer` (no sliding window, no
+        documents, no padded keys: no past block is skipped), so relay_adds is the count that arrives."""
+        return not self.sliding[layer] and self.documents is None and not self.padded_chunks
 
     def sink(self, chunk: int, layer: int) -> tuple[RelaySink, RelaySink]:
         per_layer = self.sinks.get(chunk)
@@ -285,8 +317,9 @@ class ChunkKVStore:
         kept = self.keys[layer].get(chunk)
         kv_dtype = kept.dtype if kept is not None else None
         adds = self.relay_adds(chunk, layer) if kv_dtype == torch.bfloat16 else 0
-        return (RelaySink(self.compensate, self.host_sums, kv_dtype, adds),
-                RelaySink(self.compensate, self.host_sums, kv_dtype, adds))
+        plain = relay_plain_adds(adds, self.relay_adds_exact(layer))
+        return (RelaySink(self.compensate, self.host_sums, kv_dtype, adds, plain),
+                RelaySink(self.compensate, self.host_sums, kv_dtype, adds, plain))
 
     # -- chunked attention (called by the engine's attention function) -------
     def layer_window(self, layer: int) -> int | None:

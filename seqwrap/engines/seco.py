@@ -322,7 +322,7 @@ class SeCO(StepChecks):
         rng_at_start = _rng_state(cuda_dev) if self._auto_attention else None
         kept = keep_grads(params) if group is None else None
         while True:
-            cache = self._make_store(st, xfer)
+            cache = self._make_store(st, xfer, selected)
             stash = stash_grads(params) if group is not None else None
             if self.pool is not None:
                 self.pool.reset_peak()
@@ -419,15 +419,15 @@ class SeCO(StepChecks):
             return st.norm
         return float(self._group_sum(st.valid.sum())) or 1.0
 
-    def _make_store(self, st: "_Step", xfer):
-        """The K/V (and recurrent-state) store of one step."""
+    def _make_store(self, st: "_Step", xfer, replayed=None):
+        """The K/V (and recurrent-state) store of one step; replayed: the chunks pass 2 replays (None: all)."""
         adapter = self.adapter
         return make_store(adapter.recurrent_layers, st.bounds, [k == "sliding_attention" for k in adapter.layer_kinds],
                           adapter.sliding_window, attention=self.attention,
                           key_padding=None if st.mask is None else st.mask.bool(), offload=xfer,
                           positions_scale=self._world(),
                           compensate=adapter.lm_head.weight.dtype in (torch.float16, torch.bfloat16),
-                          group=self.group, documents=st.docs)
+                          group=self.group, documents=st.docs, replayed=replayed)
 
     def _concat_or_refuse(self, switch: NeedsConcat, docs, gradient_touched: bool) -> None:
         """A chunk showed the model needs attention='concat': switch (attention=None, nothing touched yet)
