@@ -247,9 +247,9 @@ def llama8b_table(chunk: int = 16384, device_gb: float = 80.0, reserve_gb: float
     kv = per_tok["past K/V"] / chunk
     sums = per_tok["relayed K/V gradient sums"] / chunk
     lines += ["", f"Per token of sequence: {kv / 1024:.0f} KiB of bf16 K/V and {sums / 1024:.0f} KiB of relayed "
-              "gradient sums (bf16, Kahan-compensated only for chunks with more than 32 later chunks); with "
-              "offload both live in host memory, and the device peak stays at its value for one chunk whatever "
-              "the length."]
+              "gradient sums (bf16; a sum that gets n > 32 additions adds a bf16 Kahan compensation after its "
+              "isqrt(16 n)-th); with offload both live in host memory, and the device peak stays at its value "
+              "for one chunk whatever the length."]
     return "\n".join(lines)
 
 
