@@ -5,8 +5,16 @@ the child's peak RSS minus its RSS once the inputs exist (CPU), or the allocator
 peak (GPU). Writes benchmarks/results/cross_entropy.md and cross_entropy.png.
 Times are the best of 1 run after a warm-up; the largest case (16K x 128K) is timed on
 its single first run. Set SEQWRAP_BENCH_QUICK=1 for a small smoke run.
+
+test_cross_entropy_peers: seqwrap beside its peers at the same chunk size, one run: torch's chunked
+F.linear_cross_entropy (batch_chunk_size = chunk), DeepSpeed's TiledFusedLogitsLoss (N / chunk shards;
+reported as skipped, with the reason, without deepspeed) and full logits; one thread per child; each
+child first runs a tiny call of its method so one-time imports are not counted as the work's memory.
+Each test rewrites its own section of cross_entropy.md (between <!-- section --> markers).
 """
+import datetime
 import os
+import subprocess
 
 import torch
 
@@ -16,6 +24,78 @@ METHODS = ["torch_full", "torch_fused", "torch_fused_chunked", "seqwrap"]
 QUICK = os.environ.get("SEQWRAP_BENCH_QUICK") == "1"
 SHAPES = [(1024, 256, 4096)] if QUICK else [(4096, 1024, 32768), (16384, 1024, 32768), (4096, 1024, 131072), (16384, 1024, 131072)]
 MEM_LIMIT_GB = 20  # address-space cap per child: an oversize case fails cleanly instead of waking the OOM killer
+
+
+# (N, H, V, rows per chunk): the peers benchmark's configuration (results/peers.md) and issue 24's
+PEER_CONFIGS = [(1024, 256, 4096, 256)] if QUICK else [(8192, 512, 32000, 1024), (16384, 1024, 32768, 1024)]
+PEER_METHODS = ["torch_full", "torch_chunked_same", "deepspeed_tiled", "seqwrap"]
+PEER_NAMES = {"torch_full": "torch, full logits (F.linear + F.cross_entropy)",
+              "torch_chunked_same": "torch F.linear_cross_entropy, batch_chunk_size = chunk",
+              "deepspeed_tiled": "DeepSpeed TiledFusedLogitsLoss, N / chunk shards",
+              "seqwrap": "seqwrap.linear_cross_entropy, chunk_size = chunk"}
+
+
+def test_cross_entropy_peers(results_dir):
+    rows = []
+    for n, h, v, chunk in PEER_CONFIGS:
+        for method in PEER_METHODS:
+            r = run_case("benchmarks.cases_cross_entropy:fwd_bwd",
+                         dict(method=method, n=n, hidden=h, vocab=v, repeats=0, device="cpu", chunk=chunk,
+                              threads=1), mem_limit_gb=MEM_LIMIT_GB)
+            if r.get("ok") and "skipped" not in r:
+                r["extra_mb"] = r["peak_rss_mb"] - r["base_mb"]
+            rows.append(((n, h, v, chunk), method, r))
+            print((n, h, v, chunk), method, r, flush=True)
+    write_section(results_dir / "cross_entropy.md", "peers", peers_table(rows))
+
+
+def _commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__)).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+def peers_table(rows):
+    day = datetime.date.today().isoformat()
+    lines = [f"## seqwrap vs its peers, same chunk size ({day}, commit {_commit()}; CPU, float32, one thread, "
+             f"torch {torch.__version__})", "",
+             "Forward + backward of the mean loss, hidden and weight requiring grad; each method in a fresh "
+             "process after a tiny warm-up call of the same method; time of the single first full-size run. "
+             "Peak extra = peak RSS minus RSS with the inputs allocated. 'vs best peer': against the lower "
+             "peak of torch chunked and DeepSpeed tiled in the same run.", "",
+             "| N | H | V | chunk | method | peak extra MiB | time s | memory vs full logits | time vs full logits "
+             "| memory vs best peer | loss |",
+             "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for cfg in sorted({c for c, _, _ in rows}, key=lambda c: (c[0], c[1])):
+        got = {m: r for c, m, r in rows if c == cfg}
+        full = got.get("torch_full", {})
+        peers = [got[m]["extra_mb"] for m in ("torch_chunked_same", "deepspeed_tiled") if "extra_mb" in got.get(m, {})]
+        best = min(peers) if peers else None
+        for method in PEER_METHODS:
+            r = got.get(method, {})
+            has = "extra_mb" in r
+            mem = f"{r['extra_mb'] / full['extra_mb']:.3f}" if has and "extra_mb" in full else "-"
+            tim = f"{r['time_s'] / full['time_s']:.2f}" if has and "extra_mb" in full else "-"
+            vs_best = f"{r['extra_mb'] / best:.3f}" if has and best else "-"
+            lines.append(f"| {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]} | {PEER_NAMES[method]} | "
+                         f"{fmt(r, 'extra_mb', '.1f')} | {fmt(r, 'time_s', '.2f')} | {mem} | {tim} | {vs_best} | "
+                         f"{fmt(r, 'loss', '.5f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path, name, text):
+    """Replaces the section `name` of the markdown file at path (appends it when absent)."""
+    start, end = f"<!-- section: {name} -->", f"<!-- end: {name} -->"
+    old = path.read_text() if path.exists() else ""
+    block = f"{start}\n{text}{end}\n"
+    if start in old and end in old:
+        new = old[:old.index(start)] + block + old[old.index(end) + len(end) + 1:]
+    else:
+        new = old + ("\n" if old and not old.endswith("\n\n") else "") + block
+    path.write_text(new)
+    print(text)
 
 
 def test_cross_entropy_benchmark(results_dir):
@@ -40,6 +120,7 @@ def fmt(r, key, spec):
 
 def write_results(results_dir, rows, device):
     lines = [f"# LM head + cross-entropy, forward + backward ({device}, float32, torch {torch.__version__})", "",
+             f"This table: run of {datetime.date.today().isoformat()} (commit {_commit()}), default threads.", "",
              "Peak extra memory: peak RSS minus RSS with the inputs allocated (CPU) / allocator peak (GPU). "
              "Ratios are against torch_full (F.linear + F.cross_entropy) in the same run.", "",
              "| N tokens | H | V | method | peak extra MiB | time s | memory vs torch_full | time vs torch_full | loss |",
@@ -52,8 +133,7 @@ def write_results(results_dir, rows, device):
         time_ratio = f"{r['time_s'] / b['time_s']:.2f}" if ok else "-"
         lines.append(f"| {shape[0]} | {shape[1]} | {shape[2]} | {method} | {fmt(r, 'extra_mb', '.0f')} | "
                      f"{fmt(r, 'time_s', '.2f')} | {mem_ratio} | {time_ratio} | {fmt(r, 'loss', '.5f')} |")
-    (results_dir / "cross_entropy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_section(results_dir / "cross_entropy.md", "main", "\n".join(lines) + "\n")
     plot(results_dir / "cross_entropy.png", rows)
 
 

@@ -4,7 +4,8 @@ Methods (forward + backward of the mean loss, hidden and weight requiring grad):
   torch_full     F.cross_entropy(F.linear(hidden, weight), labels)     full (N, V) logits
   torch_fused    torch.nn.functional.linear_cross_entropy (torch >= 2.10), default call (reference path)
   torch_fused_chunked  the same with options=torch.nn.LinearCrossEntropyOptions() (its chunked path)
-  seqwrap        seqwrap.linear_cross_entropy, gradients formed in the forward (reduction "mean")
+  seqwrap        seqwrap.linear_cross_entropy, gradients formed in the forward (reduction "mean"), chunk rows
+                 as below
   seqwrap_recompute  same, reduction "none" + sum: gradients by recomputation in the backward
   torch_chunked_same   torch's chunked path with batch_chunk_size = seqwrap's chunk rows (same shard size)
   deepspeed_tiled      DeepSpeed's TiledFusedLogitsLoss, shards of seqwrap's chunk rows (skipped without deepspeed)
@@ -17,10 +18,14 @@ import torch.nn.functional as F
 from benchmarks.child import rss_mb
 
 
+_CHUNK = {"rows": None}  # rows per chunk/shard for every chunked method; None: seqwrap's default_chunk_rows
+
+
 def _same_rows(h, w):
     from seqwrap.ops.cross_entropy import default_chunk_rows
 
-    return default_chunk_rows(h.shape[0], w.shape[1], w.shape[0])
+    rows = _CHUNK["rows"] or default_chunk_rows(h.shape[0], w.shape[1], w.shape[0])
+    return min(rows, h.shape[0])
 
 
 def _deepspeed_loss(h, w, y):
@@ -52,14 +57,32 @@ def _loss(method, h, w, y):
     import seqwrap
 
     if method == "seqwrap":
-        return seqwrap.linear_cross_entropy(h, w, y)
+        return seqwrap.linear_cross_entropy(h, w, y, chunk_size=_same_rows(h, w))
     if method == "seqwrap_recompute":
-        return seqwrap.linear_cross_entropy(h, w, y, reduction="none").sum() / y.numel()
+        return seqwrap.linear_cross_entropy(h, w, y, reduction="none", chunk_size=_same_rows(h, w)).sum() / y.numel()
     raise ValueError(method)
 
 
-def fwd_bwd(method: str, n: int, hidden: int, vocab: int, repeats: int = 2, device: str = "cpu"):
+def _warm_up(method, dev):
+    """One tiny call of the method first: its one-time imports (torch's custom-op and fake-tensor machinery,
+    about 80 MiB of RSS for torch's and seqwrap's ops alike) are not part of the measured work."""
+    h = torch.randn(64, 32, device=dev, requires_grad=True)
+    w = torch.randn(96, 32, device=dev, requires_grad=True)
+    rows, _CHUNK["rows"] = _CHUNK["rows"], 16
+    try:
+        _loss(method, h, w, torch.randint(0, 96, (64,), device=dev)).backward()
+    finally:
+        _CHUNK["rows"] = rows
+
+
+def fwd_bwd(method: str, n: int, hidden: int, vocab: int, repeats: int = 2, device: str = "cpu", chunk=None,
+            threads=None):
+    """chunk: rows per chunk (shards of N / chunk for DeepSpeed), the same for every chunked method; None:
+    seqwrap's default_chunk_rows (torch_fused_chunked keeps torch's own default)."""
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
+    _CHUNK["rows"] = chunk
     dev = torch.device(device)
     if method.startswith(("torch_fused", "torch_chunked")) and not hasattr(F, "linear_cross_entropy"):
         return {"skipped": "this torch has no F.linear_cross_entropy"}
@@ -68,6 +91,7 @@ def fwd_bwd(method: str, n: int, hidden: int, vocab: int, repeats: int = 2, devi
             import deepspeed.runtime.sequence_parallel.ulysses_sp  # noqa: F401
         except ImportError as exc:
             return {"skipped": f"deepspeed not importable: {exc}"}
+    _warm_up(method, dev)
     h = torch.randn(n, hidden, device=dev, requires_grad=True)
     w = (torch.randn(vocab, hidden, device=dev) / hidden**0.5).requires_grad_()
     y = torch.randint(0, vocab, (n,), device=dev)

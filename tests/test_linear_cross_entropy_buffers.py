@@ -85,3 +85,36 @@ def test_gradcheck_sum_and_mean_unmutated():
     for red in ("mean", "sum"):
         f = lambda h, w: seqwrap.linear_cross_entropy(h, w, labels, reduction=red, chunk_size=2)  # noqa: E731
         assert torch.autograd.gradcheck(f, (hidden, weight))
+
+
+class _NewTensors(TorchDispatchMode):
+    """Records (op, shape) of every output that does not share storage with an input: a fresh allocation."""
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                if isinstance(a, torch.Tensor)}
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in seen:
+                self.made.append((str(func), tuple(o.shape)))
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_allocates_nothing_gradient_sized(reduction):
+    """No zero upstream gradients are materialized for the op's gradient-buffer outputs (they were one more
+    (N, H) + (V, H) in backward, the call's peak), and no copy is made: backward allocates nothing of the
+    hidden's or the weight's shape."""
+    hidden, weight, labels = _inputs()
+    loss = seqwrap.linear_cross_entropy(hidden, weight, labels, reduction=reduction, chunk_size=4)
+    mode = _NewTensors()
+    with mode:
+        loss.backward()
+    sized = [m for m in mode.made if m[1] in (tuple(hidden.shape), tuple(weight.shape))]
+    assert not sized, sized
+    want = _ref_grads(hidden, weight, labels, reduction)
+    torch.testing.assert_close(hidden.grad, want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(weight.grad, want[1], rtol=1e-12, atol=1e-12)

@@ -35,8 +35,10 @@ def torch_reference(hidden, weight, labels, bias=None, *, ignore_index=-100, red
     if reduction == "none":
         return rows.reshape(labels.shape), z.reshape(labels.shape), logits, labels
     w_y = keep.double() if ce_weight is None else torch.where(keep, ce_weight[torch.where(keep, y, 0)], 0.0)
-    denom = w_y.sum() if reduction == "mean" else torch.ones((), dtype=torch.float64)
-    return rows.sum() / denom, z.sum() / denom, logits, labels
+    if reduction == "sum":
+        return rows.sum(), z.sum(), logits, labels
+    z_mean = z.sum() / keep.sum()  # mean: cross-entropy over the label weights, z-loss over the count (Liger's)
+    return ce.sum() / w_y.sum() + z_mean, z_mean, logits, labels
 
 
 def inputs(B=2, T=9, H=8, V=23, bias=False):

@@ -220,6 +220,9 @@ def _(hidden, weight, bias, labels, row_scale, ignore_index, label_smoothing, z_
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, ignore_index, reduction, smoothing, z_loss, softcap, rows, nh, nw, nb, *consume = inputs
     _, _, gh, gw, gb, n_valid = output
+    # No zero upstream gradients for the outputs nobody differentiates (lse, the gradient buffers, n_valid):
+    # materialized, they cost one more (N, H) + (V, H) in backward, the peak of the whole call.
+    ctx.set_materialize_grads(False)
     ctx.reduction = reduction
     ctx.consume = bool(consume and consume[0])
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -257,6 +260,8 @@ def _scaled(g, scale, consume):
 
 
 def _backward(ctx, grad_loss, _glse, _gh, _gw, _gb, _gn):
+    if grad_loss is None:  # only the other outputs were differentiated: nothing reaches the inputs
+        return (None,) * 14
     if ctx.reduction != "none":
         gh, gw, gb, n_valid = ctx.saved_tensors
         scale = grad_loss / n_valid if ctx.reduction == "mean" else grad_loss

@@ -99,8 +99,9 @@ class _ExtrasFn(torch.autograd.Function):
 def extras_loss(hidden, weight, bias, labels, *, ignore_index, reduction, label_smoothing, z_loss, softcap,
                 ce_weight, token_scaling, rows, want_stats):
     """hidden (N, H), labels (N,) int64. Returns (loss, z_loss, predicted (N,), entropy (N,)) with the
-    reduction applied to loss and z_loss: "mean" divides by the sum of the label weights w[y] over
-    non-ignored rows (the count without ce_weight; at least a tiny positive number: all ignored gives 0)."""
+    reduction applied to loss and z_loss. "mean" (Liger-Kernel's semantics): the cross-entropy part is
+    divided by the sum of the label weights w[y] over non-ignored rows (F.cross_entropy's weighted mean; the
+    count without ce_weight), the z-loss part by the count of non-ignored rows; all ignored gives 0."""
     if ce_weight is not None:
         ce_weight = ce_weight.to(real_dtype(hidden.dtype))
     opt = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
@@ -108,9 +109,12 @@ def extras_loss(hidden, weight, bias, labels, *, ignore_index, reduction, label_
     loss_r, z_r, w_y, pred, ent = _ExtrasFn.apply(hidden, weight, bias, labels, opt, rows, want_stats)
     if reduction == "none":
         return loss_r, z_r, pred, ent
-    loss, z = loss_r.sum(), z_r.sum()
-    if reduction == "mean":
-        denom = w_y.sum()
-        denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-        loss, z = loss / denom, z / denom
+    z = z_r.sum()
+    loss = loss_r.sum()  # rows: cross-entropy + z-loss
+    if reduction == "mean":  # cross-entropy over the label weights, z-loss over the token count (Liger's)
+        w_sum = w_y.sum()
+        w_sum = torch.where(w_sum != 0, w_sum, torch.ones_like(w_sum))  # all ignored: 0, not nan
+        count = (labels != ignore_index).sum().clamp(min=1).to(z.dtype)
+        z = z / count
+        loss = (loss_r - z_r).sum() / w_sum + z
     return loss, z, pred, ent
