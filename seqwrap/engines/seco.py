@@ -352,8 +352,8 @@ class SeCO(StepChecks):
         norm = norm or 1.0  # no label at all: loss 0, no gradient (HF would give nan)
         C = self.chunk_size // self._world()  # tokens of each chunk on this rank
         bounds = [(s, min(s + C, T)) for s in range(0, T, C)]
-        if self.adapter.recurrent_layers:
-            bounds = _no_single_token_tail(bounds)
+        if self.adapter.recurrent_layers and self.group is None:  # Ulysses: the head-split mixers (hf/mamba2_ulysses)
+            bounds = _no_single_token_tail(bounds)                 # see the whole chunk and have no one-token path
         if docs is not None and self.adapter.recurrent_layers:
             # the recurrent layers' state would flow from one document into the next
             raise NotImplementedError(f"seqwrap.{self.name}: packed rows (several documents per row) are not supported "
