@@ -15,7 +15,11 @@ Hq / Hkv heads of size D, V vocabulary, b bytes per model element, r = 4 bytes (
               (full fine-tuning: 3 b per parameter, grads and AdamW moments in the model dtype;
               LoRA: 16 bytes per adapter parameter, float32 weight, grad and two moments)
   sequence    stored K/V of the past, 2 L Hkv D b per token, and the relayed K/V gradient sums,
-              2 L Hkv D r per token (twice that with Kahan compensation, half-precision models).
+              2 L Hkv D r per token; half-precision (bfloat16) models keep them in the K/V dtype,
+              2 L Hkv D b per token, plus as much again for the tokens of the chunks that more than
+              RELAY_PLAIN_MAX_ADDS later chunks add into (their Kahan compensation; kv_store.py).
+              Host bytes per token of sequence with offload, bf16: 2x the bf16 K/V up to
+              RELAY_PLAIN_MAX_ADDS + 1 chunks, approaching 3x at many chunks.
               Peak at the first replayed chunk: both exist for the T - C tokens before it.
               Token ids, labels and mask: 24 bytes per token, always on the device.
   chunk       the replayed chunk's saved activations per token and layer (Llama-style block):
@@ -128,7 +132,7 @@ def seco_peak(shape: DecoderShape, seq_len: int, chunk: int, *, batch: int = 1, 
         dev["optimizer state"] = trainable_state - dev["gradients"]
     seq_side = host if offload else dev
     seq_side["past K/V"] = batch * past * kv_tok * b
-    seq_side["relayed K/V gradient sums"] = batch * past * kv_tok * r * (2 if half else 1)
+    seq_side["relayed K/V gradient sums"] = relay_sum_bytes(shape, seq_len, chunk, batch=batch, dtype_bytes=dtype_bytes)
     dev["token ids, labels, mask"] = batch * seq_len * 24
     layer_act = batch * C * b * (7 * s.hidden + 2 * s.kv_heads * s.head_dim + 4 * s.intermediate)
     if half:
@@ -141,7 +145,7 @@ def seco_peak(shape: DecoderShape, seq_len: int, chunk: int, *, batch: int = 1, 
         dev["chunk activations (one layer back from the host)"] = layer_act
     else:
         dev["chunk activations"] = s.layers * layer_act
-    dev["attention dq + relayed sums of the chunk"] = batch * C * (s.heads * s.head_dim + kv_tok) * r
+    dev["attention dq + relayed sums of the chunk"] = batch * C * (s.heads * s.head_dim * r + kv_tok * (b if half else r))
     if offload:
         dev["prefetch buffers (2 past blocks)"] = 2 * batch * C * 2 * s.kv_heads * s.head_dim * b
     if full_ft:  # each chunk's backward forms fresh embedding / LM-head gradients before adding them to .grad
@@ -155,13 +159,26 @@ def seco_peak(shape: DecoderShape, seq_len: int, chunk: int, *, batch: int = 1, 
     return est
 
 
-def longest_sequence(shape: DecoderShape, device_bytes: float, host_bytes: float | None, chunk: int,
-                     **kwargs) -> int:
-    """Largest multiple of `chunk` whose seco_peak fits device_bytes (and host_bytes, when given)."""
-    def fits(n_chunks: int) -> bool:
-        est = seco_peak(shape, n_chunks * chunk, chunk, **kwargs)
-        return est.device_total <= device_bytes and (host_bytes is None or est.host_total <= host_bytes)
+def relay_sum_bytes(shape: DecoderShape, seq_len: int, chunk: int, *, batch: int = 1, dtype_bytes: int = 2) -> int:
+    """Bytes of the relayed K/V gradient sums at their peak (the first replayed chunk: every past chunk's
+    sums exist), as kv_store.RelaySink allocates them for full-attention layers. dtype_bytes=2 (bfloat16):
+    the sums in bfloat16, each past chunk's doubled when more than RELAY_PLAIN_MAX_ADDS later chunks add
+    into it (chunk j of n gets n - 1 - j additions); float32 models: float32; float64: float64."""
+    from .engines.kv_store import RELAY_PLAIN_MAX_ADDS
 
+    C = min(chunk, seq_len)
+    n = -(-seq_len // C)                     # chunks
+    past = seq_len - C if seq_len > C else 0  # tokens of the chunks before the last
+    kv_tok = 2 * shape.layers * shape.kv_heads * shape.head_dim
+    if dtype_bytes != 2:
+        return batch * past * kv_tok * (8 if dtype_bytes == 8 else 4)
+    compensated = max(0, n - 1 - RELAY_PLAIN_MAX_ADDS) * C  # tokens of the chunks j < n - 1 - MAX
+    return batch * (past + min(compensated, past)) * kv_tok * dtype_bytes
+
+
+def longest_fitting(fits, chunk: int) -> int:
+    """Largest multiple of `chunk` whose chunk count n satisfies fits(n) (fits monotone: true, then false).
+    0: not even one chunk fits; -1: nothing grows with the length (unbounded)."""
     if not fits(1):
         return 0
     hi = 1
@@ -174,6 +191,16 @@ def longest_sequence(shape: DecoderShape, device_bytes: float, host_bytes: float
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo * chunk
+
+
+def longest_sequence(shape: DecoderShape, device_bytes: float, host_bytes: float | None, chunk: int,
+                     **kwargs) -> int:
+    """Largest multiple of `chunk` whose seco_peak fits device_bytes (and host_bytes, when given)."""
+    def fits(n_chunks: int) -> bool:
+        est = seco_peak(shape, n_chunks * chunk, chunk, **kwargs)
+        return est.device_total <= device_bytes and (host_bytes is None or est.host_total <= host_bytes)
+
+    return longest_fitting(fits, chunk)
 
 
 GB = 1e9
@@ -202,8 +229,9 @@ def llama8b_table(chunk: int = 16384, device_gb: float = 80.0, reserve_gb: float
     kv = per_tok["past K/V"] / chunk
     sums = per_tok["relayed K/V gradient sums"] / chunk
     lines += ["", f"Per token of sequence: {kv / 1024:.0f} KiB of bf16 K/V and {sums / 1024:.0f} KiB of relayed "
-              "gradient sums (float32 + Kahan compensation); with offload both live in host memory, and the "
-              "device peak stays at its value for one chunk whatever the length."]
+              "gradient sums (bf16, Kahan-compensated only for chunks with more than 32 later chunks); with "
+              "offload both live in host memory, and the device peak stays at its value for one chunk whatever "
+              "the length."]
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from seqwrap.engines.kv_store import ChunkKVStore, RelaySink, _CatWithPast
+from seqwrap.engines.kv_store import RELAY_PLAIN_MAX_ADDS, RELAY_TOLERANCE, ChunkKVStore, RelaySink, _CatWithPast
 
 
 def test_cat_with_past_routes_gradients():
@@ -36,6 +36,49 @@ def test_relay_sink_half_precision_is_compensated():
     kahan_err = (sink.acc.double() - exact).abs().max().item()
     naive_err = (naive32.double() - exact).abs().max().item()
     assert kahan_err <= 1e-6 and kahan_err < naive_err / 4
+
+
+def _relay_error(adds: int, n: int, seed: int) -> tuple[float, RelaySink]:
+    """n float32 block gradients (random signs, like dK / dV blocks) into a bf16 sink planned for `adds`
+    additions: normwise relative error against the float64 sum of the same addends."""
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(2, 4, 64, 16, generator=g) for _ in range(n)]
+    sink = RelaySink(compensate=True, kv_dtype=torch.bfloat16, adds=adds)
+    for x in grads:
+        sink.add_(x)
+    exact = torch.stack([x.double() for x in grads]).sum(0)
+    return ((sink.acc.double() - exact).norm() / exact.norm()).item(), sink
+
+
+def test_relay_sink_in_kv_dtype_meets_the_tolerance():
+    # up to RELAY_PLAIN_MAX_ADDS additions: one bf16 buffer, within the tolerance
+    err, sink = _relay_error(RELAY_PLAIN_MAX_ADDS, RELAY_PLAIN_MAX_ADDS, seed=2)
+    assert sink.acc.dtype == torch.bfloat16 and sink.comp is None
+    assert err <= RELAY_TOLERANCE, err
+    # many more additions uncompensated would miss it; compensated (planned for them) it stays at the
+    # floor: rounding the exact sum to bf16 (about 0.85 * 2^-9 normwise)
+    plain, _ = _relay_error(0, 256, seed=3)
+    assert plain > RELAY_TOLERANCE, plain
+    err, sink = _relay_error(256, 256, seed=3)
+    assert sink.comp is not None and sink.comp.dtype == torch.bfloat16
+    assert err <= 2.0**-9 and err < plain / 5, (err, plain)
+
+
+def test_relay_adds_and_which_sinks_are_compensated():
+    n = RELAY_PLAIN_MAX_ADDS + 4
+    bounds = [(2 * i, 2 * i + 2) for i in range(n)]
+    store = ChunkKVStore(bounds, [False, True], window=5, attention="chunked")
+    assert [store.relay_adds(j, 0) for j in (0, 1, n - 2, n - 1)] == [n - 1, n - 2, 1, 0]
+    # sliding layer, window 5: chunk j (keys 2j, 2j+1) is read by chunks whose first query 2i has 2j+2 > 2i-4
+    assert [store.relay_adds(j, 1) for j in (0, n - 3, n - 2)] == [2, 2, 1]
+    for j in range(n - 1):
+        store.keys[0][j] = store.keys[1][j] = torch.zeros(1, 1, 2, 4, dtype=torch.bfloat16)
+    for j in range(n - 1):
+        (k0, v0), (k1, _) = store.sink(j, 0), store.sink(j, 1)
+        assert (k0.kv_dtype, k0.adds, v0.adds, k1.adds) == (torch.bfloat16, n - 1 - j, n - 1 - j, min(2, n - 1 - j))
+        k0.add_(torch.ones(1, 1, 2, 4))
+        k1.add_(torch.ones(1, 1, 2, 4))
+        assert (k0.comp is not None) == (n - 1 - j > RELAY_PLAIN_MAX_ADDS) and k1.comp is None
 
 
 def test_sliding_visibility_and_mask_sizes():

@@ -24,8 +24,17 @@ def test_llama_8b_per_token_terms():
     est = seco_peak(s, 5 * C, C, dtype_bytes=2, lora_params=s.lora_params(16))
     # 32 layers x (K and V) x 8 heads x 128 x 2 bytes = 128 KiB per past token
     assert est.device["past K/V"] == 4 * C * 128 * 1024
-    # float32 sums and their Kahan compensation: 4x the bf16 K/V
-    assert est.device["relayed K/V gradient sums"] == 4 * est.device["past K/V"]
+    # 5 chunks: at most 4 additions per chunk, no compensation: the sums in bf16 are 1x the bf16 K/V
+    assert est.device["relayed K/V gradient sums"] == est.device["past K/V"]
+    # 64 chunks: chunks 0..30 get more than 32 additions (63 - j > 32) and carry a bf16 compensation too
+    far = seco_peak(s, 64 * C, C, dtype_bytes=2, lora_params=s.lora_params(16))
+    assert far.device["relayed K/V gradient sums"] == (63 + 31) * C * 128 * 1024
+    # host bytes per token under offload at 64 chunks: (63 + 63 + 31) / 63 = 2.49x the bf16 K/V (was 5x)
+    off = seco_peak(s, 64 * C, C, dtype_bytes=2, lora_params=s.lora_params(16), offload=True).host
+    assert (off["past K/V"] + off["relayed K/V gradient sums"]) / off["past K/V"] == pytest.approx(157 / 63)
+    # float32 models: float32 sums, no compensation
+    f32 = seco_peak(s, 64 * C, C, dtype_bytes=4, lora_params=s.lora_params(16))
+    assert f32.device["relayed K/V gradient sums"] == f32.device["past K/V"]
     assert s.lora_params(16) == 32 * 16 * ((4096 + 4096) * 2 + (4096 + 1024) * 2)
 
 
