@@ -247,11 +247,24 @@ class SeCO(StepChecks):
         if self._fsdp is not None:
             raise NotImplementedError(f"seqwrap.{self.name}: forward-only evaluation of an FSDP2 model is not "
                                       "supported yet; evaluate with the model itself")
-        st = self._prepare(input_ids, labels, attention_mask, num_items, position_ids, shift_labels,
-                           num_items_in_batch, boundaries)
-        if objective is not None:
-            seq_objective.refuse(self, objective, num_items if num_items is not None else num_items_in_batch,
-                                 st.docs, sampled=False)  # forward only: every chunk counts
+        # Under Ulysses the checks run first and the ranks agree (as in a training step) before the
+        # label-count all-reduce and the all-to-alls: a refused input raises on every rank.
+        st = error = None
+        try:
+            st = self._prepare(input_ids, labels, attention_mask, num_items, position_ids, shift_labels,
+                               num_items_in_batch, boundaries, reduce=False)
+            if objective is not None:
+                seq_objective.refuse(self, objective, num_items if num_items is not None else num_items_in_batch,
+                                     st.docs, sampled=False)  # forward only: every chunk counts
+        except Exception as e:  # noqa: BLE001 - re-raised by agree_step, on every rank
+            error = e
+        agreed = agree_step(self.name, agreement_group(ulysses=self.group), error=error,
+                            num_chunks=0 if st is None else len(st.bounds))
+        if not agreed.uniform:  # one all-to-all per layer and chunk: the counts must match
+            raise ValueError(f"seqwrap.{self.name}: the Ulysses ranks hold {agreed.min_chunks} to {agreed.max_chunks} "
+                             "chunks; shard the batch with seqwrap.parallel.shard_batch so that every rank holds "
+                             "the same length (every rank raises this)")
+        st.norm = self._finish_norm(st)
         total, extra, rows = forward_only(self, st, rows=objective is not None)
         if objective is not None:
             extra, _ = seq_objective.weights(objective, rows, self.name)
