@@ -1,5 +1,6 @@
 """Ulysses for Mamba-2-family layers (split over SSM heads) on 2 and 4 gloo processes equals single-process
-full backprop of the whole sequence in float64 (plain Ulysses forward, SeCO and SpaCO over Ulysses).
+full backprop of the whole sequence in float64 (plain Ulysses forward, SeCO and SpaCO over Ulysses; Mamba-2
+and Bamba, plus SeCO on NemotronH and GraniteMoeHybrid on 2 ranks).
 
 The tiny models have 4 SSM heads in 2 B/C groups: on 2 ranks each rank owns one group, on 4 ranks a group
 is replicated to the two ranks whose heads read it (both branches of parallel/ulysses_ssm.HeadSplit)."""
@@ -22,6 +23,7 @@ pytest.importorskip("transformers")
 S = 20       # tokens per row; SeCO chunks of 8: 8 + 8 + 4 (on 4 ranks the last chunk is one token per rank)
 CHUNK = 8
 TOL = 1e-10
+OTHER_FAMILIES = ("nemotron_h", "granitemoehybrid")  # the other Mamba-2 mixers: SeCO on 2 ranks
 
 
 def batch():
@@ -132,7 +134,8 @@ def worker(rank, world):
     torch.set_num_threads(1)  # forked from a process whose OpenMP pool may be live: stay out of it
     out = {"seco": {f: engine_step(f) for f in ("mamba2", "bamba")}, "refusals": refusals(world)}
     if world == 2:
-        out.update(plain=plain_step("mamba2"), spaco=engine_step("bamba", "spaco"))
+        out.update(plain=plain_step("mamba2"), spaco=engine_step("bamba", "spaco"),
+                   other={f: engine_step(f) for f in OTHER_FAMILIES})
     return out
 
 
@@ -148,7 +151,7 @@ def run_forked(fn, world):
 
 @functools.lru_cache(maxsize=None)
 def distributed_results(world):
-    for family in ("mamba2", "bamba"):
+    for family in ("mamba2", "bamba") + OTHER_FAMILIES:
         reference(family)  # imports the modelling code here, once, before the fork
     return run_forked(worker, world)
 
@@ -169,6 +172,15 @@ def test_plain_ulysses_and_seco_match_full_backprop(world):
                 loss, got = res["plain"]
                 assert_matches(f"plain {family} rank {rank}", loss, got, ref_loss, ref)
             loss, chunks, got = res["seco"][family]
+            assert chunks == -(-S // CHUNK)
+            assert_matches(f"seco {family} rank {rank}", loss, got, ref_loss, ref)
+
+
+def test_seco_on_the_other_mamba2_families_matches_full_backprop():
+    for family in OTHER_FAMILIES:
+        ref_loss, ref = reference(family)
+        for rank, res in enumerate(distributed_results(2)):
+            loss, chunks, got = res["other"][family]
             assert chunks == -(-S // CHUNK)
             assert_matches(f"seco {family} rank {rank}", loss, got, ref_loss, ref)
 
