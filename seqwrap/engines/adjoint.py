@@ -24,7 +24,11 @@ group: the chunks are split into contiguous ranges across the ranks of a torch.d
 group. Every rank calls the engine with the same full input_ids; boundary states travel forward rank to
 rank in pass 1, adjoints travel back in pass 2 (sharded + truncation: the look-ahead cotangents of the
 next rank's first chunks travel back too), and the parameter gradients of the step are all-reduced
-once (one flat buffer).
+once (one flat buffer). Before any of that the ranks agree (parallel/agreement.py: one all-reduce of
+world + 4 int64): an input refused on one rank raises the same error on every rank, and ranks given
+different inputs (a different chunk count or different tokens, labels, num_items) are refused on every
+rank, since their sends and receives would pair wrongly. With FSDP2 (each rank its own batch) the same
+agreement runs before the step's all-gather.
 
 Loss semantics follow HF causal-LM training: labels aligned with input_ids (default: input_ids),
 shifted inside, -100 ignored; the loss is the sum of token losses divided by the number of counted
@@ -39,6 +43,7 @@ ignored. Exact mode then equals training every document on its own.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +51,8 @@ import torch.distributed as dist
 
 from ..hf.mamba import IGNORE_INDEX, MambaAdapter, shifted_targets
 from ..ops import documents as docs_mod
-from ..parallel.fsdp import fsdp_step, fsdp_step_for
+from ..parallel.agreement import agree_step, agreement_group
+from ..parallel.fsdp import fsdp_step_for
 from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, unstash_grads
 from .packing import BOUNDARY_KEYS, scan_segment
 
@@ -105,8 +111,8 @@ class AdjointSharding:
         if self._fsdp is not None:
             raise NotImplementedError("seqwrap.AdjointSharding: forward-only evaluation of an FSDP2 model is not "
                                       "supported yet; evaluate with the model itself")
-        targets, divisor, bounds, num_tokens, seg = self._prepare(input_ids, labels, num_items, position_ids,
-                                                                  boundaries)
+        targets, divisor, bounds, num_tokens, seg = self._agreed_prepare(input_ids, labels, num_items, position_ids,
+                                                                         boundaries)
         ad = self.adapter
         rank, world, lo, hi = self._split(bounds)
         states = ad.zero_states(input_ids.shape[0], input_ids.device)
@@ -122,6 +128,38 @@ class AdjointSharding:
             if self.group is not None:
                 dist.all_reduce(total, group=self.group)
         return AdjointOutput(loss=(total / divisor).to(torch.float32), num_tokens=num_tokens, num_chunks=len(bounds))
+
+    def _agreed_prepare(self, input_ids, labels, num_items, position_ids, boundaries):
+        """_prepare and the split checks on this rank, then the ranks' agreement (one small all-reduce)
+        before any other collective: every rank raises when one rank's input was refused, and under
+        group= when the ranks were not given the same input (module docstring)."""
+        prep = error = None
+        try:
+            prep = self._prepare(input_ids, labels, num_items, position_ids, boundaries)
+            self._check_split(prep[2])
+        except Exception as e:  # noqa: BLE001 - re-raised by agree_step, on every rank
+            error = e
+        group = self.group if self.group is not None else agreement_group(fsdp=self._fsdp)
+        agreed = agree_step("AdjointSharding", group, error=error, num_chunks=0 if prep is None else len(prep[2]),
+                            fingerprint=0 if prep is None or self.group is None else
+                            _input_fingerprint(input_ids, prep[0], prep[1]))
+        if self.group is not None and not agreed.uniform:
+            raise ValueError(f"seqwrap.AdjointSharding: the ranks of group= were given different inputs ("
+                             f"{agreed.min_chunks} to {agreed.max_chunks} chunks, or different tokens, labels or "
+                             "num_items); every rank must call the engine with the same full input_ids (each "
+                             "computes its own range of chunks), so no rank ran this step (every rank raises this)")
+        return prep
+
+    def _check_split(self, bounds):
+        """The refusals of the chunk split over group= (before the agreement, so every rank raises them)."""
+        self._split(bounds)
+        T = self.truncation or 0
+        reach = -(-(T - 1) // self.chunk_size) if T else 0   # later chunks a look-ahead window touches
+        world = 1 if self.group is None else dist.get_world_size(self.group)
+        if world > 1 and reach > 0 and any(self._split(bounds, r)[3] - self._split(bounds, r)[2] < reach
+                                           for r in range(1, world)):
+            raise ValueError(f"seqwrap.AdjointSharding: truncation={T} reaches {reach} chunks ahead; every rank "
+                             f"but the first must hold at least {reach} chunks of {self.chunk_size} tokens")
 
     def _prepare(self, input_ids, labels, num_items, position_ids, boundaries):
         """(shifted targets (B, T), the loss divisor, chunk bounds, counted labels, the segment function)."""
@@ -140,7 +178,13 @@ class AdjointSharding:
         targets = shifted_targets(input_ids, labels)
         if docs is not None:  # a document's last token does not predict the next document's first
             targets = targets.masked_fill(docs.ends(), IGNORE_INDEX)
-        num_tokens = int((targets != IGNORE_INDEX).sum())
+        counted = targets[targets != IGNORE_INDEX]
+        vocab = self.adapter.lm_head.weight.shape[0]
+        if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= vocab):
+            bad = int(counted.min()) if int(counted.min()) < 0 else int(counted.max())
+            raise ValueError(f"seqwrap.AdjointSharding: labels hold {bad}, outside [0, {vocab}) (the vocabulary) "
+                             f"and not {IGNORE_INDEX}")
+        num_tokens = counted.numel()
         divisor = num_items if num_items is not None else num_tokens
         if isinstance(divisor, torch.Tensor):
             divisor = divisor.item()
@@ -154,10 +198,15 @@ class AdjointSharding:
         seg = (lambda s, e: None) if docs is None else (lambda s, e: scan_segment(docs, s, e, kconv))
         return targets, divisor, bounds, num_tokens, seg
 
-    @fsdp_step
     def _train_step(self, input_ids, labels=None, *, num_items=None, position_ids=None, **boundaries):
-        targets, divisor, bounds, num_tokens, self._seg = self._prepare(input_ids, labels, num_items, position_ids,
-                                                                        boundaries)
+        prep = self._agreed_prepare(input_ids, labels, num_items, position_ids, boundaries)
+        if self._fsdp is None:
+            return self._run_step(input_ids, *prep)
+        with self._fsdp.step():   # one all-gather per group now, one reduce-scatter at the end
+            return self._run_step(input_ids, *prep)
+
+    def _run_step(self, input_ids, targets, divisor, bounds, num_tokens, seg):
+        self._seg = seg
         params = self._params()
         stash = stash_grads(params)   # a failed step leaves .grad as it was before it
         self.adapter.begin_step()
@@ -275,10 +324,6 @@ class AdjointSharding:
         rank, world, lo, hi = self._split(bounds)
         first_rank, last_rank = rank == 0, rank == world - 1
         mine = bounds[lo:hi]
-        if world > 1 and reach > 0 and any(self._split(bounds, r)[3] - self._split(bounds, r)[2] < reach
-                                           for r in range(1, world)):
-            raise ValueError(f"seqwrap.AdjointSharding: truncation={T} reaches {reach} chunks ahead; every rank "
-                             f"but the first must hold at least {reach} chunks of {self.chunk_size} tokens")
         states = ad.zero_states(ids.shape[0], ids.device)
         if not first_rank:
             self._recv_states(states, rank - 1)
@@ -368,3 +413,12 @@ class AdjointSharding:
             xs.append(x)
             x, _ = ad.block(block, x, st, seg=seg)
         return xs
+
+
+def _input_fingerprint(input_ids, targets, divisor) -> int:
+    """A CRC32 (>= 1) of what every rank of group= must hold alike: the tokens, the shifted targets and
+    the loss divisor (one pass over the step's token ids, small next to the step)."""
+    crc = zlib.crc32(repr((tuple(input_ids.shape), float(divisor))).encode())
+    for t in (input_ids, targets):
+        crc = zlib.crc32(t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes(), crc)
+    return 1 + crc

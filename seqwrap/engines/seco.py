@@ -249,11 +249,24 @@ class SeCO(StepChecks):
         if self._fsdp is not None:
             raise NotImplementedError(f"seqwrap.{self.name}: forward-only evaluation of an FSDP2 model is not "
                                       "supported yet; evaluate with the model itself")
-        st = self._prepare(input_ids, labels, attention_mask, num_items, position_ids, shift_labels,
-                           num_items_in_batch, boundaries)
-        if objective is not None:
-            seq_objective.refuse(self, objective, num_items if num_items is not None else num_items_in_batch,
-                                 st.docs, sampled=False)  # forward only: every chunk counts
+        # Under Ulysses the checks run first and the ranks agree (as in a training step) before the
+        # label-count all-reduce and the all-to-alls: a refused input raises on every rank.
+        st = error = None
+        try:
+            st = self._prepare(input_ids, labels, attention_mask, num_items, position_ids, shift_labels,
+                               num_items_in_batch, boundaries, reduce=False)
+            if objective is not None:
+                seq_objective.refuse(self, objective, num_items if num_items is not None else num_items_in_batch,
+                                     st.docs, sampled=False)  # forward only: every chunk counts
+        except Exception as e:  # noqa: BLE001 - re-raised by agree_step, on every rank
+            error = e
+        agreed = agree_step(self.name, agreement_group(ulysses=self.group), error=error,
+                            num_chunks=0 if st is None else len(st.bounds))
+        if not agreed.uniform:  # one all-to-all per layer and chunk: the counts must match
+            raise ValueError(f"seqwrap.{self.name}: the Ulysses ranks hold {agreed.min_chunks} to {agreed.max_chunks} "
+                             "chunks; shard the batch with seqwrap.parallel.shard_batch so that every rank holds "
+                             "the same length (every rank raises this)")
+        st.norm = self._finish_norm(st)
         total, extra, rows = forward_only(self, st, rows=objective is not None)
         if objective is not None:
             extra, _ = seq_objective.weights(objective, rows, self.name)
@@ -404,8 +417,8 @@ class SeCO(StepChecks):
         # norm 1.0 when no label at all: loss 0, no gradient (HF would give nan)
         C = self.chunk_size // self._world()  # tokens of each chunk on this rank
         bounds = [(s, min(s + C, T)) for s in range(0, T, C)]
-        if self.adapter.recurrent_layers:
-            bounds = _no_single_token_tail(bounds)
+        if self.adapter.recurrent_layers and self.group is None:  # Ulysses: the head-split mixers (hf/mamba2_ulysses)
+            bounds = _no_single_token_tail(bounds)                 # see the whole chunk and have no one-token path
         if docs is not None and self.adapter.recurrent_layers:
             # the recurrent layers' state would flow from one document into the next
             raise NotImplementedError(f"seqwrap.{self.name}: packed rows (several documents per row) are not supported "

@@ -20,7 +20,7 @@ from .checkpointing import CheckpointWithCache
 from .compat import NOT_CAUSAL_BEFORE, REFUSED, ModelCompat, UnsupportedModelError, resolve
 from .head import resolve_head
 from .positions import rotary_modules, whole_sequence_rotary
-from .ulysses import ulysses_group
+from .ulysses import split_recurrent_layers, ulysses_group
 from .versions import check_model_versions, installed, parse_version
 
 
@@ -170,10 +170,11 @@ class HFDecoderAdapter:
         if not self.recurrent_layers:
             return
         hybrid.check_model(self.causal_lm, attention, engine)
-        if ulysses:
+        if ulysses and split_recurrent_layers(self.causal_lm) != len(self.recurrent_layers):
             raise UnsupportedModelError(
                 f"seqwrap.{engine}: Ulysses sequence parallelism is not supported for model_type "
-                f"'{self.model_type}': its recurrent layers would each see only this rank's part of a chunk")
+                f"'{self.model_type}': only Mamba-2-family mixers are split over heads (seqwrap/hf/mamba2_ulysses.py); "
+                "its other recurrent layers would each see only this rank's part of a chunk")
         if chunk_size < 2:
             raise ValueError(f"seqwrap.{engine}: chunk_size must be >= 2 for model_type '{self.model_type}' (HF's "
                              "recurrent mixers take a single-token path that updates their cached state in place)")

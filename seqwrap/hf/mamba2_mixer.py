@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..ops.ssd_scan import ssd_scan
 from .hybrid_cache import recurrent_state
+from .mamba2_ulysses import STATE_ATTR, mamba2_ulysses_forward
 
 MIXERS = ("Mamba2Mixer", "BambaMixer", "NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer", "Zamba2MambaMixer")
 
@@ -37,6 +38,9 @@ def _masked(x, mask):
 
 def mamba2_forward(self, hidden_states, cache=None, attention_mask=None, cache_params=None, **kwargs):
     """HF's Mamba-2 mixer forward (multi-token path) with seqwrap's SSD scan. Returns (B, L, hidden)."""
+    if getattr(self, STATE_ATTR, None) is not None:  # split over heads under Ulysses (mamba2_ulysses.py)
+        return mamba2_ulysses_forward(self, hidden_states, cache=cache, attention_mask=attention_mask,
+                                      cache_params=cache_params, **kwargs)
     cache = cache if cache is not None else cache_params
     batch, seq_len, _ = hidden_states.shape
     dtype = hidden_states.dtype

@@ -5,7 +5,9 @@
     seqwrap.parallel.remove_ulysses(model)            # the previous implementation comes back
 
 Each attention module gets a `_seqwrap_ulysses` UlyssesState (the explicit object the attention
-function reads); the computation itself is seqwrap.parallel.ulysses.ulysses_attend.
+function reads); the computation itself is seqwrap.parallel.ulysses.ulysses_attend. Each Mamba-2-family
+mixer gets a HeadSplit and the head-split forward of mamba2_ulysses.py (the same all-to-all over its SSM
+heads); other recurrent mixers (Mamba-1, gated DeltaNet, ...) are refused.
 
 On an FSDP2 (fully_shard) model, before or after apply_ulysses, a forward pre-hook on the model sets
 FSDP2's gradient divide factor at the first forward so that its reduction sums the sequence ranks'
@@ -14,6 +16,7 @@ scaling. remove_ulysses removes the hook and restores FSDP2's settings.
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +26,8 @@ from ..ops import documents as docs_mod
 from ..parallel.ulysses import ulysses_attend
 from ..parallel.ulysses_fsdp import configure_reduction, restore_reduction
 from . import attention
+from .mamba2_mixer import mixers as mamba2_mixers
+from .mamba2_ulysses import STATE_ATTR as SSM_STATE, head_split, mamba2_ulysses_forward
 from .versions import check_model_versions
 
 
@@ -84,9 +89,24 @@ def ulysses_group(model):
     """The process group of apply_ulysses if `model` was patched, else None."""
     for m in model.modules():
         state = getattr(m, "_seqwrap_ulysses", None)
+        if state is None:
+            state = getattr(m, SSM_STATE, None)
         if state is not None:
             return state.group
     return None
+
+
+def unsplit_recurrent_modules(model) -> list[str]:
+    """Class names of recurrent mixers Ulysses cannot split over heads (a depthwise causal conv, the mark of a
+    Mamba / linear-attention mixer, outside the Mamba-2 family of mamba2_mixer.MIXERS)."""
+    split = {id(m) for m in mamba2_mixers(model)}
+    return sorted({type(m).__name__ for m in model.modules()
+                   if id(m) not in split and isinstance(getattr(m, "conv1d", None), torch.nn.Conv1d)})
+
+
+def split_recurrent_layers(model) -> int:
+    """How many Mamba-2 mixers apply_ulysses split over heads."""
+    return sum(getattr(m, SSM_STATE, None) is not None for m in mamba2_mixers(model))
 
 
 def _pretrained(model):
@@ -107,21 +127,32 @@ def apply_ulysses(model, group=None, *, chunk_size: int | None = None):
     group = group or dist.group.WORLD
     lm = _pretrained(model)
     config = lm.config
+    mtype = getattr(config, "model_type", type(model).__name__)
     modules = attention_modules(lm)
-    if not modules:
-        raise ValueError(f"seqwrap.parallel: found no attention layers in model type "
-                         f"{getattr(config, 'model_type', type(model).__name__)!r}")
+    ssm = mamba2_mixers(lm)
+    other = unsplit_recurrent_modules(lm)
+    if other:
+        raise ValueError(f"seqwrap.parallel: model type {mtype!r} has recurrent layers ({', '.join(other)}) that "
+                         "Ulysses cannot split over heads (only the Mamba-2 family is: "
+                         "seqwrap/hf/mamba2_ulysses.py); each rank would run them on its part of the sequence only")
+    if not modules and not ssm:
+        raise ValueError(f"seqwrap.parallel: found no attention or Mamba-2 layers in model type {mtype!r}")
     heads = getattr(config, "num_attention_heads", None)
     p = dist.get_world_size(group)
-    if heads is None or heads % p:
+    if modules and (heads is None or heads % p):
         raise ValueError(f"seqwrap.parallel: {heads} attention heads cannot be split over {p} ranks")
     if ulysses_group(lm) is not None:
         raise ValueError("seqwrap.parallel.apply_ulysses: the model is already patched (remove_ulysses first)")
-    state = UlyssesState(group, chunk_size, attention.current_implementation(lm))
-    attention.register(attention.ULYSSES, ulysses_attention_forward)
-    attention.set_implementation(lm, attention.ULYSSES)
+    splits = [head_split(m, group) for m in ssm]  # refuses before anything is patched
+    state = UlyssesState(group, chunk_size, attention.current_implementation(lm) if modules else None)
+    if modules:
+        attention.register(attention.ULYSSES, ulysses_attention_forward)
+        attention.set_implementation(lm, attention.ULYSSES)
     for m in modules:
         m._seqwrap_ulysses = state
+    for m, split in zip(ssm, splits):  # an instance forward: remove_ulysses deletes it again
+        setattr(m, SSM_STATE, split)
+        m.forward = types.MethodType(mamba2_ulysses_forward, m)
 
     def fsdp_reduction(module, args):  # FSDP2 applied before or after: set its divide factor (idempotent)
         configure_reduction(module, group, "parallel.apply_ulysses")
@@ -134,14 +165,20 @@ def remove_ulysses(model):
     """Undoes apply_ulysses: the previous attention implementation comes back."""
     lm = _pretrained(model)
     modules = [m for m in attention_modules(lm) if "_seqwrap_ulysses" in m.__dict__]
-    if not modules:
+    ssm = [m for m in mamba2_mixers(lm) if SSM_STATE in m.__dict__]
+    if not modules and not ssm:
         raise ValueError("remove_ulysses: this model was not patched by apply_ulysses")
-    previous = modules[0]._seqwrap_ulysses.previous
-    for m in modules:
-        del m._seqwrap_ulysses
+    for m in ssm:
+        delattr(m, SSM_STATE)
+        m.__dict__.pop("forward", None)
+    if modules:
+        previous = modules[0]._seqwrap_ulysses.previous
+        for m in modules:
+            del m._seqwrap_ulysses
     hook = model.__dict__.pop("_seqwrap_ulysses_hook", None)
     if hook is not None:
         hook.remove()
     restore_reduction(model)
-    attention.set_implementation(lm, previous)
+    if modules:
+        attention.set_implementation(lm, previous)
     return model
