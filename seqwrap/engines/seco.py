@@ -33,6 +33,7 @@ from ..hf.decoder import HFDecoderAdapter, UnsupportedModelError, unwrap_ddp
 from ..hf.positions import has_dynamic_rope, rope_types
 from ..hf.router_aux import RouterAux, aux_coefficient, wants_router_logits
 from ..ops.dtypes import real_dtype
+from ..parallel.deepspeed import deepspeed_step, deepspeed_step_for
 from ..parallel.fsdp import FSDPSchedule, fsdp_step, fsdp_step_for
 from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, sync_ddp_gradients, unstash_grads
 from ..planning.auto import AutoChunk, announce
@@ -143,6 +144,9 @@ class SeCO(StepChecks):
             raise ValueError(f"seqwrap.{self.name}: offload=True needs attention='chunked'")
         if isinstance(offload_min_bytes, bool) or not isinstance(offload_min_bytes, int) or offload_min_bytes < 0:
             raise ValueError(f"seqwrap.{self.name}: offload_min_bytes must be an int >= 0, got {offload_min_bytes!r}")
+        # DeepSpeed ZeRO: given the engine, the step runs inside self._deepspeed.step() (parallel/deepspeed.py)
+        self._deepspeed = deepspeed_step_for(model, self.name)
+        model = model if self._deepspeed is None else self._deepspeed.module
         self.model = model
         self.chunk_size = chunk_size
         self.ignore_index = ignore_index
@@ -163,6 +167,9 @@ class SeCO(StepChecks):
         if self._fsdp is not None and self.group is not None:
             raise NotImplementedError(f"seqwrap.{self.name}: Ulysses sequence parallelism on an FSDP2 model is not "
                                       "supported yet")
+        if self._deepspeed is not None and self.group is not None:
+            raise NotImplementedError(f"seqwrap.{self.name}: Ulysses sequence parallelism under a DeepSpeed engine is "
+                                      "not supported yet")
         self.adapter.check_recurrent(self.name, attention, chunk_size or self._auto_chunk.smallest, self.group is not None)
         self.adapter.check_structure(self.name)
         self.adapter.check_head(self.name)
@@ -259,6 +266,7 @@ class SeCO(StepChecks):
             return self.evaluate(input_ids, labels, attention_mask, position_ids=position_ids,
                                  shift_labels=shift_labels, objective=_sum).sequence_logps
 
+    @deepspeed_step
     @fsdp_step
     def _train_step(self, input_ids, labels=None, attention_mask=None, *, num_items=None, loss_scale=1.0,
                     position_ids=None, shift_labels=None, num_items_in_batch=None, objective=None,
