@@ -1,13 +1,21 @@
 """Peak memory and step time vs sequence length: HF full backprop, HF + gradient checkpointing,
-SeCO, SpaCO (rate 1/8) and SeCO + minisequence (MLPs in 4 mini-sequences). One fresh subprocess per case.
+SeCO, SpaCO (rate 1/8), SeCO + minisequence (MLPs in 4 mini-sequences) and the StreamBP peer
+(benchmarks/peers/streambp.py, a re-implementation; same chunk size). One fresh subprocess per case.
 
 Writes benchmarks/results/seco.md and seco.png. Run: `pytest benchmarks/bench_seco.py -s`.
-Environment: SEQWRAP_BENCH_LENGTHS="1024,2048,4096,8192", SEQWRAP_BENCH_CHUNK=256,
-SEQWRAP_BENCH_STEPS=3 (timed rounds after one warm-up round), SEQWRAP_BENCH_THREADS=1 (torch threads).
+Environment: SEQWRAP_BENCH_LENGTHS="1024,2048,4096,8192,16384", SEQWRAP_BENCH_CHUNK=1024,
+SEQWRAP_BENCH_LAYERS=4, SEQWRAP_BENCH_STEPS=1 (timed rounds after one warm-up round), SEQWRAP_BENCH_THREADS=1
+(torch threads), SEQWRAP_BENCH_METHODS (comma list, default all), SEQWRAP_BENCH_HF_MAX=4096 /
+SEQWRAP_BENCH_CKPT_MAX=16384 (longest length HF full backprop / HF + ckpt run at: their logits and
+activations need several GB beyond that on a shared machine), SEQWRAP_BENCH_MST_MAX=16384 (SeCO +
+minisequence), SEQWRAP_BENCH_WARMUP_MAX=16384 (longest length with a warm-up round before the timed
+ones; above it the first round is timed: its warm-up share is small there), SEQWRAP_BENCH_OVERLAP=0
+(1: the memory cases run in a second worker beside the timing processes, halving the wall time on a
+2-core machine; peaks are unaffected and each timing ratio still comes from one process).
 Memory: one fresh subprocess per (method, length), one step. Time: one fresh subprocess per length
 in which the methods take turns, round after round; the best round of each method is reported.
 
-Model: a small Llama (hidden 256, 2 layers, 4 heads / 2 KV heads, vocab 32000), float32, AdamW
+Model: a small Llama (hidden 256, 4 layers, 4 heads / 2 KV heads, vocab 32000), float32, AdamW
 (foreach=False). Memory is the peak resident set of the step minus the resident set after the model
 and the optimizer state exist (Linux VmHWM, reset through /proc/self/clear_refs before the step;
 MALLOC_MMAP_THRESHOLD_=131072 in the memory runs so that freed large blocks leave the resident set).
@@ -21,9 +29,19 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ["hf", "hf_ckpt", "seco", "spaco", "seco_mst"]
-LABELS = {"hf": "HF full backprop", "hf_ckpt": "HF + grad ckpt", "seco": "SeCO", "spaco": "SpaCO rate 1/8",
-          "seco_mst": "SeCO + minisequence"}
+ALL_METHODS = ["hf", "hf_ckpt", "streambp", "seco", "spaco", "seco_mst"]
+METHODS = [m for m in os.environ.get("SEQWRAP_BENCH_METHODS", ",".join(ALL_METHODS)).split(",") if m]
+LABELS = {"hf": "HF full backprop", "hf_ckpt": "HF + grad ckpt", "streambp": "StreamBP (re-impl.)", "seco": "SeCO",
+          "spaco": "SpaCO rate 1/8", "seco_mst": "SeCO + minisequence"}
+LAYERS = int(os.environ.get("SEQWRAP_BENCH_LAYERS", "4"))
+MAX_LEN = {"hf": int(os.environ.get("SEQWRAP_BENCH_HF_MAX", "4096")),
+           "hf_ckpt": int(os.environ.get("SEQWRAP_BENCH_CKPT_MAX", "16384")),
+           "seco_mst": int(os.environ.get("SEQWRAP_BENCH_MST_MAX", "16384"))}
+WARMUP_MAX = int(os.environ.get("SEQWRAP_BENCH_WARMUP_MAX", "16384"))
+
+
+def runs_at(method: str, seq_len: int) -> bool:
+    return seq_len <= MAX_LEN.get(method, seq_len)
 
 
 def _rss_mb(field: str) -> float:
@@ -42,7 +60,7 @@ def _setup(seq_len: int):
     # thread, which penalises whichever method issues more (smaller) ops, not the one doing more work.
     torch.set_num_threads(int(os.environ.get("SEQWRAP_BENCH_THREADS", "1")))
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=LAYERS,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(seq_len, 2048))
     model = LlamaForCausalLM(config)
     model.train()
@@ -69,7 +87,11 @@ def _stepper(method: str, model, opt, ids, chunk: int):
             seqwrap.apply_minisequence(model, mlp_chunks=4)
         if method == "hf_ckpt":
             seqwrap.hf.enable_checkpointing(model)
-        if engine is None:
+        if method == "streambp":
+            from benchmarks.peers.streambp import streambp_backward
+
+            streambp_backward(model, ids, chunk)
+        elif engine is None:
             model(ids, labels=ids).loss.backward()
         else:
             engine(ids)
@@ -86,13 +108,15 @@ def run_timing(seq_len: int, chunk: int, rounds: int) -> dict:
     """Fresh subprocess: every method in turn, `rounds` times after a warm-up round; best time of each.
     Alternating the methods in one process keeps a shared machine's load from favouring one of them."""
     model, opt, ids = _setup(seq_len)
-    steps = {m: _stepper(m, model, opt, ids, chunk) for m in METHODS}
-    best = {m: float("inf") for m in METHODS}
-    for r in range(rounds + 1):
-        for m in METHODS:
+    methods = [m for m in METHODS if runs_at(m, seq_len)]
+    steps = {m: _stepper(m, model, opt, ids, chunk) for m in methods}
+    best = {m: float("inf") for m in methods}
+    warmup = 1 if seq_len <= WARMUP_MAX else 0
+    for r in range(rounds + warmup):
+        for m in methods:
             t0 = time.perf_counter()
             steps[m]()
-            if r:
+            if r >= warmup:
                 best[m] = min(best[m], time.perf_counter() - t0)
     return {"seq_len": seq_len, "times": best}
 
@@ -150,7 +174,7 @@ def report(results: list[dict], chunk: int, out_dir: Path) -> str:
     lines = ["# SeCO / SpaCO vs Hugging Face backprop (CPU)", "",
              f"torch {torch.__version__}, {os.cpu_count()} CPU cores (shared machine), "
              f"{os.environ.get('SEQWRAP_BENCH_THREADS', '1')} torch thread(s); small Llama (hidden 256, "
-             f"2 layers, vocab 32000), float32, AdamW, batch 1, chunk {chunk}. Cell: peak memory above the model "
+             f"{LAYERS} layers, vocab 32000), float32, AdamW, batch 1, chunk {chunk}. Cell: peak memory above the model "
              "and optimizer footprint (fresh process per case) / time per optimizer step (best of the timed rounds; "
              "the methods alternate in one process per length). "
              "AdamW(foreach=False); memory runs with MALLOC_MMAP_THRESHOLD_=131072.", "",
@@ -166,15 +190,19 @@ def report(results: list[dict], chunk: int, out_dir: Path) -> str:
         mem = by[("seco", n)]["peak_mb"] / by[("hf_ckpt", n)]["peak_mb"]
         lines.append(f"- memory at {n} tokens (longest HF + grad ckpt run): SeCO / HF+ckpt = {mem:.3f} "
                      f"(target <= 0.125: {'met' if mem <= 0.125 else 'NOT met'})")
-        for n in ck:
+        for n in ck:  # issue 24, item 2: at or below HF + ckpt (both recompute one forward)
             t = by[("seco", n)]["step_s"] / by[("hf_ckpt", n)]["step_s"]
-            lines.append(f"- time at {n} tokens: SeCO / HF+ckpt = {t:.2f} (target <= 1.35: "
-                         f"{'met' if t <= 1.35 else 'NOT met'})")
-    sp = [n for n in lengths if ok("seco", n) and ok("spaco", n) and -(-n // chunk) == 32]
-    for n in sp:
+            lines.append(f"- time at {n} tokens: SeCO / HF+ckpt = {t:.2f} (target <= 1.00: "
+                         f"{'met' if t <= 1.0 else 'NOT met'})")
+    for n in [n for n in lengths if ok("streambp", n) and ok("seco", n)]:  # issue 24, item 1
+        mem = by[("seco", n)]["peak_mb"] / by[("streambp", n)]["peak_mb"]
+        t = by[("seco", n)]["step_s"] / by[("streambp", n)]["step_s"]
+        lines.append(f"- memory at {n} tokens: SeCO / StreamBP = {mem:.2f} (target < 1: "
+                     f"{'met' if mem < 1 else 'NOT met'}); time SeCO / StreamBP = {t:.2f}")
+    sp = [n for n in lengths if ok("seco", n) and ok("spaco", n) and -(-n // chunk) >= 8]
+    for n in sp[-1:]:
         t = by[("spaco", n)]["step_s"] / by[("seco", n)]["step_s"]
-        lines.append(f"- time at 32 chunks ({n} tokens): SpaCO(1/8) / SeCO = {t:.2f} (target <= 0.5: "
-                     f"{'met' if t <= 0.5 else 'NOT met'})")
+        lines.append(f"- time at {-(-n // chunk)} chunks ({n} tokens): SpaCO(1/8) / SeCO = {t:.2f}")
     failed = [r for r in results if "error" in r]
     for r in failed:
         lines.append(f"- {LABELS[r['method']]} at {r['seq_len']} failed: {r['error']}")
@@ -209,20 +237,41 @@ def report(results: list[dict], chunk: int, out_dir: Path) -> str:
 
 
 def test_seco_memory_and_time(results_dir):
-    lengths = [int(x) for x in os.environ.get("SEQWRAP_BENCH_LENGTHS", "1024,2048,4096,8192").split(",")]
-    chunk = int(os.environ.get("SEQWRAP_BENCH_CHUNK", "256"))
-    steps = int(os.environ.get("SEQWRAP_BENCH_STEPS", "3"))
-    results = []
-    for n in lengths:
-        for m in METHODS:  # memory: one fresh process per case
-            r = measure(m, n, chunk, 0)
-            print(r, flush=True)
-            results.append(r)
-        t = _subprocess("timing", n, chunk, steps)  # time: the methods alternate in one fresh process
-        print(t, flush=True)
-        for r in results:
-            if r["seq_len"] == n and "error" not in r:
-                r["step_s"] = t["times"][r["method"]] if isinstance(t, dict) else float("nan")
+    lengths = [int(x) for x in os.environ.get("SEQWRAP_BENCH_LENGTHS", "1024,2048,4096,8192,16384").split(",")]
+    if "streambp" in METHODS:  # never compare against a wrong baseline
+        from benchmarks.peers.streambp import check_exact
+
+        print("StreamBP re-implementation vs full backprop (float64), relative error", check_exact())
+    chunk = int(os.environ.get("SEQWRAP_BENCH_CHUNK", "1024"))
+    steps = int(os.environ.get("SEQWRAP_BENCH_STEPS", "1"))
+    cases = [(m, n) for n in lengths for m in METHODS if runs_at(m, n)]
+
+    def memory_runs():  # memory: one fresh process per case
+        out = []
+        for m, n in cases:
+            out.append(measure(m, n, chunk, 0))
+            print(out[-1], flush=True)
+        return out
+
+    def timing_runs():  # time: the methods alternate in one fresh process per length
+        out = {}
+        for n in lengths:
+            out[n] = _subprocess("timing", n, chunk, steps)
+            print(out[n], flush=True)
+        return out
+
+    if os.environ.get("SEQWRAP_BENCH_OVERLAP", "0") == "1":
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            mem_f, time_f = pool.submit(memory_runs), pool.submit(timing_runs)
+            results, timings = mem_f.result(), time_f.result()
+    else:
+        results, timings = memory_runs(), timing_runs()
+    for r in results:
+        t = timings.get(r["seq_len"])
+        if "error" not in r:
+            r["step_s"] = t["times"].get(r["method"], float("nan")) if isinstance(t, dict) else float("nan")
     print(report(results, chunk, results_dir))
 
 

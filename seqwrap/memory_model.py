@@ -15,7 +15,13 @@ Hq / Hkv heads of size D, V vocabulary, b bytes per model element, r = 4 bytes (
               (full fine-tuning: 3 b per parameter, grads and AdamW moments in the model dtype;
               LoRA: 16 bytes per adapter parameter, float32 weight, grad and two moments)
   sequence    stored K/V of the past, 2 L Hkv D b per token, and the relayed K/V gradient sums,
-              2 L Hkv D r per token (twice that with Kahan compensation, half-precision models).
+              2 L Hkv D r per token; half-precision (bfloat16) models keep them in the K/V dtype,
+              2 L Hkv D b per token, plus as much again for the chunks that more than
+              RELAY_PLAIN_MAX_ADDS later chunks add into, once they are compensated (their Kahan
+              buffer exists from their relay_plain_adds-th addition to their own backward;
+              kv_store.py); the relay term is the peak of that schedule (relay_sum_bytes).
+              Host bytes per token of sequence with offload, bf16: 2x the bf16 K/V up to 32
+              chunks, 2.02x at 64, 2.51x at 256, approaching 3x at very many chunks.
               Peak at the first replayed chunk: both exist for the T - C tokens before it.
               Token ids, labels and mask: 24 bytes per token, always on the device.
   chunk       the replayed chunk's saved activations per token and layer (Llama-style block):
@@ -128,7 +134,7 @@ def seco_peak(shape: DecoderShape, seq_len: int, chunk: int, *, batch: int = 1, 
         dev["optimizer state"] = trainable_state - dev["gradients"]
     seq_side = host if offload else dev
     seq_side["past K/V"] = batch * past * kv_tok * b
-    seq_side["relayed K/V gradient sums"] = batch * past * kv_tok * r * (2 if half else 1)
+    seq_side["relayed K/V gradient sums"] = relay_sum_bytes(shape, seq_len, chunk, batch=batch, dtype_bytes=dtype_bytes)
     dev["token ids, labels, mask"] = batch * seq_len * 24
     layer_act = batch * C * b * (7 * s.hidden + 2 * s.kv_heads * s.head_dim + 4 * s.intermediate)
     if half:
@@ -141,7 +147,7 @@ def seco_peak(shape: DecoderShape, seq_len: int, chunk: int, *, batch: int = 1, 
         dev["chunk activations (one layer back from the host)"] = layer_act
     else:
         dev["chunk activations"] = s.layers * layer_act
-    dev["attention dq + relayed sums of the chunk"] = batch * C * (s.heads * s.head_dim + kv_tok) * r
+    dev["attention dq + relayed sums of the chunk"] = batch * C * (s.heads * s.head_dim * r + kv_tok * (b if half else r))
     if offload:
         dev["prefetch buffers (2 past blocks)"] = 2 * batch * C * 2 * s.kv_heads * s.head_dim * b
     if full_ft:  # each chunk's backward forms fresh embedding / LM-head gradients before adding them to .grad
@@ -155,13 +161,42 @@ def seco_peak(shape: DecoderShape, seq_len: int, chunk: int, *, batch: int = 1, 
     return est
 
 
-def longest_sequence(shape: DecoderShape, device_bytes: float, host_bytes: float | None, chunk: int,
-                     **kwargs) -> int:
-    """Largest multiple of `chunk` whose seco_peak fits device_bytes (and host_bytes, when given)."""
-    def fits(n_chunks: int) -> bool:
-        est = seco_peak(shape, n_chunks * chunk, chunk, **kwargs)
-        return est.device_total <= device_bytes and (host_bytes is None or est.host_total <= host_bytes)
+def relay_sum_bytes(shape: DecoderShape, seq_len: int, chunk: int, *, batch: int = 1, dtype_bytes: int = 2) -> int:
+    """Bytes of the relayed K/V gradient sums at their peak, as kv_store.RelaySink allocates them for
+    full-attention layers in a SeCO step. float32 models: float32 sums of every past chunk (the peak is the
+    first replayed chunk); float64: float64. dtype_bytes=2 (bfloat16): bfloat16 sums, and a bfloat16
+    compensation for chunk j (n - 1 - j additions, the k-th from chunk n - k) from its
+    relay_plain_adds-th addition on, i.e. from the replay of chunk n - 1 - plain_j; chunk i's sums and
+    compensation are freed after its own backward. The peak over the replays i = n-1 .. 1 of
+    (sums of the chunks j <= i, j < n - 1) + (compensations allocated by then for j <= i)."""
+    from .engines.kv_store import relay_plain_adds
 
+    C = min(chunk, seq_len)
+    n = -(-seq_len // C)                     # chunks
+    past = seq_len - C if seq_len > C else 0  # tokens of the chunks before the last
+    kv_tok = 2 * shape.layers * shape.kv_heads * shape.head_dim
+    if dtype_bytes != 2:
+        return batch * past * kv_tok * (8 if dtype_bytes == 8 else 4)
+    # comp of chunk j lives over the replays i in [j, n - 1 - plain_j] (when plain_j < adds_j): a difference
+    # array over i counts the live ones
+    live = [0] * (n + 1)
+    for j in range(max(0, n - 1)):
+        adds = n - 1 - j
+        plain = relay_plain_adds(adds)
+        if plain < adds:
+            live[j] += 1
+            live[n - plain] -= 1  # last replay it is alive at: n - 1 - plain
+    peak_chunks, comps = 0, 0
+    for i in range(n):
+        comps += live[i]
+        if i >= 1:  # replay of chunk i (chunk 0 relays to no one; its sums were counted at i = 1)
+            peak_chunks = max(peak_chunks, min(i + 1, n - 1) + comps)
+    return batch * min(peak_chunks * C, 2 * past) * kv_tok * dtype_bytes
+
+
+def longest_fitting(fits, chunk: int) -> int:
+    """Largest multiple of `chunk` whose chunk count n satisfies fits(n) (fits monotone: true, then false).
+    0: not even one chunk fits; -1: nothing grows with the length (unbounded)."""
     if not fits(1):
         return 0
     hi = 1
@@ -174,6 +209,16 @@ def longest_sequence(shape: DecoderShape, device_bytes: float, host_bytes: float
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo * chunk
+
+
+def longest_sequence(shape: DecoderShape, device_bytes: float, host_bytes: float | None, chunk: int,
+                     **kwargs) -> int:
+    """Largest multiple of `chunk` whose seco_peak fits device_bytes (and host_bytes, when given)."""
+    def fits(n_chunks: int) -> bool:
+        est = seco_peak(shape, n_chunks * chunk, chunk, **kwargs)
+        return est.device_total <= device_bytes and (host_bytes is None or est.host_total <= host_bytes)
+
+    return longest_fitting(fits, chunk)
 
 
 GB = 1e9
@@ -202,8 +247,9 @@ def llama8b_table(chunk: int = 16384, device_gb: float = 80.0, reserve_gb: float
     kv = per_tok["past K/V"] / chunk
     sums = per_tok["relayed K/V gradient sums"] / chunk
     lines += ["", f"Per token of sequence: {kv / 1024:.0f} KiB of bf16 K/V and {sums / 1024:.0f} KiB of relayed "
-              "gradient sums (float32 + Kahan compensation); with offload both live in host memory, and the "
-              "device peak stays at its value for one chunk whatever the length."]
+              "gradient sums (bf16, Kahan-compensated only for chunks with more than 32 later chunks); with "
+              "offload both live in host memory, and the device peak stays at its value for one chunk whatever "
+              "the length."]
     return "\n".join(lines)
 
 

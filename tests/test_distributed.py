@@ -75,8 +75,9 @@ def test_ddp_two_gloo_processes(ddp_run):
     ids = batch()
     loss, grads = reference(model, ids)  # whole batch, one process (equal label counts per rank)
     for r in (r0, r1):
-        assert r["seco_calls"] == 1, "one all-reduce per step (one bucket), not one per chunk"
-        assert r["nosync_calls"] == 0
+        # one all-reduce per step (one bucket), not one per chunk, after the ranks' agreement (one tiny all-reduce)
+        assert r["seco_calls"] == 2, r["seco_calls"]
+        assert r["nosync_calls"] == 0  # a step inside no_sync issues no collective, so none to agree on
         for n, p in model.named_parameters():
             p.grad = r["seco"][n]
         assert max_rel_err(model, grads) <= 1e-10

@@ -11,7 +11,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-STATUS = {"Build": "skipped", "Kernel checks": "skipped", "Engines on the device": "pass",
+STATUS = {"Build": "skipped", "Kernel checks": "skipped", "Kernels under the CUDA emulator": "pass", "Engines on the device": "pass",
           "compute-sanitizer": "skipped", "Cross-entropy benchmark": "pass", "Engine benchmark": "pass"}
 ENGINE_CASES = {("SeCO", "full"), ("SeCO + offload", "full"), ("SeCO + MsT", "full"), ("SeCO", "LoRA + grad ckpt"),
                 ("SeCO + offload (activations parked)", "LoRA + grad ckpt")}
@@ -49,7 +49,7 @@ def test_dry_run_passes_and_writes_its_files(dry):
     for title, status in STATUS.items():
         assert f"## {title}" in md and f"| {title} | {status} |" in md
     log = (out / "gpu_check.log").read_text()
-    for name in ("build", "kernels", "engines", "sanitizer", "cross_entropy", "engine_bench"):
+    for name in ("build", "kernels", "emulator", "engines", "sanitizer", "cross_entropy", "engine_bench"):
         assert f"benchmarks.gpu_check.section {name} " in log
     assert "gpu_check: all checks passed" in log
 
@@ -100,3 +100,12 @@ def test_without_a_gpu_the_check_says_so_and_fails(tmp_path):
     assert proc.returncode == 2, proc.stdout[-2000:]
     assert "no CUDA device visible to torch" in proc.stdout and "make gpu-check-dry" in proc.stdout
     assert not (tmp_path / "gpu_check.md").exists(), "no GPU: earlier results in the folder stay as they were"
+
+
+def test_dry_run_emulated_kernel_table(dry):
+    """The emulator's section runs in a dry run too: a row per kernel, each with passing tests."""
+    _, _, sections = dry
+    table = rows(sections["Kernels under the CUDA emulator"], "Emulated kernels")
+    assert {r[0] for r in table} == KERNELS
+    for r in table:
+        assert int(r[1]) > 0 and int(r[2]) == 0, r

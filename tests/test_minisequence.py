@@ -109,11 +109,13 @@ def test_chunk_counts(chunks, count_mlp_calls):
 
 
 def test_auto_chunks_at_length(count_mlp_calls):
-    """mlp_chunks=None: ceil(I / H) = 3 mini-sequences for this config, at most tokens // 1024."""
+    """mlp_chunks=None, from memory: one token of a shard holds (6 I + 3 H) * 8 = 576 * 8 bytes (H 32, I 80,
+    float64), the target is the call's hidden states (tokens * 32 * 8): ceil(576 / 32) = 18 shards, at
+    most tokens // 256."""
     ref, twin = pair("llama")
     seqwrap.apply_minisequence(twin)
     mlp_ref, mlp = ref.model.layers[0].mlp, twin.model.layers[0].mlp
-    for tokens, chunks in ((1000, None), (2100, 2), (5000, 3)):
+    for tokens, chunks in ((255, None), (600, 2), (5000, 18)):
         count_mlp_calls.clear()
         x = torch.randn(1, tokens, 32, dtype=torch.float64, requires_grad=True)
         y = mlp(x)
@@ -122,6 +124,20 @@ def test_auto_chunks_at_length(count_mlp_calls):
         want = torch.autograd.grad(mlp_ref(x).sum(), [x, *mlp_ref.parameters()])
         for a, b in zip(g, want):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family, shards", [("llama", 6), ("phi3", 7)])
+def test_memory_budget_picks_uneven_shards_and_stays_exact(family, shards, count_mlp_calls):
+    """mlp_memory = 23040 bytes, 2 x 13 = 26 tokens, float64, H 32, I 80. Llama (gated, 6 I + 3 H = 576
+    per token): ceil(26 * 576 * 8 / 23040) = 6 shards; Phi3 (fused gate_up, 8 I + 3 H = 736):
+    ceil(26 * 736 * 8 / 23040) = 7. Over 13 positions: slices of 2 and 3 tokens (uneven)."""
+    ref, twin = pair(family)
+    seqwrap.apply_minisequence(twin, mlp_memory=23040)
+    inputs = batch(13)
+    want, got = _step(ref, inputs), _step(twin, inputs)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=0)
+    assert max_rel_error(grads(ref), grads(twin)) < RTOL
+    assert set(count_mlp_calls) == {shards}
 
 
 def test_applied_before_peft():

@@ -33,6 +33,11 @@ def test_bad_arguments():
     for bad in (0, -1, 2.0, True, "4"):
         with pytest.raises(ValueError, match="mlp_chunks"):
             seqwrap.apply_minisequence(model, mlp_chunks=bad)
+    for bad in (0, -1, 2.0, True, "4"):
+        with pytest.raises(ValueError, match="mlp_memory"):
+            seqwrap.apply_minisequence(model, mlp_memory=bad)
+    with pytest.raises(ValueError, match="not both"):
+        seqwrap.apply_minisequence(model, mlp_chunks=2, mlp_memory=2**20)
     with pytest.raises(TypeError, match="LlamaModel"):
         seqwrap.apply_minisequence(model.model)  # the bare decoder: no lm_head
 

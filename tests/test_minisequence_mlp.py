@@ -4,7 +4,16 @@ import torch
 from torch import nn
 
 from seqwrap.hf.minisequence import _swapped_parameters, _trainable
-from seqwrap.hf.mst_mlp import MIN_TOKENS_PER_CHUNK, MiniSequenceMLP, auto_mlp_chunks, chunk_bounds
+from math import ceil
+
+from seqwrap.hf.mst_mlp import (
+    MIN_TOKENS_PER_CHUNK,
+    MiniSequenceMLP,
+    alst_mlp_shards,
+    auto_mlp_chunks,
+    chunk_bounds,
+    mlp_shard_bytes_per_token,
+)
 
 
 class GatedMLP(nn.Module):
@@ -45,11 +54,33 @@ def test_chunk_bounds_cover_every_token(length, chunks):
 
 
 def test_auto_chunks():
-    assert auto_mlp_chunks(512, 4096, 14336) == 1  # short: plain forward
-    assert auto_mlp_chunks(2 * MIN_TOKENS_PER_CHUNK, 4096, 14336) == 2  # limited by tokens per chunk
-    assert auto_mlp_chunks(16384, 4096, 14336) == 4  # ceil(I / H)
-    assert auto_mlp_chunks(16384, 2048, 8192) == 4
-    assert auto_mlp_chunks(16384, 64, 64) == 1
+    # Llama-3-8B MLP (H 4096, I 14336), bf16: (6 * 14336 + 3 * 4096) * 2 = 196608 bytes per token; the
+    # default target (the hidden states, tokens * 4096 * 2) gives ceil(196608 / 8192) = 24 shards.
+    assert mlp_shard_bytes_per_token(4096, 14336, 2) == 196608
+    assert auto_mlp_chunks(16384, 4096, 14336, dtype_bytes=2) == 24
+    assert auto_mlp_chunks(131072, 4096, 14336, dtype_bytes=2) == 24  # same ratio at any length
+    assert auto_mlp_chunks(255, 4096, 14336) == 1  # short: plain forward
+    assert auto_mlp_chunks(3 * MIN_TOKENS_PER_CHUNK, 4096, 14336) == 3  # capped by tokens per shard
+    # float32 doubles bytes and target alike: same count
+    assert auto_mlp_chunks(16384, 4096, 14336, dtype_bytes=4) == 24
+    # kinds: plain (4 I + 3 H) and fused gate_up (8 I + 3 H), H 512, I 1376: ceil(7040/512) = 14, ceil(12544/512) = 25
+    assert auto_mlp_chunks(16384, 512, 1376, kind="plain") == 14
+    assert auto_mlp_chunks(16384, 512, 1376, kind="fused_gated") == 25
+    assert auto_mlp_chunks(16384, 512, 1376) == ceil((6 * 1376 + 3 * 512) / 512) == 20
+    # an explicit budget: ceil(16384 * 196608 / 2**30) = 3 shards; 1 when everything fits; at most one per token
+    assert auto_mlp_chunks(16384, 4096, 14336, dtype_bytes=2, target_bytes=2**30) == 3
+    assert auto_mlp_chunks(16384, 4096, 14336, dtype_bytes=2, target_bytes=2**40) == 1
+    assert auto_mlp_chunks(100, 4096, 14336, dtype_bytes=2, target_bytes=1) == 100
+    # ALST's rule for comparison: ceil(seqlen / H)
+    assert alst_mlp_shards(16384, 512) == 32 and alst_mlp_shards(16385, 4096) == 5
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, True, "1"])
+def test_auto_chunks_bad_target(bad):
+    with pytest.raises(ValueError, match="MLP memory target"):
+        auto_mlp_chunks(1024, 64, 128, target_bytes=bad)
+    with pytest.raises(ValueError, match="unknown MLP kind"):
+        mlp_shard_bytes_per_token(64, 128, 4, kind="moe")
 
 
 @pytest.mark.parametrize("chunks", [1, 3, 5])

@@ -92,6 +92,8 @@ def test_nothing_fits_says_what_would():
     (dict(device_memory=-1), ValueError, "device_memory must be > 0"),
     (dict(device_memory="80GB", world_size=0), ValueError, "world_size must be an int >= 1"),
     (dict(device_memory="80GB", world_size=3), ValueError, "not a multiple of world_size 3"),
+    (dict(device_memory="80GB", shard=0), ValueError, "shard must be an int >= 1"),
+    (dict(device_memory="80GB", world_size=2, attention="concat"), ValueError, "Ulysses .* needs attention='chunked'"),
     (dict(device_memory="80GB", dtype="int8"), ValueError, "unknown dtype 'int8'"),
     (dict(device_memory="80GB", lora=-4), ValueError, "lora rank must be > 0"),
     (dict(device_memory="80GB", lora={"r": 8, "target_modules": ["fc1"]}), ValueError, r"\['fc1'\] are not modelled"),
@@ -134,18 +136,46 @@ def test_sources_agree(tmp_path):
 
 
 def test_ulysses_ranks_and_lora_configs():
+    from seqwrap.planning.distributed import Layout, parallel_peak
+
     s = DecoderShape.llama_3_1_8b()
     p = seqwrap.plan(L8B, "256K", device_memory="80GB", host_memory="1TB", lora=16, world_size=4)
     assert p.chunk_size % 4 == 0 and p.longest_seq % 4 == 0
-    est = seco_peak(s, p.seq_len // 4, p.chunk_size // 4, dtype_bytes=2, lora_params=s.lora_params(16),
-                    grad_ckpt=p.checkpointing, offload=p.offload)
-    assert (est.device_total, est.host_total) == (p.device_peak, p.host_peak)  # one rank's share of the sequence
+    kw = dict(dtype_bytes=2, lora_params=s.lora_params(16), grad_ckpt=p.checkpointing)
+    est = parallel_peak(s, p.seq_len, p.chunk_size, Layout(sp=4, offload=p.offload), **kw)
+    assert (est.device_total, est.host_total) == (p.device_peak, p.host_peak)  # the P-rank model
+    # = one rank's share of the sequence (seco_peak at T/4, C/4) + one attention call's all-to-all buffers
+    one_rank = seco_peak(s, p.seq_len // 4, p.chunk_size // 4, offload=p.offload, **kw)
+    a2a = 2 * (p.chunk_size // 4) * (2 * s.heads + 2 * s.kv_heads) * s.head_dim * 2
+    assert p.device_peak == one_rank.device_total + a2a
     one = seqwrap.plan(L8B, "256K", device_memory="80GB", host_memory="1TB", lora=16)
     assert p.longest_seq > 3 * one.longest_seq
     peft = pytest.importorskip("peft")
     cfg = peft.LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"])
     q = seqwrap.plan(L8B, 4096, device_memory="80GB", lora=cfg)
     assert q.subject.adapter_params == s.lora_params(16, ("q", "k", "v", "o", "gate"))
+
+
+def test_world_size_and_shard_plan_with_the_p_rank_model():
+    """plan(world_size=, shard=) is distributed.parallel_peak's rank: K/V heads replicated when world_size does
+    not divide them (Llama-8B: 8 K/V heads, 16 ranks), parameter state divided by the sharding degree."""
+    from seqwrap.planning.distributed import Layout, parallel_peak
+
+    s = DecoderShape.llama_3_1_8b()
+    kw = dict(device_memory="141GB", host_memory="2TB", checkpointing=True, offload=False)
+    p = seqwrap.plan(L8B, "512K", world_size=16, **kw)
+    est = parallel_peak(s, p.seq_len, p.chunk_size, Layout(sp=16), dtype_bytes=2, grad_ckpt=True)
+    assert (p.device_peak, p.device_breakdown) == (est.device_total, dict(est.device))
+    naive = seco_peak(s, p.seq_len // 16, p.chunk_size // 16, dtype_bytes=2, grad_ckpt=True)
+    assert p.device_breakdown["past K/V"] == 4 * naive.device["past K/V"]  # 32/8 heads replicated
+    sharded = seqwrap.plan(L8B, "512K", world_size=16, shard=16, **kw)
+    est = parallel_peak(s, sharded.seq_len, sharded.chunk_size, Layout(sp=16, shard=16), dtype_bytes=2,
+                        grad_ckpt=True)
+    assert sharded.device_peak == est.device_total
+    assert sharded.device_breakdown["weights (sharded)"] == s.params * 2 // 16
+    assert sharded.device_breakdown["optimizer state"] == s.params * 4 // 16
+    assert sharded.longest_seq > p.longest_seq and sharded.shard == 16
+    assert "parameters sharded over 16 ranks" in sharded.table()
 
 
 def _tiny(dtype=torch.float32, lora=False, layers=2, hidden=32, vocab=61, seed=0):

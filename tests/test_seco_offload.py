@@ -212,3 +212,26 @@ def test_park_activations_round_trip_and_skips():
     with park_activations(xfer, set(), 10**9, stats):  # everything under the size floor stays
         (x * 2).sum()
     assert stats.get("parked_bytes", 0) == 0
+
+
+def test_pool_counters_agree_with_the_memory_model():
+    """bf16 Llama, offload, 35 chunks of 2 tokens: the pool's own per-kind peaks (stored past K/V, relayed
+    K/V gradient sums) equal the memory model's host terms, byte for byte. Chunks 0 and 1 get more than
+    RELAY_PLAIN_MAX_ADDS = 32 additions, so their sums carry a bf16 compensation, but only from their 33rd
+    addition on (from about the 23rd: relay_plain_adds), when most later sums are freed: the peak is the 68 tokens
+    of sums of the first replay. (tests/test_kv_store.py checks a schedule where the compensations set it.)"""
+    from seqwrap.memory_model import DecoderShape, seco_peak
+
+    assert kv_mod.RELAY_PLAIN_MAX_ADDS == 32
+    model = tiny_model("llama", dtype=torch.float32).to(torch.bfloat16)
+    T, C = 70, 2
+    ids = torch.randint(3, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    engine = seqwrap.SeCO(model, chunk_size=C, offload=True, offload_min_bytes=0)
+    engine(ids, labels=ids.clone())
+    shape = DecoderShape.from_config(model.config)
+    est = seco_peak(shape, T, C, dtype_bytes=2, lora_params=0, grad_ckpt=False, offload=True).host
+    kv_tok = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2  # bytes of bf16 K and V per token
+    assert est["past K/V"] == 68 * kv_tok and est["relayed K/V gradient sums"] == 68 * kv_tok
+    assert engine.pool.peak_by["kv"] == est["past K/V"]
+    assert engine.pool.peak_by["relay"] == est["relayed K/V gradient sums"]
+    assert engine.pool.in_use_by["kv"] == engine.pool.in_use_by["relay"] == 0  # all handed back

@@ -1,9 +1,10 @@
-"""`make gpu-check`: everything seqwrap must prove on a CUDA device, in one run of under 8 minutes on an
+"""`make gpu-check`: everything seqwrap must prove on a CUDA device, in one run of under 10 minutes on an
 H100/H200 (`python -m benchmarks.gpu_check`); `make gpu-check-dry` runs the same sections on the CPU at
 toy sizes. One module per section:
 
   build         builds seqwrap._C for the visible GPU's architecture, prints cuda_status()
   kernels       the CUDA-marked tests (pytest -m cuda): each kernel vs the CPU kernel and seqwrap.ops.reference
+  emulated      the same kernels under the host emulation of CUDA (tests/cuda_emu), a table beside the device's
   engines       SeCO, SpaCO, SeCO + offload, SeCO + MsT on a small Llama on the device, fp32 and bf16,
                 full fine-tuning and LoRA, against float64 full backprop
   sanitizer     compute-sanitizer memcheck / racecheck / synccheck over sanitize_target.py

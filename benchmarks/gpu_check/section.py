@@ -18,6 +18,7 @@ from .report import Result
 MODULES = {
     "build": "benchmarks.gpu_check.build",
     "kernels": "benchmarks.gpu_check.kernels",
+    "emulator": "benchmarks.gpu_check.emulated",
     "engines": "benchmarks.gpu_check.engines",
     "sanitizer": "benchmarks.gpu_check.sanitizer",
     "cross_entropy": "benchmarks.gpu_check.xent_bench",

@@ -185,7 +185,11 @@ static int fill_from_dl(const DLTensor *dl, const char *fn, const char *arg, sw_
         return -1;
     }
     if (dl->device.device_type == kDLCPU || dl->device.device_type == kDLCUDAHost) {
+#ifdef SW_EMU_CPU_AS_CUDA
+        out->device = SW_CUDA;  /* tests/cuda_emu's build only: host tensors reach the emulated CUDA kernels */
+#else
         out->device = SW_CPU;
+#endif
     } else if (dl->device.device_type == kDLCUDA) {
         out->device = SW_CUDA;
     } else {

@@ -43,7 +43,7 @@ SW_HOSTDEV void sw_store_from_double(void *p, sw_dtype dtype, int64_t i, double 
  * float64, F(float, f) for float32 / float16 / bfloat16 (half storage is read and written through
  * sw_load_as_float / sw_store_from_float). F names a template instance in CUDA and a suffixed
  * routine in C, e.g.
- *     #define LAUNCH(R, SUF) kernel<R><<<grid, threads, 0, s>>>(*p)
+ *     #define LAUNCH(R, SUF) SW_LAUNCH(kernel<R>, grid, threads, 0, s, *p)
  *     #define ROWS(R, SUF) merge_rows_##SUF(p)
  *     SW_DISPATCH_REAL(p->dtype, LAUNCH);                                                       */
 #define SW_DISPATCH_REAL(dtype, F)       \

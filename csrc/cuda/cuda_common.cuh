@@ -8,6 +8,15 @@
 
 #include "sw_status.h"
 
+// The one launch form of the kernels: nvcc's <<<>>> on a CUDA build, the host emulation of the CUDA
+// execution model (tests/cuda_emu/sw_cuda_emu.h, force-included) in the emulated test build.
+#ifdef SW_CUDA_EMU
+#define SW_LAUNCH(kernel, grid, block, smem, stream, ...) \
+    ((void)SW_EMU_LAUNCH(kernel, grid, block, smem, stream, __VA_ARGS__))
+#else
+#define SW_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#endif
+
 // Fills err from a CUDA error and returns SW_ERR_CUDA; SW_OK if e == cudaSuccess.
 static inline sw_code sw_cuda_fail(cudaError_t e, const char *what, sw_error *err) {
     if (e == cudaSuccess) return SW_OK;

@@ -69,7 +69,7 @@ extern "C" sw_code sw_kahan_cuda(const sw_kahan_params *p, const sw_launch *l, s
         }
         batch.block_start[batch.njobs] = blocks;
         if (blocks == 0) continue;
-        sw_kahan_kernel<<<blocks, SW_KAHAN_THREADS, 0, s>>>(batch, scale);
+        SW_LAUNCH(sw_kahan_kernel, blocks, SW_KAHAN_THREADS, 0, s, batch, scale);
         sw_code rc = sw_cuda_fail(cudaGetLastError(), "launching the Kahan accumulation kernel", err);
         if (rc != SW_OK) return rc;
     }

@@ -39,8 +39,8 @@ extern "C" sw_code sw_lse_merge_cuda(const sw_lse_merge_params *p, const sw_laun
     const unsigned grid = (unsigned)((n + SW_MERGE_THREADS - 1) / SW_MERGE_THREADS);
     const unsigned grid_rows = (unsigned)((p->rows + SW_MERGE_THREADS - 1) / SW_MERGE_THREADS);
 #define LAUNCH(R, SUF)                                                     \
-    sw_lse_merge_kernel<R><<<grid, SW_MERGE_THREADS, 0, s>>>(*p);          \
-    sw_lse_update_kernel<R><<<grid_rows, SW_MERGE_THREADS, 0, s>>>(*p)
+    SW_LAUNCH(sw_lse_merge_kernel<R>, grid, SW_MERGE_THREADS, 0, s, *p);      \
+    SW_LAUNCH(sw_lse_update_kernel<R>, grid_rows, SW_MERGE_THREADS, 0, s, *p)
     SW_DISPATCH_REAL(p->acc_dtype, LAUNCH);
 #undef LAUNCH
     return sw_cuda_fail(cudaGetLastError(), "launching the LSE merge kernels", err);

@@ -35,6 +35,6 @@ extern "C" sw_code sw_sampler_cuda(const sw_sampler_params *params, const sw_lau
         snprintf(err->message, sizeof err->message, "too many chunks (%lld) for one launch", (long long)params->k);
         return SW_ERR_VALUE;
     }
-    sw_sampler_kernel<<<(unsigned)blocks, SW_SAMPLER_THREADS, 0, (cudaStream_t)l->stream>>>(*params);
+    SW_LAUNCH(sw_sampler_kernel, (unsigned)blocks, SW_SAMPLER_THREADS, 0, (cudaStream_t)l->stream, *params);
     return sw_cuda_fail(cudaGetLastError(), "launching the chunk sampler kernel", err);
 }

@@ -58,11 +58,11 @@ static sw_code launch(const sw_scan_params *p, int backward, const sw_launch *l,
         if (e == cudaSuccess) e = cudaMemsetAsync(p->dB, 0, nb, s);
         if (e == cudaSuccess) e = cudaMemsetAsync(p->dC, 0, nb, s);
         if (e != cudaSuccess) return sw_cuda_fail(e, "zeroing the scan backward sums", err);
-        if (p->f64) sw_scan_bwd_kernel<double><<<blocks, SW_SCAN_THREADS, 0, s>>>(*p);
-        else sw_scan_bwd_kernel<float><<<blocks, SW_SCAN_THREADS, 0, s>>>(*p);
+        if (p->f64) SW_LAUNCH(sw_scan_bwd_kernel<double>, blocks, SW_SCAN_THREADS, 0, s, *p);
+        else SW_LAUNCH(sw_scan_bwd_kernel<float>, blocks, SW_SCAN_THREADS, 0, s, *p);
     } else {
-        if (p->f64) sw_scan_fwd_kernel<double><<<blocks, SW_SCAN_THREADS, 0, s>>>(*p);
-        else sw_scan_fwd_kernel<float><<<blocks, SW_SCAN_THREADS, 0, s>>>(*p);
+        if (p->f64) SW_LAUNCH(sw_scan_fwd_kernel<double>, blocks, SW_SCAN_THREADS, 0, s, *p);
+        else SW_LAUNCH(sw_scan_fwd_kernel<float>, blocks, SW_SCAN_THREADS, 0, s, *p);
     }
     return sw_cuda_fail(cudaGetLastError(), backward ? "launching the scan backward kernel"
                                                      : "launching the scan forward kernel", err);

@@ -101,7 +101,7 @@ extern "C" sw_code sw_xent_cuda(const sw_xent_params *p, const sw_launch *l, sw_
         return SW_ERR_VALUE;
     }
     cudaStream_t s = (cudaStream_t)l->stream;
-#define LAUNCH(R, SUF) sw_xent_kernel<R><<<(unsigned)p->rows, SW_XENT_THREADS, 0, s>>>(*p)
+#define LAUNCH(R, SUF) SW_LAUNCH(sw_xent_kernel<R>, (unsigned)p->rows, SW_XENT_THREADS, 0, s, *p)
     SW_DISPATCH_REAL(p->dtype, LAUNCH);
 #undef LAUNCH
     return sw_cuda_fail(cudaGetLastError(), "launching the cross-entropy kernel", err);

@@ -17,13 +17,18 @@ that call to `ChunkKVStore.update`. The store runs in one of two attention modes
       through _CatWithPast, whose backward sends dL/d(past chunk j) into a
       RelaySink of chunk j, and remember the fresh k, v.
 
-Relay sums are float32 (float64 for float64 models), Kahan-compensated for
-half-precision models; the engine adds chunk i's relayed gradient to its fresh
+Relay sums of bfloat16 K/V are kept in bfloat16 (the K/V dtype: the engine rounds
+each sum to the K/V dtype anyway before its backward), Kahan-compensated by a second
+bfloat16 buffer only for the chunks that receive more than RELAY_PLAIN_MAX_ADDS
+additions (see RelaySink); other relay sums are float32 (float64 for float64 models),
+Kahan-compensated for float16 models; the engine adds chunk i's relayed gradient to its fresh
 K/V in chunk i's backward (relay_pairs). Sliding-window layers (Gemma2,
 Mistral with a window) only see the past chunks that overlap the window; the
 mask sizes they report say so (kv_offset).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -31,27 +36,62 @@ from ..ops.attention_blocks import EMPTY
 from ..ops.documents import block_mask
 from ..ops.dtypes import real_dtype
 from ..ops.kahan import kahan_accumulate_
-from .offload import HostAccumulator, prefetched
+from .offload import HostAccumulator, add_in_kv_dtype_, prefetched
+
+# Relayed K/V gradient sums in bfloat16 (the K/V dtype). Tolerance: the normwise relative error of each
+# sum against the float64 sum of the same addends is at most RELAY_TOLERANCE = 4 bfloat16 half-ulps
+# (4 * 2^-9); rounding the exact sum to bfloat16 alone costs about 1.7e-3, i.e. 0.85 half-ulps.
+# A plain bfloat16 running sum of n random-sign addends errs by about 1.2e-3 * sqrt(n) (measured:
+# benchmarks/results/relay_precision.md), within the tolerance up to about 40 additions; a compensated
+# one stays at the rounding floor. A sum that adds p plainly and then the rest compensated errs by about
+# 1.2e-3 * p / sqrt(n) (the early roundings shrink against the growing sum), so a chunk whose sums get
+# n > RELAY_PLAIN_MAX_ADDS additions goes plain for the first relay_plain_adds(n) = isqrt(16 n) of them
+# (about 0.7x the error of 32 plain additions: margin for the spread between sums; isqrt(32 n) missed the
+# tolerance by 9% on one of 320 random sums) and only then allocates its Kahan buffer: the compensation
+# buffers come into existence late in the backward, when most later chunks' K/V and sums are freed.
+RELAY_TOLERANCE = 4 * 2.0**-9
+RELAY_PLAIN_MAX_ADDS = 32
+
+
+def relay_plain_adds(adds: int, exact: bool = True) -> int:
+    """How many of a bfloat16 relayed sum's `adds` additions are plain before its Kahan compensation starts
+    (== adds: never compensated). exact=False (adds is only an upper bound: sampled chunks, documents,
+    padding, sliding windows): RELAY_PLAIN_MAX_ADDS, safe for any smaller count that actually arrives."""
+    if adds <= RELAY_PLAIN_MAX_ADDS:
+        return adds
+    return math.isqrt(RELAY_PLAIN_MAX_ADDS * adds // 2) if exact else RELAY_PLAIN_MAX_ADDS
 
 
 class RelaySink:
     """Accumulates dL/dK (or dL/dV) of one chunk and one layer, shape (B, heads_kv, L, head_dim).
 
-    float64 models accumulate in float64, everything else in float32; float16 / bfloat16
-    gradients (or every gradient, with compensate=True: a half-precision model whose block
-    gradients arrive in float32) go through the core's compensated (Kahan) accumulation.
+    kv_dtype=torch.bfloat16 (the stored K/V's dtype): the sum is bfloat16, each addition done in
+    float32 and rounded once; with adds > RELAY_PLAIN_MAX_ADDS (the number of additions it will get)
+    a second bfloat16 buffer compensates it (Kahan) from addition plain + 1 on (plain =
+    relay_plain_adds(adds, exact), given by the store; allocated only then). Otherwise float64 models accumulate in float64,
+    everything else in float32; float16 gradients (or every gradient, with compensate=True: a
+    half-precision model whose block gradients arrive in float32) go through the core's
+    compensated (Kahan) accumulation.
     host: a HostAccumulator when the sums live in host memory (offload), else None.
     """
 
-    __slots__ = ("acc", "comp", "compensate", "host")
+    __slots__ = ("acc", "comp", "compensate", "host", "kv_dtype", "adds", "plain", "done")
 
-    def __init__(self, compensate: bool = False, host=None):
+    def __init__(self, compensate: bool = False, host=None, kv_dtype: torch.dtype | None = None, adds: int = 0,
+                 plain: int | None = None):
         self.acc = None
         self.comp = None
         self.compensate = compensate
         self.host = host
+        self.kv_dtype = kv_dtype
+        self.adds = adds
+        self.plain = relay_plain_adds(adds, exact=False) if plain is None else plain
+        self.done = 0  # additions so far
 
     def add_(self, g: torch.Tensor) -> None:
+        if self.kv_dtype == torch.bfloat16:
+            self._add_in_kv_dtype(g)
+            return
         half = self.compensate or g.dtype in (torch.float16, torch.bfloat16)
         if self.acc is None:
             dtype = real_dtype(g.dtype)
@@ -59,14 +99,31 @@ class RelaySink:
                 self.acc = torch.zeros(g.shape, dtype=dtype, device=g.device)
                 self.comp = torch.zeros_like(self.acc) if half else None
             else:
-                self.acc = self.host.xfer.pool.zeros(g.shape, dtype)
-                self.comp = self.host.xfer.pool.zeros(g.shape, dtype) if half else None
+                self.acc = self.host.xfer.pool.zeros(g.shape, dtype, "relay")
+                self.comp = self.host.xfer.pool.zeros(g.shape, dtype, "relay") if half else None
         if self.host is not None:
             self.host.add(self.acc, self.comp, g)
         elif half:
             kahan_accumulate_([self.acc], [self.comp], [g.detach().contiguous()], 1.0)
         else:
             self.acc.add_(g.detach())
+
+    def _add_in_kv_dtype(self, g: torch.Tensor) -> None:
+        if self.acc is None:
+            if self.host is None:
+                self.acc = torch.zeros(g.shape, dtype=torch.bfloat16, device=g.device)
+            else:
+                self.acc = self.host.xfer.pool.zeros(g.shape, torch.bfloat16, "relay")
+        if self.comp is None and self.done == self.plain < self.adds:  # compensated from here on
+            if self.host is None:
+                self.comp = torch.zeros_like(self.acc)
+            else:
+                self.comp = self.host.xfer.pool.zeros(g.shape, torch.bfloat16, "relay")
+        self.done += 1
+        if self.host is not None:
+            self.host.add(self.acc, self.comp, g)
+        else:
+            add_in_kv_dtype_(self.acc, self.comp, g)
 
     def release(self) -> None:
         """Hands host buffers back to the pool (device sums are simply dropped)."""
@@ -115,11 +172,14 @@ class ChunkKVStore:
     documents: the document layout of a packed batch over attention positions (ops/documents.py),
         or None: queries only see keys of their own document, past chunks without such keys are
         not read, and a chunk whose documents end inside it is not stored ("chunked" only)
+    replayed: the chunks pass 2 replays (SpaCO: the sampled ones), None: all; only they relay gradients,
+        so they are what relay_adds counts
     """
 
     def __init__(self, bounds: list[tuple[int, int]], sliding: list[bool], window: int | None, *,
                  attention: str = "concat", key_padding: torch.Tensor | None = None, offload=None,
-                 positions_scale: int = 1, compensate: bool = False, group=None, documents=None):
+                 positions_scale: int = 1, compensate: bool = False, group=None, documents=None,
+                 replayed=None):
         if attention not in ("concat", "chunked"):
             raise ValueError(f"attention must be 'concat' or 'chunked', got {attention!r}")
         if documents is not None and attention != "chunked":
@@ -140,6 +200,7 @@ class ChunkKVStore:
         self.compensate = compensate
         self.group = group  # Ulysses process group (the attention all-to-alls around the blocks), or None
         self.documents = documents
+        self.replayed = None if replayed is None else frozenset(replayed)
         n = len(sliding)
         self.keys: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]    # layer -> chunk -> (B,H,L,D)
         self.values: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]
@@ -220,23 +281,45 @@ class ChunkKVStore:
                     self.xfer.release(t)
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
-        return self.xfer.to_host(t)[0] if self.xfer is not None else t.detach()
+        return self.xfer.to_host(t, "kv")[0] if self.xfer is not None else t.detach()
 
     # -- visibility --------------------------------------------------------
-    def _visible(self, layer: int) -> list[int]:
-        """Past chunks that layer `layer` attends to from the current chunk."""
-        start = self.attn_bounds[self.chunk][0]
+    def _visible(self, layer: int, chunk: int | None = None) -> list[int]:
+        """Past chunks that layer `layer` attends to from `chunk` (default: the current chunk)."""
+        chunk = self.chunk if chunk is None else chunk
+        start = self.attn_bounds[chunk][0]
         if not self.sliding[layer]:
-            return list(range(self.chunk))
+            return list(range(chunk))
         first_key = start - self.window + 1  # a query at `start` sees keys >= start - window + 1
-        return [j for j in range(self.chunk) if self.attn_bounds[j][1] > first_key]
+        return [j for j in range(chunk) if self.attn_bounds[j][1] > first_key]
+
+    def relay_adds(self, chunk: int, layer: int) -> int:
+        """How many later replayed chunks read `chunk` in `layer` (each adds once into its relayed sums), at
+        most (exactly when relay_adds_exact)."""
+        later = [i for i in range(chunk + 1, len(self.bounds)) if self.replayed is None or i in self.replayed]
+        if not self.sliding[layer]:
+            return len(later)
+        end = self.attn_bounds[chunk][1]  # chunk i reads it while end > start_i - window + 1
+        return sum(1 for i in later if end > self.attn_bounds[i][0] - self.window + 1)
+
+    def relay_adds_exact(self, layer: int) -> bool:
+        """Whether every later replayed chunk reads every past chunk of `layer` (no sliding window, no
+        documents, no padded keys: no past block is skipped), so relay_adds is the count that arrives."""
+        return not self.sliding[layer] and self.documents is None and not self.padded_chunks
 
     def sink(self, chunk: int, layer: int) -> tuple[RelaySink, RelaySink]:
         per_layer = self.sinks.get(chunk)
         if per_layer is None:
-            per_layer = self.sinks[chunk] = [(RelaySink(self.compensate, self.host_sums),
-                                              RelaySink(self.compensate, self.host_sums)) for _ in self.sliding]
+            per_layer = self.sinks[chunk] = [self._sink_pair(chunk, i) for i in range(len(self.sliding))]
         return per_layer[layer]
+
+    def _sink_pair(self, chunk: int, layer: int) -> tuple[RelaySink, RelaySink]:
+        kept = self.keys[layer].get(chunk)
+        kv_dtype = kept.dtype if kept is not None else None
+        adds = self.relay_adds(chunk, layer) if kv_dtype == torch.bfloat16 else 0
+        plain = relay_plain_adds(adds, self.relay_adds_exact(layer))
+        return (RelaySink(self.compensate, self.host_sums, kv_dtype, adds, plain),
+                RelaySink(self.compensate, self.host_sums, kv_dtype, adds, plain))
 
     # -- chunked attention (called by the engine's attention function) -------
     def layer_window(self, layer: int) -> int | None:

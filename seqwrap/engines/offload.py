@@ -74,7 +74,9 @@ class HostPool:
     get(shape, dtype) hands out a buffer (contents undefined); release(t, event) returns it,
     `event` (a CUDA event, or any object with synchronize(); None when no copy is pending) marking
     the last device-side use: a later get() of the same size waits for it. Pinned when CUDA is
-    available (unless pin=False).
+    available (unless pin=False). `tag` names what a buffer holds ("kv": stored past K/V, "relay":
+    relayed K/V gradient sums and their compensation, "other"): in_use_by / peak_by count bytes per
+    tag (each tag's own peak), so the memory model's host terms can be checked against the pool.
     """
 
     def __init__(self, pin: bool | None = None):
@@ -84,8 +86,11 @@ class HostPool:
         self.reserved = 0      # bytes allocated by the pool
         self.in_use = 0        # bytes handed out and not yet released
         self.peak_in_use = 0
+        self._tags: dict[int, str] = {}              # data_ptr -> tag of a buffer handed out
+        self.in_use_by: dict[str, int] = {}          # tag -> bytes handed out and not yet released
+        self.peak_by: dict[str, int] = {}            # tag -> peak of in_use_by[tag]
 
-    def get(self, shape, dtype: torch.dtype) -> torch.Tensor:
+    def get(self, shape, dtype: torch.dtype, tag: str = "other") -> torch.Tensor:
         shape = tuple(shape)
         numel = 1
         for n in shape:
@@ -102,20 +107,26 @@ class HostPool:
         self.in_use += nbytes
         self.peak_in_use = max(self.peak_in_use, self.in_use)
         self._lent[buf.data_ptr()] = buf
+        self._tags[buf.data_ptr()] = tag
+        live = self.in_use_by[tag] = self.in_use_by.get(tag, 0) + nbytes
+        self.peak_by[tag] = max(self.peak_by.get(tag, 0), live)
         return buf.view(dtype).view(shape)
 
-    def zeros(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        return self.get(shape, dtype).zero_()
+    def zeros(self, shape, dtype: torch.dtype, tag: str = "other") -> torch.Tensor:
+        return self.get(shape, dtype, tag).zero_()
 
     def release(self, t: torch.Tensor, event=None) -> None:
         buf = self._lent.pop(t.data_ptr(), None)
         if buf is None:
             raise ValueError("HostPool.release: not a buffer handed out by this pool (or released twice)")
         self.in_use -= buf.numel()
+        tag = self._tags.pop(t.data_ptr())
+        self.in_use_by[tag] -= buf.numel()
         self._free.setdefault(buf.numel(), []).append((buf, event))
 
     def reset_peak(self) -> None:
         self.peak_in_use = self.in_use
+        self.peak_by = dict(self.in_use_by)
 
     def clear(self) -> None:
         """Frees the buffers kept for reuse (those handed out stay valid)."""
@@ -153,11 +164,11 @@ class Transfers:
         self.asynchronous = self.streams is not None
         self.stream = self.streams.new_stream() if self.asynchronous else None  # the side stream
 
-    def to_host(self, t: torch.Tensor):
+    def to_host(self, t: torch.Tensor, tag: str = "other"):
         """Copy of t (detached) into a pool buffer: (host tensor, event marking the copy's end).
-        Synchronous copies: (host tensor, None)."""
+        Synchronous copies: (host tensor, None). tag: see HostPool."""
         t = t.detach()
-        host = self.pool.get(t.shape, t.dtype)
+        host = self.pool.get(t.shape, t.dtype, tag)
         if not self.asynchronous:
             host.copy_(t)
             return host, None
@@ -248,10 +259,27 @@ class HostAccumulator:
 
 
 def _host_add(acc, comp, g):
-    if comp is not None:
+    if acc.dtype == torch.bfloat16:  # a relayed sum kept in the K/V dtype (kv_store.RelaySink)
+        add_in_kv_dtype_(acc, comp, g)
+    elif comp is not None:
         kahan_accumulate_([acc], [comp], [g.contiguous()], 1.0)
     else:
         acc.add_(g)
+
+
+def add_in_kv_dtype_(acc: torch.Tensor, comp: torch.Tensor | None, g: torch.Tensor) -> None:
+    """acc += g for a bfloat16 sum acc (any shape; g float32 or bfloat16, same shape), the addition done in
+    float32 and rounded once into acc. With comp (bfloat16, same shape): Kahan-compensated, comp holding
+    what the roundings of acc added so far (acc - comp is the sum to about 16 significant bits; acc alone is
+    within a bfloat16 rounding of it), at the cost of one more bfloat16 buffer."""
+    a = acc.float()              # a new float32 tensor (acc is bfloat16): safe to work in place
+    if comp is None:
+        acc.copy_(a.add_(g.detach()))
+        return
+    y = g.detach().float() - comp.float()  # the addend, corrected by the error of the previous roundings (g untouched)
+    t = (a + y).to(acc.dtype)    # the new sum, rounded to bfloat16
+    comp.copy_(t.float().sub_(a).sub_(y))  # (t - a) - y: what this rounding added (small: bfloat16 keeps it)
+    acc.copy_(t)
 
 
 class _Parked:

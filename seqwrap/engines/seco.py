@@ -33,9 +33,12 @@ from ..hf.decoder import HFDecoderAdapter, UnsupportedModelError, unwrap_ddp
 from ..hf.positions import has_dynamic_rope, rope_types
 from ..hf.router_aux import RouterAux, aux_coefficient, wants_router_logits
 from ..ops.dtypes import real_dtype
-from ..parallel.deepspeed import deepspeed_step, deepspeed_step_for
-from ..parallel.fsdp import FSDPSchedule, fsdp_step, fsdp_step_for
-from ..parallel.grad_sync import reduce_step, restore_grads, stash_grads, sync_ddp_gradients, unstash_grads
+from ..parallel.deepspeed import deepspeed_step_for
+from ..parallel.agreement import agree_step, agreement_group, selection_fingerprint
+from ..parallel.fsdp import FSDPSchedule, fsdp_step_for
+from ..parallel.grad_sync import (keep_grads, reduce_step, restore_grads, rollback_grads, stash_grads,
+                                  sync_ddp_gradients, unstash_grads)
+from ..parallel.ulysses_fsdp import ulysses_fsdp_setup
 from ..planning.auto import AutoChunk, announce
 from . import objective as seq_objective
 from .chunk_loss import chunk_logp_rows, chunk_loss_sum
@@ -108,7 +111,11 @@ class SeCO(StepChecks):
         offload_min_bytes: smaller saved tensors stay on the device.
     ignore_index: label value that does not count (default -100).
     fsdp: for an FSDP2 (`fully_shard`) model, a seqwrap.FSDPSchedule (default: all-gather once and
-        reduce-scatter once per step; see seqwrap/parallel/fsdp.py).
+        reduce-scatter once per step; see seqwrap/parallel/fsdp.py). With Ulysses as well: FSDP2's mesh made of
+        whole Ulysses groups; SpaCO on several of them takes the default schedule only
+        (seqwrap/parallel/ulysses_fsdp.py).
+    On several ranks (DDP, FSDP2, Ulysses) every step begins with one tiny all-reduce in which the ranks
+    agree on their input checks and chunks (seqwrap/parallel/agreement.py).
     """
 
     name = "SeCO"
@@ -162,11 +169,13 @@ class SeCO(StepChecks):
             raise ValueError(f"seqwrap.{self.name}: chunk_size='auto' is not supported under Ulysses (shard_batch needs "
                              "the chunk size before the first step): pass the chunk_size of seqwrap.plan(model, "
                              "seq_len, world_size=...)")
-        # FSDP2: the step runs inside self._fsdp.step() (the @fsdp_step on __call__)
+        # FSDP2: the step runs inside self._fsdp.step() (see _train_step)
         self._fsdp = fsdp_step_for(model, fsdp, self.name)
+        # Ulysses on an FSDP2 model: FSDP2's divide factor becomes the number of data-parallel replicas, so
+        # its reduction sums the sequence ranks (parallel/ulysses_fsdp.py); the backward is not scaled
         if self._fsdp is not None and self.group is not None:
-            raise NotImplementedError(f"seqwrap.{self.name}: Ulysses sequence parallelism on an FSDP2 model is not "
-                                      "supported yet")
+            ulysses_fsdp_setup(model, self._fsdp, self.group, self.name,
+                               sampled=type(self).chunk_weights is not SeCO.chunk_weights)
         if self._deepspeed is not None and self.group is not None:
             raise NotImplementedError(f"seqwrap.{self.name}: Ulysses sequence parallelism under a DeepSpeed engine is "
                                       "not supported yet")
@@ -266,60 +275,104 @@ class SeCO(StepChecks):
             return self.evaluate(input_ids, labels, attention_mask, position_ids=position_ids,
                                  shift_labels=shift_labels, objective=_sum).sequence_logps
 
-    @deepspeed_step
-    @fsdp_step
     def _train_step(self, input_ids, labels=None, attention_mask=None, *, num_items=None, loss_scale=1.0,
                     position_ids=None, shift_labels=None, num_items_in_batch=None, objective=None,
                     **boundaries) -> StepResult:
-        if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not math.isfinite(loss_scale):
-            raise ValueError(f"seqwrap.{self.name}: loss_scale must be a finite number, got {loss_scale!r}")
-        st = self._prepare(input_ids, labels, attention_mask, num_items, position_ids, shift_labels,
-                           num_items_in_batch, boundaries)
-        if objective is not None:
-            seq_objective.refuse(self, objective, num_items if num_items is not None else num_items_in_batch,
-                                 st.docs, sampled=type(self).chunk_weights is not SeCO.chunk_weights)
+        # Local preparation (checks, chunking, the draw), then the ranks agree (parallel/agreement.py: one
+        # tiny all-reduce) before any collective: a refused input raises on every rank, and a schedule
+        # whose collectives depend on the chunks only runs when every rank has the same chunks.
+        st = weights = error = None
+        try:
+            if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not math.isfinite(loss_scale):
+                raise ValueError(f"seqwrap.{self.name}: loss_scale must be a finite number, got {loss_scale!r}")
+            st = self._prepare(input_ids, labels, attention_mask, num_items, position_ids, shift_labels,
+                               num_items_in_batch, boundaries, reduce=False)
+            if objective is not None:
+                seq_objective.refuse(self, objective, num_items if num_items is not None else num_items_in_batch,
+                                     st.docs, sampled=type(self).chunk_weights is not SeCO.chunk_weights)
+            if self.group is None:  # the draw is local (under Ulysses it needs the group's label counts)
+                weights = self._draw(st)
+        except Exception as e:  # noqa: BLE001 - re-raised by agree_step, on every rank
+            error = e
+        agreed = agree_step(self.name, agreement_group(fsdp=self._fsdp, ddp=self._ddp, ulysses=self.group,
+                                                       deepspeed=self._deepspeed),
+                            error=error, num_chunks=0 if st is None else len(st.bounds),
+                            fingerprint=0 if weights is None else
+                            selection_fingerprint([i for i, w in enumerate(weights) if w != 0.0]))
+        if self.group is not None:
+            st.norm = self._finish_norm(st)
+            weights = self._draw(st)
+        if self._fsdp is not None:
+            with self._fsdp.step(self._fsdp.schedule_for(agreed)):
+                return self._run_step(st, weights, loss_scale, objective)
+        if self._deepspeed is not None:  # ZeRO: gather once (stage 3), one coalesced reduction at the end
+            with self._deepspeed.step():
+                return self._run_step(st, weights, loss_scale, objective)
+        return self._run_step(st, weights, loss_scale, objective)
+
+    def _draw(self, st: "_Step") -> list[float]:
+        """Each chunk's backward factor (chunk_weights of the chunks' label counts, summed over the Ulysses
+        group; rank 0's draw under Ulysses)."""
+        counts = self._group_sum(torch.stack([st.valid[:, s:e].sum() for s, e in st.bounds])).tolist()
+        return self._same_on_all_ranks([float(w) for w in self.chunk_weights([int(c) for c in counts])])
+
+    def _run_step(self, st: "_Step", weights: list[float], loss_scale: float, objective) -> StepResult:
         ids, shift, mask, pos, docs, norm, bounds = st.ids, st.shift, st.mask, st.pos, st.docs, st.norm, st.bounds
         group = self.group
-        counts = self._group_sum(torch.stack([st.valid[:, s:e].sum() for s, e in bounds])).tolist()
-        weights = self._same_on_all_ranks([float(w) for w in self.chunk_weights([int(c) for c in counts])])
         selected = [i for i, w in enumerate(weights) if w != 0.0]
         self.step += 1
 
         adapter = self.adapter
         xfer = self._transfers(ids.device) if self.offload else None
-        # the step's gradients accumulate apart from earlier ones: a failed step leaves .grad as it was
+        # A failed step leaves .grad as it was. On one rank the step accumulates straight into .grad and
+        # keeps only what a rollback needs (keep_grads: nothing when .grad starts None or zeroed, else one
+        # copy). Under Ulysses the step's own gradients are summed over the group (reduce_step), so they
+        # accumulate apart from earlier ones (stash_grads) and are added back after the reduction.
         params = self._params()
         cuda_dev = ids.device if ids.device.type == "cuda" else None
         rng_at_start = _rng_state(cuda_dev) if self._auto_attention else None
+        kept = keep_grads(params) if group is None else None
         while True:
-            cache = self._make_store(st, xfer)
-            stash = stash_grads(params)
+            cache = self._make_store(st, xfer, selected)
+            stash = stash_grads(params) if group is not None else None
             if self.pool is not None:
                 self.pool.reset_peak()
             try:
                 with adapter.step_context(self.name, cache, pos, chunked=self.attention == "chunked"):
                     total, extra, rows = self._passes(ids, shift, mask, pos, cache, bounds, weights, selected, norm,
                                                       loss_scale, xfer, objective)
-                if group is not None:
+                if group is not None and self._fsdp is not None:  # FSDP2 reduces the gradients
+                    total = self._group_sum(total)
+                elif group is not None:
                     total = reduce_step(params, group, total)
             except NeedsConcat as switch:
-                restore_grads(params, stash)
+                self._undo_grads(params, kept, stash)
                 self._concat_or_refuse(switch, docs, gradient_touched=self._backward_ran)
                 _set_rng_state(rng_at_start, cuda_dev)
                 continue
             except BaseException:
-                restore_grads(params, stash)
+                self._undo_grads(params, kept, stash)
                 raise
             finally:
                 cache.release_all()
             break
         self._auto_attention = False  # the first step decided
-        unstash_grads(params, stash)
+        del kept
+        if stash is not None:
+            unstash_grads(params, stash)
         if self._ddp is not None:
             sync_ddp_gradients(self._ddp)
         if self.pool is not None:
             self.offload_stats.update(host_peak_bytes=self.pool.peak_in_use, host_reserved_bytes=self.pool.reserved)
         return self._result(st, total, extra, backward_chunks=len(selected), rows=rows)
+
+    @staticmethod
+    def _undo_grads(params, kept, stash) -> None:
+        """A failed step: .grad back to what it was (kept: keep_grads, one rank; stash: stash_grads, Ulysses)."""
+        if kept is not None:
+            rollback_grads(params, kept)
+        else:
+            restore_grads(params, stash)
 
     def _result(self, st: "_Step", total: torch.Tensor, extra, backward_chunks: int, rows=None) -> StepResult:
         """total: summed token losses (float64 0-d); extra: auxiliary loss terms (not normalised; with an
@@ -331,8 +384,10 @@ class SeCO(StepChecks):
                           backward_chunks, rows)
 
     def _prepare(self, input_ids, labels, attention_mask, num_items, position_ids, shift_labels, num_items_in_batch,
-                 boundaries) -> "_Step":
-        """Checked inputs of one step, its normaliser and chunk bounds (shared by training and evaluation)."""
+                 boundaries, reduce: bool = True) -> "_Step":
+        """Checked inputs of one step, its normaliser and chunk bounds (shared by training and evaluation).
+        reduce=False: no collective; under Ulysses without num_items, norm is then this rank's label count
+        until _finish_norm sums it over the group."""
         unknown = sorted(set(boundaries) - _BOUNDARY_KEYS)
         if unknown:
             raise TypeError(f"seqwrap.{self.name}: unexpected keyword argument(s) {unknown}")
@@ -352,12 +407,12 @@ class SeCO(StepChecks):
         T = ids.shape[1]
         valid = shift != self.ignore_index
         if num_items is None:
-            norm = float(self._group_sum(valid.sum()))
+            norm = None if not reduce and self.group is not None else float(self._group_sum(valid.sum())) or 1.0
         else:
             norm = float(num_items.item() if torch.is_tensor(num_items) else num_items)
             if not norm > 0:
                 raise ValueError(f"seqwrap.{self.name}: num_items must be > 0, got {num_items}")
-        norm = norm or 1.0  # no label at all: loss 0, no gradient (HF would give nan)
+        # norm 1.0 when no label at all: loss 0, no gradient (HF would give nan)
         C = self.chunk_size // self._world()  # tokens of each chunk on this rank
         bounds = [(s, min(s + C, T)) for s in range(0, T, C)]
         if self.adapter.recurrent_layers:
@@ -369,15 +424,21 @@ class SeCO(StepChecks):
                                       "starts inside a chunked step; pass one document per row")
         return _Step(ids, shift, mask, pos, docs, norm, bounds, valid)
 
-    def _make_store(self, st: "_Step", xfer):
-        """The K/V (and recurrent-state) store of one step."""
+    def _finish_norm(self, st: "_Step") -> float:
+        """The normaliser, once the ranks have agreed: the group's label count (when num_items was not given)."""
+        if st.norm is not None:
+            return st.norm
+        return float(self._group_sum(st.valid.sum())) or 1.0
+
+    def _make_store(self, st: "_Step", xfer, replayed=None):
+        """The K/V (and recurrent-state) store of one step; replayed: the chunks pass 2 replays (None: all)."""
         adapter = self.adapter
         return make_store(adapter.recurrent_layers, st.bounds, [k == "sliding_attention" for k in adapter.layer_kinds],
                           adapter.sliding_window, attention=self.attention,
                           key_padding=None if st.mask is None else st.mask.bool(), offload=xfer,
                           positions_scale=self._world(),
                           compensate=adapter.lm_head.weight.dtype in (torch.float16, torch.bfloat16),
-                          group=self.group, documents=st.docs)
+                          group=self.group, documents=st.docs, replayed=replayed)
 
     def _concat_or_refuse(self, switch: NeedsConcat, docs, gradient_touched: bool) -> None:
         """A chunk showed the model needs attention='concat': switch (attention=None, nothing touched yet)

@@ -12,10 +12,13 @@ Patches, as instance attributes (the classes are untouched):
     through seqwrap.linear_cross_entropy and the returned logits are None
     (mst_lm.py); without labels it is the original forward.
 
-mlp_chunks=None picks the number of mini-sequences per call from the token count
-and the config's intermediate and hidden sizes (mst_mlp.auto_mlp_chunks:
-min(ceil(I / H), tokens // 1024), and the plain forward when that is 1); an int
-forces that many (at most the sequence length) at every length.
+mlp_chunks=None picks the number of mini-sequences per call from memory
+(mst_mlp.auto_mlp_chunks): the bytes one mini-sequence holds at the peak of its
+backward (from the config's intermediate and hidden sizes, the MLP's kind and the
+input's dtype) against a target, by default the bytes of the call's hidden states
+(at least 256 tokens per mini-sequence), or mlp_memory= bytes when given; the plain
+forward when that is 1. An int forces that many (at most the sequence length) at
+every length.
 """
 from __future__ import annotations
 
@@ -78,6 +81,23 @@ def _trainable(module):
     return [p for p, _ in by_id.values()], [tuple(n) for _, n in by_id.values()]
 
 
+def mlp_kind(mlp) -> str:
+    """Which mst_mlp.INTERMEDIATES_AT_PEAK entry describes this decoder MLP."""
+    if hasattr(mlp, "gate_up_proj"):
+        return "fused_gated"
+    if hasattr(mlp, "gate_proj"):
+        return "gated"
+    return "plain"
+
+
+def _activation_bytes(x) -> int:
+    """Bytes per element of the MLP's intermediates: the autocast dtype when autocast is on, else x's."""
+    dt = x.device.type
+    if torch.is_autocast_enabled(dt):
+        return torch.empty((), dtype=torch.get_autocast_dtype(dt)).element_size()
+    return x.element_size()
+
+
 def _original(module):
     saved = module._seqwrap_mst["forward"]
     return saved if saved is not None else type(module).forward.__get__(module)
@@ -94,7 +114,8 @@ def mst_mlp_forward(self, x, *args, **kwargs):
         return original(x)
     chunks = state["chunks"]
     if chunks is None:
-        chunks = auto_mlp_chunks(x.numel() // x.shape[-1], state["hidden_size"], state["intermediate_size"])
+        chunks = auto_mlp_chunks(x.numel() // x.shape[-1], state["hidden_size"], state["intermediate_size"],
+                                 dtype_bytes=_activation_bytes(x), kind=state["kind"], target_bytes=state["memory"])
         if chunks <= 1:
             return original(x)
 
@@ -135,11 +156,13 @@ def _unpatch(module):
         module.forward = saved
 
 
-def apply_minisequence(model, *, mlp_chunks: int | None = None, loss: bool = True):
+def apply_minisequence(model, *, mlp_chunks: int | None = None, mlp_memory: int | None = None, loss: bool = True):
     """Patch a Hugging Face decoder LM in place for mini-sequence training; returns `model`.
 
     model: a Llama / Mistral / Qwen2 / Qwen3 / Gemma2 / Phi3 *ForCausalLM, possibly
     inside a peft PeftModel or DDP. mlp_chunks: mini-sequences per MLP call (None: auto).
+    mlp_memory: bytes one MLP mini-sequence may hold (None: the call's hidden-state bytes); only
+    with mlp_chunks=None.
     loss: fuse the LM head and loss when labels are given (logits are then None).
     Applying again replaces the previous settings."""
     lm = _unwrap(model)
@@ -152,6 +175,13 @@ def apply_minisequence(model, *, mlp_chunks: int | None = None, loss: bool = Tru
         )
     if mlp_chunks is not None and (isinstance(mlp_chunks, bool) or not isinstance(mlp_chunks, int) or mlp_chunks < 1):
         raise ValueError(f"seqwrap.apply_minisequence: mlp_chunks must be a positive int or None, got {mlp_chunks!r}")
+    if mlp_memory is not None:
+        if isinstance(mlp_memory, bool) or not isinstance(mlp_memory, int) or mlp_memory < 1:
+            raise ValueError(f"seqwrap.apply_minisequence: mlp_memory must be a positive int (bytes) or None, "
+                             f"got {mlp_memory!r}")
+        if mlp_chunks is not None:
+            raise ValueError("seqwrap.apply_minisequence: give mlp_chunks or mlp_memory, not both "
+                             f"(got mlp_chunks={mlp_chunks}, mlp_memory={mlp_memory})")
     layers = getattr(getattr(lm, "model", None), "layers", None)
     if layers is None or not isinstance(getattr(lm, "lm_head", None), torch.nn.Module):
         raise TypeError(
@@ -171,7 +201,8 @@ def apply_minisequence(model, *, mlp_chunks: int | None = None, loss: bool = Tru
     inter = getattr(config, "intermediate_size", None) or 4 * hidden
     try:  # all or nothing: a failure part way leaves the model as it was
         for mlp in mlps:
-            _patch(mlp, mst_mlp_forward, chunks=mlp_chunks, hidden_size=hidden, intermediate_size=inter)
+            _patch(mlp, mst_mlp_forward, chunks=mlp_chunks, hidden_size=hidden, intermediate_size=inter,
+                   kind=mlp_kind(mlp), memory=mlp_memory)
         if loss:
             _patch(lm, mst_causal_lm_forward, softcap_attr=FAMILIES[model_type], signature=signature,
                    param_names=named_parameters(signature), cache_field=output_cache_field())

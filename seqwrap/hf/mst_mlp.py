@@ -25,17 +25,57 @@ import math
 
 import torch
 
-# Auto choice: no more chunks than I / H (so one chunk's (l, I) intermediates are
-# about the size of the full (L, H) input, as in the MsT paper), and at least
-# MIN_TOKENS_PER_CHUNK tokens per chunk so the matrix products stay efficient.
-MIN_TOKENS_PER_CHUNK = 1024
+# Auto choice, from memory (not a fixed ratio): one mini-sequence of l tokens holds, at the peak of its
+# backward recomputation, about l * bytes_per_token bytes (mlp_shard_bytes_per_token). The shard count is
+# the smallest that keeps one shard within a target: by default the bytes of the call's own hidden states
+# (tokens * H * dtype bytes), so the MLP's transient never exceeds one more copy of what every layer
+# already holds; or an explicit budget (apply_minisequence(mlp_memory=...), e.g. from a planner). With the
+# default target, shards keep at least MIN_TOKENS_PER_CHUNK tokens so the matrix products stay efficient.
+MIN_TOKENS_PER_CHUNK = 256
+
+# Intermediate (tokens, I) tensors alive at the peak of one shard's backward, by MLP kind:
+#   gated (Llama gate_proj/up_proj/down_proj): gate, up, act(gate) saved, then grad of act*up,
+#     grad act and grad up formed while they are still alive: 6 x I (act*up itself is freed after
+#     the down projection's backward).
+#   fused_gated (Phi3 gate_up_proj, a (tokens, 2I) output chunked in two): 2I + act + product saved,
+#     then grad product, grad act, grad up and the (tokens, 2I) cat of the two: 8 x I.
+#   plain (fc1 -> act -> fc2): fc1 out, act out, grad act, grad fc1 out: 4 x I.
+# Plus three (tokens, H) tensors: the shard's input alias, its output and the incoming gradient slice.
+INTERMEDIATES_AT_PEAK = {"gated": 6, "fused_gated": 8, "plain": 4}
 
 
-def auto_mlp_chunks(tokens: int, hidden_size: int, intermediate_size: int) -> int:
-    """Number of mini-sequences for `tokens` tokens (batch x length) through an
-    H -> I -> H MLP: max(1, min(ceil(I / H), tokens // MIN_TOKENS_PER_CHUNK))."""
-    by_ratio = math.ceil(intermediate_size / max(1, hidden_size))
-    return max(1, min(by_ratio, tokens // MIN_TOKENS_PER_CHUNK))
+def mlp_shard_bytes_per_token(hidden_size: int, intermediate_size: int, dtype_bytes: int, kind: str = "gated") -> int:
+    """Bytes one token of a mini-sequence holds at the peak of its backward: (n_I * I + 3 * H) * dtype_bytes."""
+    if kind not in INTERMEDIATES_AT_PEAK:
+        raise ValueError(f"seqwrap: unknown MLP kind {kind!r}; known: {', '.join(INTERMEDIATES_AT_PEAK)}")
+    return (INTERMEDIATES_AT_PEAK[kind] * intermediate_size + 3 * hidden_size) * dtype_bytes
+
+
+def auto_mlp_chunks(tokens: int, hidden_size: int, intermediate_size: int, *, dtype_bytes: int = 4,
+                    kind: str = "gated", target_bytes: int | None = None) -> int:
+    """Number of mini-sequences for `tokens` tokens (batch x length) through an H -> I -> H MLP.
+
+    shards = ceil(tokens * bytes_per_token / target), target = tokens * H * dtype_bytes (the hidden
+    states) unless `target_bytes` is given; with the default target at most tokens // MIN_TOKENS_PER_CHUNK
+    shards; always between 1 and `tokens`. 1 means: run the plain forward."""
+    if target_bytes is not None and (isinstance(target_bytes, bool) or not isinstance(target_bytes, int)
+                                     or target_bytes < 1):
+        raise ValueError(f"seqwrap: the MLP memory target must be a positive int (bytes), got {target_bytes!r}")
+    if tokens <= 1:
+        return 1
+    per_token = mlp_shard_bytes_per_token(hidden_size, intermediate_size, dtype_bytes, kind)
+    if target_bytes is None:
+        target = tokens * max(1, hidden_size) * dtype_bytes
+        cap = max(1, tokens // MIN_TOKENS_PER_CHUNK)
+    else:
+        target, cap = target_bytes, tokens
+    shards = -(-tokens * per_token // target)  # ceil
+    return max(1, min(shards, cap))
+
+
+def alst_mlp_shards(seqlen: int, hidden_size: int) -> int:
+    """DeepSpeed ALST's TiledMLP rule, for comparison (benchmarks, tests): ceil(seqlen / hidden_size)."""
+    return max(1, math.ceil(seqlen / hidden_size))
 
 
 def chunk_bounds(length: int, chunks: int) -> list[tuple[int, int]]:

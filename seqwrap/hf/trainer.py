@@ -16,6 +16,12 @@ fp16 loss scaling, DDP with one gradient all-reduce per optimizer step, FSDP2 th
 reduce-scattered once per optimizer step, accelerate's no_sync kept; pick another schedule with
 seqwrap_options={"fsdp": seqwrap.parallel.FSDPSchedule(...)}).
 Or mix SeqwrapTrainerMixin into your own Trainer subclass, before Trainer.
+
+Not served: a model patched by seqwrap.parallel.apply_ulysses (alone or with FSDP2) is refused when the
+trainer is built and at its first step (`refuse_ulysses`): the Trainer's data loader gives every rank its
+own batch, and its num_items_in_batch counts labels over all processes, while the ranks of a Ulysses group
+must hold the shards of one sequence (seqwrap.parallel.shard_batch) and count its labels once. Train such
+a model with the engine directly (examples/ulysses_fsdp2.py).
 """
 from __future__ import annotations
 
@@ -37,6 +43,22 @@ _PACKED_INPUTS = {"position_ids", "cu_seqlens", "seq_idx", "cu_seq_lens_q", "cu_
 _IGNORED_INPUTS = {"token_type_ids", "num_items_in_batch"}
 
 
+def refuse_ulysses(model) -> None:
+    """Raises NotImplementedError naming what is missing when `model` was patched by apply_ulysses."""
+    from .ulysses import ulysses_group
+
+    if not isinstance(model, torch.nn.Module) or ulysses_group(model) is None:
+        return
+    raise NotImplementedError(
+        "seqwrap.SeqwrapTrainer: the model is patched for Ulysses sequence parallelism (apply_ulysses), which the "
+        "trainer does not serve yet: its data loader gives every rank its own batch and num_items_in_batch counts "
+        "labels over all processes, while the ranks of a Ulysses group must hold the shards of one sequence "
+        "(seqwrap.parallel.shard_batch) and count its labels once (accelerate's ParallelismConfig(sp_size=...) "
+        "data path is not wired to seqwrap). Train it with the engine directly: "
+        "seqwrap.SeCO(model, chunk_size)(**seqwrap.parallel.shard_batch(batch, group, chunk_size=chunk_size)), "
+        "as examples/ulysses_fsdp2.py does; or remove_ulysses(model) and train with FSDP2 alone")
+
+
 class SeqwrapTrainerMixin:
     """training_step = one chunked forward + backward (the engine) instead of compute_loss + backward.
 
@@ -53,11 +75,13 @@ class SeqwrapTrainerMixin:
         self.seqwrap_options = dict(seqwrap_options or {})
         self._seqwrap_engines: dict[int, SeCO] = {}
         check_version("transformers", "seqwrap.integrations.SeqwrapTrainer")
+        refuse_ulysses(kwargs.get("model", args[0] if args else None))
         super().__init__(*args, **kwargs)
 
     def _seqwrap_engine_for(self, model: torch.nn.Module) -> SeCO:
         engine = self._seqwrap_engines.get(id(model))
         if engine is None or engine.model is not model:
+            refuse_ulysses(model)
             engine = _ENGINES[self.seqwrap_engine](model, self.seqwrap_chunk_size, **self.seqwrap_options)
             self._seqwrap_engines[id(model)] = engine
         return engine

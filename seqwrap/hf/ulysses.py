@@ -6,6 +6,11 @@
 
 Each attention module gets a `_seqwrap_ulysses` UlyssesState (the explicit object the attention
 function reads); the computation itself is seqwrap.parallel.ulysses.ulysses_attend.
+
+On an FSDP2 (fully_shard) model, before or after apply_ulysses, a forward pre-hook on the model sets
+FSDP2's gradient divide factor at the first forward so that its reduction sums the sequence ranks'
+gradients (seqwrap/parallel/ulysses_fsdp.py): `model(**shard).loss.backward()` (MsT included) needs no
+scaling. remove_ulysses removes the hook and restores FSDP2's settings.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import torch.distributed as dist
 
 from ..ops import documents as docs_mod
 from ..parallel.ulysses import ulysses_attend
+from ..parallel.ulysses_fsdp import configure_reduction, restore_reduction
 from . import attention
 from .versions import check_model_versions
 
@@ -116,6 +122,11 @@ def apply_ulysses(model, group=None, *, chunk_size: int | None = None):
     attention.set_implementation(lm, attention.ULYSSES)
     for m in modules:
         m._seqwrap_ulysses = state
+
+    def fsdp_reduction(module, args):  # FSDP2 applied before or after: set its divide factor (idempotent)
+        configure_reduction(module, group, "parallel.apply_ulysses")
+
+    model._seqwrap_ulysses_hook = model.register_forward_pre_hook(fsdp_reduction)
     return model
 
 
@@ -128,5 +139,9 @@ def remove_ulysses(model):
     previous = modules[0]._seqwrap_ulysses.previous
     for m in modules:
         del m._seqwrap_ulysses
+    hook = model.__dict__.pop("_seqwrap_ulysses_hook", None)
+    if hook is not None:
+        hook.remove()
+    restore_reduction(model)
     attention.set_implementation(lm, previous)
     return model

@@ -39,11 +39,10 @@ No transformers import here.
 from __future__ import annotations
 
 import contextlib
-import functools
 
+import torch
 from torch import nn
 
-_MARKER = -0x5EC0  # a ds_id no DeepSpeed module has: "seqwrap's step is using this parameter"
 _ENGINE_ATTRS = ("coalesce_grad_reduction", "zero_optimization_stage", "gradient_accumulation_steps",
                  "managed_gradient_accumulation", "optimizer", "module")
 
@@ -58,6 +57,12 @@ def is_deepspeed_engine(model) -> bool:
         return False
     engine_cls = getattr(getattr(getattr(ds, "runtime", None), "engine", None), "DeepSpeedEngine", None)
     return engine_cls is not None and isinstance(model, engine_cls)
+
+
+def full_shape(p) -> torch.Size:
+    """A parameter's logical shape: ZeRO-3 keeps a partitioned parameter's in ds_shape (p.shape is then
+    the empty placeholder's)."""
+    return getattr(p, "ds_shape", None) or p.shape
 
 
 def zero3_params(module: nn.Module) -> list:
@@ -108,6 +113,12 @@ class DeepSpeedStep:
         self.module = engine.module
         self.active = False
 
+    @property
+    def group(self):
+        """The ranks whose gradients ZeRO reduces together (sequence x data parallel): the ranks that must
+        agree on a step before its first collective (parallel/agreement.py)."""
+        return getattr(self.engine, "seq_data_parallel_group", None) or self.engine.data_parallel_group
+
     @contextlib.contextmanager
     def step(self):
         """ZeRO-3: gather every parameter once and hold it; every stage: one coalesced reduction at the end.
@@ -127,6 +138,8 @@ class DeepSpeedStep:
 
     @contextlib.contextmanager
     def _gathered(self):
+        """ZeRO-3: every parameter all-gathered once (one GatheredParameters) and ZeRO-3's module hooks
+        suspended while the step runs; stages 1/2: nothing (their parameters are whole)."""
         if self.stage != 3:
             yield
             return
@@ -134,28 +147,54 @@ class DeepSpeedStep:
 
         params = zero3_params(self.module)
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            for p in params:
-                p.ds_active_sub_modules.add(_MARKER)   # ZeRO-3's hooks: in use, do not release
-            try:
+            with _suspended(zero3_hooks(self.engine, self.name)):
                 yield
-            finally:
-                for p in params:
-                    p.ds_active_sub_modules.discard(_MARKER)
+
+
+def zero3_hooks(engine, name: str) -> list:
+    """The handles of ZeRO-3's module hooks (fetch before a module runs, release after, and the
+    pre/post-backward autograd functions around its outputs): DeepSpeedZeRoOffload's forward_hooks,
+    backward_hooks and the root's fwd_pre_hook (which resets the prefetch trace)."""
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if offload is None or not all(hasattr(offload, a) for a in ("forward_hooks", "backward_hooks", "fwd_pre_hook")):
+        raise RuntimeError(f"seqwrap.{name}: this DeepSpeed's ZeRO-3 optimizer does not expose its module hooks "
+                           "(parameter_offload.forward_hooks / backward_hooks / fwd_pre_hook, as deepspeed 0.19.8 "
+                           "does); the chunked step cannot hold the gathered parameters over them")
+    return list(offload.forward_hooks) + list(offload.backward_hooks) + [offload.fwd_pre_hook]
+
+
+@contextlib.contextmanager
+def _suspended(handles):
+    """Takes the hooks of `handles` (torch RemovableHandles) out of their modules' hook dicts and puts
+    them back afterwards, in their original order among the module's other hooks.
+
+    Why: ZeRO-3 ties a module call to a fetch and a release and records the call order as a prefetch
+    trace; a chunked step calls each layer once per chunk and pass (and the root module never), so the
+    hooks would re-gather released layers per chunk, leave the parameters of modules whose backward
+    hook does not fire marked in use, and check a trace that differs between ranks under SpaCO. The
+    parameters are gathered for the whole step instead, so nothing needs the hooks meanwhile."""
+    taken = {}  # id(dict) -> (dict, its items before, {hook id: hook} taken out); the kwargs / always-call
+    #             side tables stay: torch reads them only for hook ids found in the main dict
+    for h in handles:
+        d = h.hooks_dict_ref()
+        if d is None or h.id not in d:
+            continue
+        entry = taken.setdefault(id(d), (d, list(d.items()), {}))
+        entry[2][h.id] = d.pop(h.id)
+    try:
+        yield
+    finally:
+        for d, before, out in taken.values():
+            now = dict(d)
+            d.clear()
+            for k, v in before:
+                if k in out or k in now:
+                    d[k] = out.get(k, now.get(k))
+            for k, v in now.items():
+                if k not in d:
+                    d[k] = v
 
 
 def deepspeed_step_for(model, name: str) -> DeepSpeedStep | None:
     """A DeepSpeedStep when `model` is a DeepSpeedEngine, else None."""
     return DeepSpeedStep(model, name) if is_deepspeed_engine(model) else None
-
-
-def deepspeed_step(method):
-    """Decorator for an engine's training step: runs it inside self._deepspeed.step() when the engine
-    has one, with DeepSpeed's 1/gradient_accumulation_steps on the gradients (always 1 today)."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        ds = getattr(self, "_deepspeed", None)
-        if ds is None:
-            return method(self, *args, **kwargs)
-        with ds.step():
-            return method(self, *args, **kwargs)
-    return wrapper

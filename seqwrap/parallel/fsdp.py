@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,12 @@ class FSDPSchedule:
             raise ValueError(f"seqwrap.FSDPSchedule: params must be one of {_PARAMS}, not {self.params!r}")
         if self.grads not in _GRADS:
             raise ValueError(f"seqwrap.FSDPSchedule: grads must be one of {_GRADS}, not {self.grads!r}")
+
+    @property
+    def count_dependent(self) -> bool:
+        """Whether the number of collectives of a step depends on its chunks (params="layer": gathers
+        per chunk forward; grads="chunk": reduce-scatters per chunk backward)."""
+        return self.params == "layer" or self.grads == "chunk"
 
 
 def _fsdp_module_class():
@@ -158,9 +165,25 @@ class FSDPStep:
                              "contains it; give the engine the root module")
 
     # -- one step --------------------------------------------------------------------------------
+    def schedule_for(self, agreed) -> FSDPSchedule:
+        """The schedule of one step, given the ranks' agreement (parallel/agreement.py): the user's, unless
+        its collective count depends on the chunks and the ranks' chunks differ; then, for this call
+        only, the count-independent default (one all-gather and one reduce-scatter per group), with a
+        warning: otherwise the ranks would issue different numbers of collectives and hang."""
+        if agreed is None or agreed.uniform or not self.schedule.count_dependent:
+            return self.schedule
+        warnings.warn(f"seqwrap.{self.engine}: the ranks run different chunks this step ({agreed.min_chunks} to "
+                      f"{agreed.max_chunks} chunks, or different recomputed chunks), so {self.schedule} would issue "
+                      "different numbers of collectives on different ranks; this step uses FSDPSchedule() "
+                      "(params='step', grads='step': one all-gather and one reduce-scatter per group)",
+                      UserWarning, stacklevel=3)
+        return FSDPSchedule()
+
     @contextlib.contextmanager
-    def step(self):
-        """Unshard for the step, run it, reduce once; on failure undo everything."""
+    def step(self, schedule: FSDPSchedule | None = None):
+        """Unshard for the step, run it, reduce once; on failure undo everything. schedule: this call's
+        (default: the engine's)."""
+        schedule = schedule or self.schedule
         if self.active:
             raise RuntimeError(f"seqwrap.{self.engine}: an FSDP2 step is already running on this model")
         self._lazy_init()
@@ -173,11 +196,11 @@ class FSDPStep:
         stash = stash_grads(sharded)
         self.active = True
         try:
-            held = self.modules if self.schedule.params == "step" else [self.root]
+            held = self.modules if schedule.params == "step" else [self.root]
             for g in self._groups(held):
                 g.post_forward_mesh_info = None          # no reshard after forward
                 g.reshard_after_backward = False
-            if self.schedule.grads == "step":
+            if schedule.grads == "step":
                 for g in groups:
                     g.reduce_grads = g.all_reduce_grads = False
             for m in held:
@@ -248,6 +271,8 @@ class CollectiveCounts:
     reduce_scatter_bytes: int = 0
     all_reduces: int = 0
     all_reduce_bytes: int = 0
+    all_to_alls: int = 0       # all_to_all_single (Ulysses); bytes: each call's input (what one rank sends,
+    all_to_all_bytes: int = 0  # its own block included: (world-1)/world of it leaves the rank)
 
 
 def _nbytes(t) -> int:
@@ -257,9 +282,10 @@ def _nbytes(t) -> int:
 @contextlib.contextmanager
 def count_collectives():
     """Counts torch.distributed all_gather_single (FSDP2's all-gathers), reduce_scatter_single (its
-    reduce-scatters) and all_reduce calls made inside the block, on this rank."""
+    reduce-scatters), all_reduce and all_to_all_single (Ulysses) calls made inside the block, on this rank."""
     counts = CollectiveCounts()
-    saved = {n: getattr(dist, n) for n in ("all_gather_single", "reduce_scatter_single", "all_reduce")}
+    saved = {n: getattr(dist, n) for n in ("all_gather_single", "reduce_scatter_single", "all_reduce",
+                                     "all_to_all_single")}
 
     def all_gather_single(output_tensor, input_tensor, *a, **k):
         counts.all_gathers += 1
@@ -276,9 +302,15 @@ def count_collectives():
         counts.all_reduce_bytes += _nbytes(tensor)
         return saved["all_reduce"](tensor, *a, **k)
 
+    def all_to_all_single(output, input, *a, **k):
+        counts.all_to_alls += 1
+        counts.all_to_all_bytes += _nbytes(input)
+        return saved["all_to_all_single"](output, input, *a, **k)
+
     dist.all_gather_single = all_gather_single
     dist.reduce_scatter_single = reduce_scatter_single
     dist.all_reduce = all_reduce
+    dist.all_to_all_single = all_to_all_single
     try:
         yield counts
     finally:

@@ -12,6 +12,9 @@ Every reduction in seqwrap goes through `all_reduce_flat`:
                               distributed AdjointSharding): gradients accumulated before the step are
                               set aside, the step's gradients and its loss sum are summed in one float64
                               buffer, then the old gradients are added back.
+  keep_grads / rollback_grads a single-rank step accumulating straight into .grad: what a failed step
+                              needs to put .grad back bitwise, at most one copy of the gradients (none
+                              when .grad starts None or all zeros).
 """
 from __future__ import annotations
 
@@ -113,3 +116,53 @@ def restore_grads(params: list[torch.Tensor], stash: list[torch.Tensor | None]) 
     """A failed step: the gradients go back to what they were before it."""
     for p, old in zip(params, stash):
         p.grad = old
+
+
+class _Kept:
+    """What rollback_grads needs for one parameter: grad, the tensor .grad was (None: .grad was None);
+    copy, its values (None: the tensor was bitwise zero, zero_() restores it)."""
+
+    __slots__ = ("grad", "copy")
+
+    def __init__(self, grad, copy):
+        self.grad, self.copy = grad, copy
+
+
+def _bitwise_zero(g: torch.Tensor) -> bool:
+    """True when every byte of g is 0 (as zero_grad(set_to_none=False) leaves it; -0.0 is not)."""
+    if not g.is_contiguous() or g.is_sparse or g.numel() == 0:
+        return g.numel() == 0
+    return not bool(g.view(-1).view(torch.uint8).any())
+
+
+def keep_grads(params: list[torch.Tensor]) -> list[_Kept]:
+    """Before a step that accumulates straight into .grad: what a failure needs to restore it bitwise.
+
+    .grad None -> nothing kept (rollback sets None); .grad bitwise zero -> nothing copied (rollback
+    zeroes it); any other .grad -> one copy of it. So the fixed cost is at most one copy of the
+    gradients, and none after the usual zero_grad(). The tensor object p.grad is kept as it is
+    (accumulation and rollback both work in place, as plain accumulation does)."""
+    kept = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            kept.append(_Kept(None, None))
+        elif _bitwise_zero(g):
+            kept.append(_Kept(g, None))
+        else:
+            kept.append(_Kept(g, g.detach().clone(memory_format=torch.preserve_format)))
+    return kept
+
+
+def rollback_grads(params: list[torch.Tensor], kept: list[_Kept]) -> None:
+    """A failed step: each .grad goes back to the tensor it was, holding the values it held (bitwise)."""
+    for p, k in zip(params, kept):
+        if k.grad is None:
+            p.grad = None
+            continue
+        with torch.no_grad():
+            if k.copy is None:
+                k.grad.zero_()
+            else:
+                k.grad.copy_(k.copy)
+        p.grad = k.grad

@@ -47,6 +47,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-rank", type=_positive_int, help="LoRA rank on q/k/v/o (default: full fine-tuning)")
     p.add_argument("--dtype", default="auto", help="bf16, fp16, fp32 (default: the config's)")
     p.add_argument("--world-size", type=_positive_int, default=1, help="Ulysses ranks (default 1)")
+    p.add_argument("--shard", type=_positive_int, default=1,
+                   help="FSDP2 / ZeRO-3 parameter sharding degree (default 1)")
     p.add_argument("--batch", type=_positive_int, default=1, help="sequences per step (default 1)")
     p.set_defaults(run=run)
 
@@ -55,7 +57,7 @@ def run(args, parser) -> None:
     try:
         p = plan(args.config, args.tokens, device_memory=args.device_memory, host_memory=args.host_memory,
                  reserve=args.reserve, lora=args.lora_rank, dtype=args.dtype, world_size=args.world_size,
-                 batch=args.batch)
+                 shard=args.shard, batch=args.batch)
     except (ValueError, TypeError) as exc:  # PlanError included: a usage error, no traceback
         parser.error(str(exc))
     print(p.table())

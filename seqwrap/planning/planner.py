@@ -21,9 +21,14 @@ is read too and the device is a GPU; otherwise offload is not planned. reserve (
 device memory, at most 6 GB) is kept back for what the model does not count: CUDA context, library
 workspaces, allocator fragmentation.
 
-world_size > 1 plans one rank of Ulysses sequence parallelism: each rank holds seq_len / world_size
-tokens and chunk_size / world_size of each chunk; the weights and trainable state are whole on every
-rank (no FSDP sharding counted).
+world_size > 1 plans one rank of Ulysses sequence parallelism, and shard > 1 one rank of FSDP2 / ZeRO-3
+parameter sharding over `shard` ranks (FSDPSchedule() default: every group all-gathered once for the
+step, one reduce-scatter at its end), with the P-rank model (planning/distributed.py parallel_peak,
+Layout(sp=world_size, shard=shard)): each rank holds seq_len / world_size tokens and chunk_size /
+world_size of each chunk, plus one attention call's all-to-all buffers (K/V heads replicated to the
+query heads when world_size does not divide them); the stored weights, gradients and optimizer state
+are divided by `shard`, and the step's unsharded parameters and gradients are added. world_size = 1 and
+shard = 1 is the single-device model (memory_model.seco_peak) exactly.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..memory_model import MemoryEstimate, longest_sequence, seco_peak
+from .distributed import Layout, longest_parallel_sequence, parallel_peak
 from .budget import available_host_memory, default_device, free_device_memory, resident_bytes
 from .source import Subject, describe
 from .units import format_bytes, format_tokens, parse_bytes, parse_tokens
@@ -69,9 +75,10 @@ class Plan:
     longest_seq_as_planned: int   # ... with this plan's chunk, offload and checkpointing
     subject: Subject
     batch: int = 1
-    world_size: int = 1
+    world_size: int = 1           # Ulysses ranks
     budget_source: str = ""
     notes: list[str] = field(default_factory=list)
+    shard: int = 1                # FSDP2 / ZeRO-3 sharding degree
 
     @property
     def num_chunks(self) -> int:
@@ -100,16 +107,17 @@ class Plan:
 
 
 def plan(model_or_config, seq_len, *, device_memory=None, host_memory=None, lora="auto", dtype="auto",
-         world_size: int = 1, batch: int = 1, engine: str = "SeCO", offload: bool | None = None,
+         world_size: int = 1, shard: int = 1, batch: int = 1, engine: str = "SeCO", offload: bool | None = None,
          checkpointing: bool | None = None, attention: str = "chunked", reserve=None, min_chunk: int = 256,
          target_chunk: int = 4096, max_chunk: int = 16384) -> Plan:
     """The plan for training `model_or_config` on sequences of `seq_len` tokens (see the module docstring).
 
     seq_len: tokens per sequence (an int, or "128K" / "1M"); device_memory / host_memory / reserve:
     bytes, or "80GB" / "24GiB". offload / checkpointing: None lets the planner choose; True / False
-    fixes them. attention: the engine's attention mode ("concat" adds its O(T) copies)."""
+    fixes them. attention: the engine's attention mode ("concat" adds its O(T) copies). world_size: Ulysses
+    ranks; shard: FSDP2 / ZeRO-3 sharding degree (see the module docstring)."""
     seq_len = parse_tokens(seq_len)
-    for what, v, lo in (("world_size", world_size, 1), ("batch", batch, 1), ("min_chunk", min_chunk, 1),
+    for what, v, lo in (("world_size", world_size, 1), ("shard", shard, 1), ("batch", batch, 1), ("min_chunk", min_chunk, 1),
                         ("target_chunk", target_chunk, 1), ("max_chunk", max_chunk, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"seqwrap.plan: {what} must be an int >= {lo}, got {v!r}")
@@ -122,6 +130,8 @@ def plan(model_or_config, seq_len, *, device_memory=None, host_memory=None, lora
             raise TypeError(f"seqwrap.plan: {what} must be None (the planner chooses), True or False, got {v!r}")
     if offload and attention == "concat":
         raise ValueError("seqwrap.plan: offload needs attention='chunked'")
+    if world_size > 1 and attention != "chunked":
+        raise ValueError("seqwrap.plan: Ulysses (world_size > 1) needs attention='chunked'")
     if seq_len % world_size:
         raise ValueError(f"seqwrap.plan: seq_len {seq_len} is not a multiple of world_size {world_size}")
     subject = describe(model_or_config, lora=lora, dtype=dtype)
@@ -153,7 +163,7 @@ def plan(model_or_config, seq_len, *, device_memory=None, host_memory=None, lora
                 and (not off or offload_ok)]
     if attention == "concat":
         settings = [(ck, off) for ck, off in settings if not off]
-    model = _Model(subject, batch, world_size, attention)
+    model = _Model(subject, batch, world_size, attention, shard)
     chunks = _chunk_candidates(seq_len, world_size, min_chunk, max_chunk)
 
     best = _choose(model, seq_len, settings, chunks, budget, host, target_chunk)
@@ -177,13 +187,16 @@ def plan(model_or_config, seq_len, *, device_memory=None, host_memory=None, lora
                      "the engines take it for rotary models (the model was not trained that long: consider RoPE "
                      "scaling) and refuse it for learned absolute positions")
     if world_size > 1:
-        notes.append(f"per rank of {world_size} (Ulysses): {seq_len // world_size:,} tokens, weights and trainable "
-                     "state whole on every rank")
+        notes.append(f"per rank of {world_size} (Ulysses): {seq_len // world_size:,} tokens and one attention call's "
+                     "all-to-all buffers" + ("" if shard > 1 else "; weights and trainable state whole on every rank"))
+    if shard > 1:
+        notes.append(f"weights, gradients and optimizer state sharded over {shard} ranks (FSDP2 / ZeRO-3), all "
+                     "parameters and the trainable gradients unsharded for the step (FSDPSchedule() default)")
     if device.type == "cpu":
         notes.append("planning for the CPU: device and host are one memory, offload is not planned")
     return Plan(engine, seq_len, chunk, off, ckpt, est.device_total, est.host_total, dict(est.device), dict(est.host),
                 device_memory, budget, host, longest, model.longest(chunk, (ckpt, off), budget, host), subject,
-                batch, world_size, source, notes)
+                batch, world_size, source, notes, shard)
 
 
 def _choose(model, seq_len, settings, chunks, budget, host, target_chunk):
@@ -203,16 +216,25 @@ def _choose(model, seq_len, settings, chunks, budget, host, target_chunk):
 
 
 class _Model:
-    """memory_model.seco_peak for one subject, per rank: seq_len and chunk of the whole sequence in."""
+    """One rank's peak for one subject, seq_len and chunk of the whole sequence in: memory_model.seco_peak on
+    one device, distributed.parallel_peak under Ulysses (world) and / or sharding (shard)."""
 
-    def __init__(self, subject: Subject, batch: int, world: int, attention: str):
-        self.s, self.batch, self.world, self.attention = subject, batch, world, attention
+    def __init__(self, subject: Subject, batch: int, world: int, attention: str, shard: int = 1):
+        self.s, self.batch, self.world, self.attention, self.shard = subject, batch, world, attention, shard
+
+    def _parallel(self) -> bool:
+        return self.world > 1 or self.shard > 1
+
+    def _kwargs(self, ckpt: bool) -> dict:
+        return dict(batch=self.batch, dtype_bytes=self.s.dtype_bytes, lora_params=self.s.adapter_params,
+                    grad_ckpt=ckpt)
 
     def peak(self, seq_len: int, chunk: int, setting) -> MemoryEstimate:
         ckpt, off = setting
-        return seco_peak(self.s.shape, seq_len // self.world, chunk // self.world, batch=self.batch,
-                         dtype_bytes=self.s.dtype_bytes, lora_params=self.s.adapter_params, grad_ckpt=ckpt,
-                         offload=off, attention=self.attention)
+        if self._parallel():
+            return parallel_peak(self.s.shape, seq_len, chunk, Layout(sp=self.world, shard=self.shard, offload=off),
+                                 **self._kwargs(ckpt))
+        return seco_peak(self.s.shape, seq_len, chunk, offload=off, attention=self.attention, **self._kwargs(ckpt))
 
     def fits(self, seq_len, chunk, setting, budget, host) -> bool:
         est = self.peak(seq_len, chunk, setting)
@@ -220,10 +242,11 @@ class _Model:
 
     def longest(self, chunk: int, setting, budget, host) -> int:
         ckpt, off = setting
-        n = longest_sequence(self.s.shape, budget, host, chunk // self.world, batch=self.batch,
-                             dtype_bytes=self.s.dtype_bytes, lora_params=self.s.adapter_params, grad_ckpt=ckpt,
-                             offload=off, attention=self.attention)
-        return n * self.world
+        if self._parallel():
+            return longest_parallel_sequence(self.s.shape, Layout(sp=self.world, shard=self.shard, offload=off),
+                                             budget, host, chunk, **self._kwargs(ckpt))
+        return longest_sequence(self.s.shape, budget, host, chunk, offload=off, attention=self.attention,
+                                **self._kwargs(ckpt))
 
 
 def _chunk_candidates(seq_len: int, world: int, min_chunk: int, max_chunk: int) -> list[int]:

@@ -12,7 +12,8 @@ def plan_table(p) -> str:
                   f"of {shape.head_dim}, vocab {shape.vocab}, {shape.params / 1e9:.3g}B parameters"),
         ("training", f"{s.training}, {s.dtype_bytes}-byte weights, AdamW"),
         ("sequence", f"{p.seq_len:,} tokens ({format_tokens(p.seq_len)}) x batch {p.batch}"
-                     + (f", {p.world_size} Ulysses ranks" if p.world_size > 1 else "")),
+                     + (f", {p.world_size} Ulysses ranks" if p.world_size > 1 else "")
+                     + (f", parameters sharded over {p.shard} ranks" if p.shard > 1 else "")),
         ("engine", f"seqwrap.{p.engine}(model, chunk_size={p.chunk_size}, offload={p.offload})"),
         ("chunks", f"{p.num_chunks} of {p.chunk_size:,} tokens"),
         ("offload", "on" if p.offload else "off"),

@@ -1,0 +1,106 @@
+"""Ranks agree on a step before its first collective: one small all-reduce.
+
+A chunked step on several ranks (DDP, FSDP2, Ulysses) issues collectives whose number can depend on
+what each rank holds: FSDPSchedule(params="layer") all-gathers each layer once per chunk forward,
+grads="chunk" reduce-scatters once per chunk backward, SpaCO's draw decides which chunks run. And an
+input check that fails on one rank only would leave the others waiting in their next collective until
+the process-group timeout (a later step's collectives would then pair with those leftovers).
+
+So before any collective of a step every rank contributes to one all-reduce (MAX over an int64 vector
+of world + 4 entries, a few dozen bytes):
+
+  slot r (r < world)   1 if rank r's input checks (or the rest of its local preparation) failed, else 0
+  num_chunks, -num_chunks          its chunk count (MAX of both: the largest and the smallest)
+  fingerprint, -fingerprint        a CRC of the chunks it will recompute (SpaCO's draw), 0 when not known
+                                   yet (under Ulysses the draw is made afterwards, equal on the group)
+
+If any rank failed, every rank learns which (one all_gather_object of the failures' type and message,
+on that path only) and raises the same exception type, naming the failing rank(s) and the problem,
+before any other collective: no rank waits, and a retry pairs its collectives with the other ranks'
+retry. Otherwise `StepAgreement.uniform` says whether every rank runs the same chunks; a schedule whose
+collective count depends on them (fsdp.FSDPSchedule.count_dependent) falls back to the count-independent
+one for that call (with a warning; see FSDPStep.schedule_for).
+
+Cost per step: one all-reduce of (world + 4) int64 (counted by count_collectives as all_reduces == 1).
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class StepAgreement:
+    """What the ranks agreed on: uniform = every rank has the same chunk count and recompute set;
+    min_chunks / max_chunks over the ranks."""
+
+    uniform: bool
+    min_chunks: int
+    max_chunks: int
+
+
+def agreement_group(*, fsdp=None, ddp=None, ulysses=None, deepspeed=None):
+    """The group whose ranks must agree on this step: the whole world when FSDP2 is involved (its meshes,
+    and a Ulysses group beside them, together span the ranks that step together), else Ulysses' or DDP's
+    own group; None (nothing to agree on) for a single process, or for a DDP step inside ddp.no_sync()
+    (such a step issues no collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if fsdp is not None:
+        return dist.group.WORLD
+    if deepspeed is not None:  # a parallel.deepspeed.DeepSpeedStep: the engine's data-parallel group
+        return deepspeed.group
+    if ulysses is not None:
+        return ulysses
+    if ddp is not None and getattr(ddp, "require_backward_grad_sync", True):
+        return getattr(ddp, "process_group", None) or dist.group.WORLD
+    return None
+
+
+def selection_fingerprint(selected) -> int:
+    """A CRC32 of the recomputed chunk indices (>= 1, so 0 can mean 'not known')."""
+    return 1 + zlib.crc32(",".join(map(str, selected)).encode())
+
+
+def agree_step(engine: str, group, *, error: BaseException | None, num_chunks: int,
+               fingerprint: int = 0) -> StepAgreement:
+    """The step's agreement (module docstring); raises on every rank if any rank's `error` is set.
+
+    error: the exception this rank's local preparation raised (None: it passed)."""
+    if group is None:
+        if error is not None:
+            raise error
+        return StepAgreement(True, num_chunks, num_chunks)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    vec = torch.zeros(world + 4, dtype=torch.int64)
+    if error is not None:
+        vec[rank] = 1
+        num_chunks = fingerprint = 0
+    vec[world:] = torch.tensor([num_chunks, -num_chunks, fingerprint, -fingerprint], dtype=torch.int64)
+    dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=group)
+    failed = [r for r in range(world) if vec[r] != 0]
+    if failed:
+        _raise_everywhere(engine, group, rank, world, failed, error)
+    hi, neg_lo, fp_hi, neg_fp_lo = (int(x) for x in vec[world:])
+    return StepAgreement(uniform=hi == -neg_lo and fp_hi == -neg_fp_lo, min_chunks=-neg_lo, max_chunks=hi)
+
+
+def _raise_everywhere(engine, group, rank, world, failed, error):
+    """Every rank raises the first failing rank's exception type with every failure named."""
+    mine = None if error is None else (type(error), str(error))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine, group=group)
+    parts = [f"rank {r}: {gathered[r][1]}" for r in failed if gathered[r] is not None]
+    msg = (f"seqwrap.{engine}: the input of rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} "
+           f"was refused, so no rank ran this step (every rank raises this): " + "; ".join(parts))
+    cls = gathered[failed[0]][0] if gathered[failed[0]] is not None else RuntimeError
+    try:
+        exc = cls(msg)
+    except Exception:  # an exception type that does not take one message
+        exc = RuntimeError(msg)
+    if error is not None:
+        raise exc from error
+    raise exc
