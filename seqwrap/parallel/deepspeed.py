@@ -65,6 +65,16 @@ def full_shape(p) -> torch.Size:
     return getattr(p, "ds_shape", None) or p.shape
 
 
+_HELD = "_seqwrap_step_holds"  # set on a ZeRO-3 parameter while a DeepSpeedStep holds it gathered
+
+
+def unheld_zero3(params) -> bool:
+    """True when one of `params` is a ZeRO-3 parameter that no seqwrap step holds gathered: ZeRO-3's module
+    hooks own it (fetched when its module is called, released after), so code that reads it outside its
+    module's call (MsT's recompute on parameter aliases, a fused LM-head loss) would find it partitioned."""
+    return any(hasattr(p, "ds_id") and not getattr(p, _HELD, False) for p in params)
+
+
 def zero3_params(module: nn.Module) -> list:
     """The parameters of `module` that ZeRO-3 partitions (they carry a ds_id)."""
     return [p for p in module.parameters() if hasattr(p, "ds_id")]
@@ -148,7 +158,13 @@ class DeepSpeedStep:
         params = zero3_params(self.module)
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             with _suspended(zero3_hooks(self.engine, self.name)):
-                yield
+                for p in params:
+                    setattr(p, _HELD, True)
+                try:
+                    yield
+                finally:
+                    for p in params:
+                        delattr(p, _HELD)
 
 
 def zero3_hooks(engine, name: str) -> list:
