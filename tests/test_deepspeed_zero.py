@@ -218,7 +218,12 @@ def second_step(rank, world, engine, params):
         fwd = engine(input_ids=ids).logits
         ref_fwd = load(llama(), params)(input_ids=ids).logits
     engine.optimizer.zero_grad()
-    return dict(grad2=rel_err(grads, ref_grads), loss2=abs(out.loss.item() - ref_loss.item()),
+    try:
+        seqwrap.SeCO(engine.module, chunk_size=CHUNK)
+        refused = None
+    except ValueError as e:
+        refused = str(e)
+    return dict(bare_module=refused, grad2=rel_err(grads, ref_grads), loss2=abs(out.loss.item() - ref_loss.item()),
                 forward_after=((fwd - ref_fwd).norm() / ref_fwd.norm()).item())
 
 
@@ -284,3 +289,9 @@ def test_second_step_and_plain_forward(results):
         assert r["grad2"] < TOL, r
         assert r["loss2"] < 1e-12, r
         assert r["forward_after"] < 1e-6, r
+
+
+def test_bare_zero3_module_refused(results):
+    """SeCO on engine.module (what a trainer that does not know DeepSpeed would pass) is refused by name."""
+    for r in results[("seco", 3)]:
+        assert r["bare_module"] is not None and "pass the DeepSpeedEngine itself" in r["bare_module"], r

@@ -154,6 +154,10 @@ class SeCO(StepChecks):
         # DeepSpeed ZeRO: given the engine, the step runs inside self._deepspeed.step() (parallel/deepspeed.py)
         self._deepspeed = deepspeed_step_for(model, self.name)
         model = model if self._deepspeed is None else self._deepspeed.module
+        if self._deepspeed is None and any(hasattr(p, "ds_id") for p in model.parameters()):
+            raise ValueError(f"seqwrap.{self.name}: this model's parameters are partitioned by DeepSpeed ZeRO-3; pass "
+                             f"the DeepSpeedEngine itself (seqwrap.{self.name}(engine, ...)), so that the step gathers "
+                             "them once and reduces once (a bare module would leave that to ZeRO-3's per-call hooks)")
         self.model = model
         self.chunk_size = chunk_size
         self.ignore_index = ignore_index

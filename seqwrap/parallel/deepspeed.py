@@ -16,10 +16,11 @@ pass-2 forward and backward of every chunk) and release it after. DeepSpeedStep 
     one reduction pass over them (its own buckets, averaging over the data-parallel group, partitioned
     fp32 gradients where ZeRO-2/3 keep them), exactly what engine.step() then reads.
   * ZeRO-3: every parameter of the model is all-gathered once when the step begins
-    (deepspeed.zero.GatheredParameters: one coalesced all-gather) and re-partitioned when it ends; while
-    the step runs, ZeRO-3's module hooks are told the parameters are in use (a marker in each
-    parameter's ds_active_sub_modules, the set ZeRO-3 itself uses to keep a parameter that a running
-    module needs), so they neither release nor re-gather them. Costs the unsharded parameters for the
+    (deepspeed.zero.GatheredParameters; on gloo that is one all-gather per parameter, per step, not per
+    chunk) and re-partitioned when it ends; while the step runs, ZeRO-3's module hooks (fetch before a
+    module call, release after, the pre/post-backward functions, the root's trace reset) are taken out
+    of the modules' hook dicts and put back afterwards (_suspended), so they neither release, re-gather
+    nor record a prefetch trace that would differ between ranks. Costs the unsharded parameters for the
     length of the step (one layer's worth is what plain ZeRO-3 holds).
 
 What DeepSpeed does in engine.backward(loss) and the engine step keeps: the division by
@@ -32,8 +33,10 @@ wrap the module in DDP instead), and managed_gradient_accumulation=False.
 DeepSpeed internals used (0.19.8; `check_engine` names what is missing on another version):
   DeepSpeedEngine.coalesce_grad_reduction, zero_optimization_stage, gradient_accumulation_steps,
   pipeline_parallelism, managed_gradient_accumulation, optimizer (a ZeRO optimizer with
-  _coalesce_grad_reduction, needs_scaler); ZeRO-3 parameters' ds_id, ds_status, ds_active_sub_modules;
-  deepspeed.zero.GatheredParameters.
+  _coalesce_grad_reduction, needs_scaler, parameter_offload.forward_hooks / backward_hooks /
+  fwd_pre_hook); ZeRO-3 parameters' ds_id and ds_shape; deepspeed.zero.GatheredParameters.
+Measured in tests/test_deepspeed_zero.py (2 gloo ranks, CPU): ZeRO keeps float32 gradient partitions,
+so a float64 model's gradients come back rounded to float32.
 No transformers import here.
 """
 from __future__ import annotations
