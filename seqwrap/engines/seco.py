@@ -33,6 +33,7 @@ from ..hf.decoder import HFDecoderAdapter, UnsupportedModelError, unwrap_ddp
 from ..hf.positions import has_dynamic_rope, rope_types
 from ..hf.router_aux import RouterAux, aux_coefficient, wants_router_logits
 from ..ops.dtypes import real_dtype
+from ..parallel.deepspeed import deepspeed_step_for
 from ..parallel.agreement import agree_step, agreement_group, selection_fingerprint
 from ..parallel.fsdp import FSDPSchedule, fsdp_step_for
 from ..parallel.grad_sync import (keep_grads, reduce_step, restore_grads, rollback_grads, stash_grads,
@@ -150,6 +151,13 @@ class SeCO(StepChecks):
             raise ValueError(f"seqwrap.{self.name}: offload=True needs attention='chunked'")
         if isinstance(offload_min_bytes, bool) or not isinstance(offload_min_bytes, int) or offload_min_bytes < 0:
             raise ValueError(f"seqwrap.{self.name}: offload_min_bytes must be an int >= 0, got {offload_min_bytes!r}")
+        # DeepSpeed ZeRO: given the engine, the step runs inside self._deepspeed.step() (parallel/deepspeed.py)
+        self._deepspeed = deepspeed_step_for(model, self.name)
+        model = model if self._deepspeed is None else self._deepspeed.module
+        if self._deepspeed is None and any(hasattr(p, "ds_id") for p in model.parameters()):
+            raise ValueError(f"seqwrap.{self.name}: this model's parameters are partitioned by DeepSpeed ZeRO-3; pass "
+                             f"the DeepSpeedEngine itself (seqwrap.{self.name}(engine, ...)), so that the step gathers "
+                             "them once and reduces once (a bare module would leave that to ZeRO-3's per-call hooks)")
         self.model = model
         self.chunk_size = chunk_size
         self.ignore_index = ignore_index
@@ -172,6 +180,9 @@ class SeCO(StepChecks):
         if self._fsdp is not None and self.group is not None:
             ulysses_fsdp_setup(model, self._fsdp, self.group, self.name,
                                sampled=type(self).chunk_weights is not SeCO.chunk_weights)
+        if self._deepspeed is not None and self.group is not None:
+            raise NotImplementedError(f"seqwrap.{self.name}: Ulysses sequence parallelism under a DeepSpeed engine is "
+                                      "not supported yet")
         self.adapter.check_recurrent(self.name, attention, chunk_size or self._auto_chunk.smallest, self.group is not None)
         self.adapter.check_structure(self.name)
         self.adapter.check_head(self.name)
@@ -300,17 +311,21 @@ class SeCO(StepChecks):
                 weights = self._draw(st)
         except Exception as e:  # noqa: BLE001 - re-raised by agree_step, on every rank
             error = e
-        agreed = agree_step(self.name, agreement_group(fsdp=self._fsdp, ddp=self._ddp, ulysses=self.group),
+        agreed = agree_step(self.name, agreement_group(fsdp=self._fsdp, ddp=self._ddp, ulysses=self.group,
+                                                       deepspeed=self._deepspeed),
                             error=error, num_chunks=0 if st is None else len(st.bounds),
                             fingerprint=0 if weights is None else
                             selection_fingerprint([i for i, w in enumerate(weights) if w != 0.0]))
         if self.group is not None:
             st.norm = self._finish_norm(st)
             weights = self._draw(st)
-        if self._fsdp is None:
-            return self._run_step(st, weights, loss_scale, objective)
-        with self._fsdp.step(self._fsdp.schedule_for(agreed)):
-            return self._run_step(st, weights, loss_scale, objective)
+        if self._fsdp is not None:
+            with self._fsdp.step(self._fsdp.schedule_for(agreed)):
+                return self._run_step(st, weights, loss_scale, objective)
+        if self._deepspeed is not None:  # ZeRO: gather once (stage 3), one coalesced reduction at the end
+            with self._deepspeed.step():
+                return self._run_step(st, weights, loss_scale, objective)
+        return self._run_step(st, weights, loss_scale, objective)
 
     def _draw(self, st: "_Step") -> list[float]:
         """Each chunk's backward factor (chunk_weights of the chunks' label counts, summed over the Ulysses

@@ -11,6 +11,7 @@ import torch
 from ..hf.attention import NeedsConcat
 from ..hf.decoder import UnsupportedModelError
 from ..labels import shift_labels as shifted
+from ..parallel.deepspeed import full_shape
 from .kv_store import ChunkKVStore
 
 
@@ -85,7 +86,7 @@ class StepChecks:
     def _check_label_range(self, labels: torch.Tensor, what: str) -> None:
         """Every label is ignore_index or in [0, vocab): checked before the step, so that a bad label
         does not fail the step half way (one reduction over the labels)."""
-        vocab = self.adapter.lm_head.weight.shape[0]
+        vocab = full_shape(self.adapter.lm_head.weight)[0]  # ZeRO-3: the weight is partitioned between steps
         counted = labels[labels != self.ignore_index]
         if counted.numel() == 0:
             return

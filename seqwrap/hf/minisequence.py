@@ -29,6 +29,7 @@ import types
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..parallel.deepspeed import unheld_zero3
 from .compat import output_cache_field
 from .mst_lm import forward_signature, mst_causal_lm_forward, named_parameters
 from .mst_mlp import MiniSequenceMLP, auto_mlp_chunks, chunk_bounds
@@ -120,10 +121,12 @@ def mst_mlp_forward(self, x, *args, **kwargs):
             return original(x)
 
     bounds = chunk_bounds(x.shape[-2], chunks)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or unheld_zero3(self.parameters()):
         # torch.compile cannot trace MiniSequenceMLP's backward (it recomputes with swapped parameter
         # aliases); the same schedule through torch.utils.checkpoint, which it traces: each slice keeps
         # only its input, and its (l, I) intermediates exist again one slice at a time in backward.
+        # DeepSpeed ZeRO-3's own forward/backward: the aliases would bypass its module hooks, which fetch
+        # a partitioned parameter only for a call of its module; the checkpointed calls go through them.
         return torch.cat([checkpoint(original, x[..., s:e, :], use_reentrant=False) for s, e in bounds], dim=-2)
 
     def run(xs, swap):  # xs (B, l, H) -> (B, l, H); swap: {names: alias} or None

@@ -28,6 +28,7 @@ import torch
 
 from ..labels import shift_labels as shift
 from ..ops.cross_entropy import linear_cross_entropy
+from ..parallel.deepspeed import unheld_zero3
 from .compat import causal_lm_loss_function, causal_lm_output, slice_to_keep
 from .packing import prepare_call as prepare_packed_call
 
@@ -63,6 +64,9 @@ def _why_not_fused(model) -> str | None:
         return f"lm_head is a {type(model.lm_head).__name__} (e.g. a LoRA adapter on lm_head), not an nn.Linear"
     if model.loss_function is not causal_lm_loss_function():
         return "the model's loss_function is not transformers' ForCausalLMLoss"
+    if unheld_zero3(model.lm_head.parameters()):
+        return ("lm_head's weight is partitioned by DeepSpeed ZeRO-3, whose hooks gather it only for a call of "
+                "lm_head (inside seqwrap.SeCO(engine) the step holds it gathered)")
     return None
 
 

@@ -42,7 +42,7 @@ class StepAgreement:
     max_chunks: int
 
 
-def agreement_group(*, fsdp=None, ddp=None, ulysses=None):
+def agreement_group(*, fsdp=None, ddp=None, ulysses=None, deepspeed=None):
     """The group whose ranks must agree on this step: the whole world when FSDP2 is involved (its meshes,
     and a Ulysses group beside them, together span the ranks that step together), else Ulysses' or DDP's
     own group; None (nothing to agree on) for a single process, or for a DDP step inside ddp.no_sync()
@@ -51,6 +51,8 @@ def agreement_group(*, fsdp=None, ddp=None, ulysses=None):
         return None
     if fsdp is not None:
         return dist.group.WORLD
+    if deepspeed is not None:  # a parallel.deepspeed.DeepSpeedStep: the engine's data-parallel group
+        return deepspeed.group
     if ulysses is not None:
         return ulysses
     if ddp is not None and getattr(ddp, "require_backward_grad_sync", True):
