@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .all_to_all import _exchange
+
 
 class _Exchange(torch.autograd.Function):
     """all_to_all_single over dim 0 (the rank count): block j goes to rank j, block j of the result
@@ -29,18 +31,11 @@ class _Exchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _all_to_all(x, group)
+        return _exchange(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _all_to_all(g, ctx.group), None
-
-
-def _all_to_all(x, group):
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
-    return out
+        return _exchange(g, ctx.group), None
 
 
 @dataclass(frozen=True)
