@@ -1,12 +1,12 @@
-"""Ulysses sequence parallelism x DeepSpeed ZeRO-2 / ZeRO-3 under SeCO and SpaCO, 2 gloo ranks (CPU), float64.
+"""Ulysses sequence parallelism x DeepSpeed ZeRO-1/2/3 under SeCO and SpaCO, 2 gloo ranks (CPU), float64.
 
 Both ranks hold parts of ONE sequence (shard_batch over the Ulysses group = both ranks) and form
 ZeRO's data-parallel group. Reference: single-process full backprop of the whole sequence in float64
 (SpaCO: single-process SpaCO with the same seed, which draws the same chunks); after engine.step() the
 parameters must equal one SGD step with that gradient. ZeRO divides its reduction by what DeepSpeed
-chooses (parallel/ulysses_deepspeed.py): engines built without an mpu (ZeRO divides by 2 at both stages:
+chooses (parallel/ulysses_deepspeed.py): engines built without an mpu (ZeRO divides by 2 at every stage:
 the chunk backwards are scaled by 2), with DeepSpeed's own sequence-parallel mpu
-(deepspeed.runtime.sequence_parallel.parallel_state_sp; ZeRO-2 then divides by 1: factor 1, ZeRO-3's
+(deepspeed.runtime.sequence_parallel.parallel_state_sp; ZeRO-1/2 then divide by 1: factor 1, ZeRO-3's
 default reduce-scatter still by 2: factor 2), and with gradient_allreduce_op="sum" (ZeRO-2 divides by 1).
 Setups that no factor makes exact are refused when the engine is built.
 
@@ -135,8 +135,8 @@ def refusal(rank, what):
     return None
 
 
-CASES = [("seco", 2, None), ("seco", 3, None), ("spaco", 2, None), ("spaco", 3, None), ("seco", 2, "sum"),
-         ("seco", 2, "sp"), ("seco", 3, "sp"), ("spaco", 3, "sp")]
+CASES = [("seco", 1, None), ("seco", 2, None), ("seco", 3, None), ("spaco", 2, None), ("spaco", 3, None),
+         ("seco", 2, "sum"), ("seco", 1, "sp"), ("seco", 2, "sp"), ("seco", 3, "sp"), ("spaco", 3, "sp")]
 REFUSALS = ["predivide", "dp-without-ulysses", "zero3-no-reduce-scatter", "not-the-mpu-group"]
 
 
@@ -166,7 +166,7 @@ def results():
 TOL = 1e-6  # ZeRO keeps float32 gradient partitions (tests/test_deepspeed_zero.py); a wrong factor is off by 2x
 
 # the factor on the chunk backwards, and DeepSpeed's sequence_parallel_size, each case must have used
-EXPECTED_SCALE = {("seco", 2, None): 2.0, ("seco", 3, None): 2.0, ("spaco", 2, None): 2.0, ("spaco", 3, None): 2.0,
+EXPECTED_SCALE = {("seco", 1, None): 2.0, ("seco", 1, "sp"): 1.0, ("seco", 2, None): 2.0, ("seco", 3, None): 2.0, ("spaco", 2, None): 2.0, ("spaco", 3, None): 2.0,
                   ("seco", 2, "sum"): 1.0, ("seco", 2, "sp"): 1.0, ("seco", 3, "sp"): 2.0, ("spaco", 3, "sp"): 2.0}
 
 

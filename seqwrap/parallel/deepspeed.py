@@ -146,8 +146,19 @@ class DeepSpeedStep:
             with self.engine.coalesce_grad_reduction():
                 with self._gathered():
                     yield self
+                self._park_grad_accum()
         finally:
             self.active = False
+
+    def _park_grad_accum(self):
+        """ZeRO-1 with a gradient accumulation dtype other than the parameters' (use_grad_accum_attribute):
+        DeepSpeed's reduction reads param.grad_accum, which engine.backward's epilogue fills from .grad
+        (stage_1_and_2.py backward_epilogue); the chunk backwards are plain torch backwards, so the step
+        fills it once here, before the coalesced reduction (without it the flush finds no gradient and
+        reduces nothing: measured, tests/test_deepspeed_ulysses.py zero1 cases)."""
+        opt = self.engine.optimizer
+        if getattr(opt, "use_grad_accum_attribute", False):
+            opt.fill_grad_accum_attribute()
 
     @contextlib.contextmanager
     def _gathered(self):
