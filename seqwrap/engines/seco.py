@@ -94,7 +94,9 @@ class SeCO(StepChecks):
     """Exact chunk-wise forward + backward for a HF decoder-only causal LM.
 
     model: a *ForCausalLM (or a peft PeftModel of one, or a DDP wrapper of either), optionally
-        patched by seqwrap.parallel.apply_ulysses (sequence parallelism: see __call__).
+        patched by seqwrap.parallel.apply_ulysses (sequence parallelism: see __call__); or a
+        DeepSpeedEngine around one (ZeRO-1/2/3, Ulysses too: seqwrap/parallel/deepspeed.py and
+        ulysses_deepspeed.py).
     chunk_size: tokens per chunk (> 0); the last chunk may be shorter. Under Ulysses, tokens
         of the whole sequence per chunk (each of the P ranks holds chunk_size / P of them).
         "auto" (or seqwrap.AutoChunk(device_memory=..., ...)): seqwrap.plan picks it at the first
