@@ -166,8 +166,9 @@ def results():
 TOL = 1e-6  # ZeRO keeps float32 gradient partitions (tests/test_deepspeed_zero.py); a wrong factor is off by 2x
 
 # the factor on the chunk backwards, and DeepSpeed's sequence_parallel_size, each case must have used
-EXPECTED_SCALE = {("seco", 1, None): 2.0, ("seco", 1, "sp"): 1.0, ("seco", 2, None): 2.0, ("seco", 3, None): 2.0, ("spaco", 2, None): 2.0, ("spaco", 3, None): 2.0,
-                  ("seco", 2, "sum"): 1.0, ("seco", 2, "sp"): 1.0, ("seco", 3, "sp"): 2.0, ("spaco", 3, "sp"): 2.0}
+EXPECTED_SCALE = {("seco", 1, None): 2.0, ("seco", 2, None): 2.0, ("seco", 3, None): 2.0, ("spaco", 2, None): 2.0,
+                  ("spaco", 3, None): 2.0, ("seco", 2, "sum"): 1.0, ("seco", 1, "sp"): 1.0, ("seco", 2, "sp"): 1.0,
+                  ("seco", 3, "sp"): 2.0, ("spaco", 3, "sp"): 2.0}
 
 
 def _id(c):

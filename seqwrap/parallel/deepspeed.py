@@ -50,7 +50,7 @@ DeepSpeed internals used (0.19.8; `check_engine` names what is missing on anothe
 Measured in tests/test_deepspeed_zero.py (ZeRO-1/2/3) and tests/test_deepspeed_ulysses.py (Ulysses x
 ZeRO-1/2/3, with and without DeepSpeed's sequence-parallel mpu), 2 gloo ranks, CPU: ZeRO keeps float32
 gradient partitions, so a float64 model's gradients come back rounded to float32 (equal to 1e-6).
-Not supported yet: SeqwrapTrainer with accelerate's DeepSpeed plugin.
+SeqwrapTrainer with accelerate's DeepSpeed plugin (hf/trainer.py): tests/test_deepspeed_trainer.py.
 No transformers import here.
 """
 from __future__ import annotations
