@@ -1,9 +1,10 @@
-"""DeepSpeed ZeRO-2 / ZeRO-3 under SeCO, SpaCO and MsT, on 2 gloo ranks (CPU), in float64.
+"""DeepSpeed ZeRO-1 / ZeRO-2 / ZeRO-3 under SeCO, SpaCO and MsT, on 2 gloo ranks (CPU), in float64.
 
 Reference: single-process full backprop of each rank's whole sequence (float64), gradients averaged
 over the ranks (ZeRO's data-parallel mean); after engine.step() the parameters must equal one SGD step
 from the same start with that gradient. Collectives are counted at deepspeed.comm's backend (cdb),
-which every ZeRO collective goes through.
+which every ZeRO collective goes through. ZeRO-1 (SeCO, SpaCO): the float64 model's gradients go through
+DeepSpeed's grad_accum attribute (accumulation dtype float32), which the step fills itself (DeepSpeedStep).
 
 All cases run in sequence inside ONE spawned 2-rank job (process start and `import deepspeed` cost
 seconds each); each case returns its measurements and the asserts run in the parent."""
@@ -227,7 +228,7 @@ def second_step(rank, world, engine, params):
                 forward_after=((fwd - ref_fwd).norm() / ref_fwd.norm()).item())
 
 
-CASES = [("seco", 3), ("seco", 2), ("spaco", 3), ("spaco", 2), ("mst", 3), ("mst", 2), ("seco+mst", 3), ("seco+mst", 2)]
+CASES = [("seco", 3), ("seco", 2), ("seco", 1), ("spaco", 1), ("spaco", 3), ("spaco", 2), ("mst", 3), ("mst", 2), ("seco+mst", 3), ("seco+mst", 2)]
 
 
 def cases(rank, world, todo):

@@ -38,6 +38,7 @@ from ..parallel.agreement import agree_step, agreement_group, selection_fingerpr
 from ..parallel.fsdp import FSDPSchedule, fsdp_step_for
 from ..parallel.grad_sync import (keep_grads, reduce_step, restore_grads, rollback_grads, stash_grads,
                                   sync_ddp_gradients, unstash_grads)
+from ..parallel.ulysses_deepspeed import reduction_scale
 from ..parallel.ulysses_fsdp import ulysses_fsdp_setup
 from ..planning.auto import AutoChunk, announce
 from . import objective as seq_objective
@@ -93,7 +94,9 @@ class SeCO(StepChecks):
     """Exact chunk-wise forward + backward for a HF decoder-only causal LM.
 
     model: a *ForCausalLM (or a peft PeftModel of one, or a DDP wrapper of either), optionally
-        patched by seqwrap.parallel.apply_ulysses (sequence parallelism: see __call__).
+        patched by seqwrap.parallel.apply_ulysses (sequence parallelism: see __call__); or a
+        DeepSpeedEngine around one (ZeRO-1/2/3, Ulysses too: seqwrap/parallel/deepspeed.py and
+        ulysses_deepspeed.py).
     chunk_size: tokens per chunk (> 0); the last chunk may be shorter. Under Ulysses, tokens
         of the whole sequence per chunk (each of the P ranks holds chunk_size / P of them).
         "auto" (or seqwrap.AutoChunk(device_memory=..., ...)): seqwrap.plan picks it at the first
@@ -180,9 +183,11 @@ class SeCO(StepChecks):
         if self._fsdp is not None and self.group is not None:
             ulysses_fsdp_setup(model, self._fsdp, self.group, self.name,
                                sampled=type(self).chunk_weights is not SeCO.chunk_weights)
+        # Ulysses under a DeepSpeed engine: ZeRO reduces (and divides) the gradients; the chunk backwards are
+        # scaled so that its reduction sums the sequence ranks (parallel/ulysses_deepspeed.py)
+        self._reduction_scale = 1.0
         if self._deepspeed is not None and self.group is not None:
-            raise NotImplementedError(f"seqwrap.{self.name}: Ulysses sequence parallelism under a DeepSpeed engine is "
-                                      "not supported yet")
+            self._reduction_scale = reduction_scale(self._deepspeed.engine, self.group, self.name)
         self.adapter.check_recurrent(self.name, attention, chunk_size or self._auto_chunk.smallest, self.group is not None)
         self.adapter.check_structure(self.name)
         self.adapter.check_head(self.name)
@@ -348,17 +353,20 @@ class SeCO(StepChecks):
         params = self._params()
         cuda_dev = ids.device if ids.device.type == "cuda" else None
         rng_at_start = _rng_state(cuda_dev) if self._auto_attention else None
-        kept = keep_grads(params) if group is None else None
+        # Under a DeepSpeed engine ZeRO reduces after the step (DeepSpeedStep), so the step accumulates
+        # straight into .grad there, Ulysses or not.
+        apart = group is not None and self._deepspeed is None
+        kept = keep_grads(params) if not apart else None
         while True:
             cache = self._make_store(st, xfer, selected)
-            stash = stash_grads(params) if group is not None else None
+            stash = stash_grads(params) if apart else None
             if self.pool is not None:
                 self.pool.reset_peak()
             try:
                 with adapter.step_context(self.name, cache, pos, chunked=self.attention == "chunked"):
                     total, extra, rows = self._passes(ids, shift, mask, pos, cache, bounds, weights, selected, norm,
-                                                      loss_scale, xfer, objective)
-                if group is not None and self._fsdp is not None:  # FSDP2 reduces the gradients
+                                                      loss_scale * self._reduction_scale, xfer, objective)
+                if group is not None and (self._fsdp is not None or self._deepspeed is not None):  # they reduce
                     total = self._group_sum(total)
                 elif group is not None:
                     total = reduce_step(params, group, total)

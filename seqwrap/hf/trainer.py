@@ -14,7 +14,12 @@ Everything else is the stock Trainer: TrainingArguments keep their meaning
 fp16 loss scaling, DDP with one gradient all-reduce per optimizer step, FSDP2 through accelerate
 (`fsdp=True, fsdp_config={"version": 2, ...}`): each FSDP group all-gathered once per micro-batch and
 reduce-scattered once per optimizer step, accelerate's no_sync kept; pick another schedule with
-seqwrap_options={"fsdp": seqwrap.parallel.FSDPSchedule(...)}).
+seqwrap_options={"fsdp": seqwrap.parallel.FSDPSchedule(...)}), DeepSpeed ZeRO-2/3 through accelerate
+(`deepspeed=ds_config`): the training step hands the DeepSpeedEngine accelerate built (the `model` the
+Trainer passes, its model_wrapped) to the engine, and calls engine.step() where accelerate's
+DeepSpeedEngineWrapper.backward would (the Trainer's optimizer.step() is a no-op under DeepSpeed);
+gradient_accumulation_steps must be 1 there (refuse_deepspeed_accumulation), and evaluation runs the
+stock prediction_step.
 Or mix SeqwrapTrainerMixin into your own Trainer subclass, before Trainer.
 
 Not served: a model patched by seqwrap.parallel.apply_ulysses (alone or with FSDP2) is refused when the
@@ -59,6 +64,20 @@ def refuse_ulysses(model) -> None:
         "as examples/ulysses_fsdp2.py does; or remove_ulysses(model) and train with FSDP2 alone")
 
 
+def refuse_deepspeed_accumulation(model, accumulation_steps: int) -> None:
+    """Raises ValueError when `model` is a DeepSpeedEngine and the Trainer accumulates gradients over several
+    micro-batches: DeepSpeed's coalesced reduction (engine.coalesce_grad_reduction, which the chunked step
+    runs in) covers one engine call per optimizer step, its flush overwrites what an earlier one reduced."""
+    from ..parallel.deepspeed import is_deepspeed_engine
+
+    if accumulation_steps > 1 and is_deepspeed_engine(model):
+        raise ValueError(
+            f"seqwrap.SeqwrapTrainer: gradient_accumulation_steps={accumulation_steps} is not supported under "
+            "accelerate's DeepSpeed plugin: the chunked step runs in DeepSpeed's coalesced gradient reduction, "
+            "which covers one micro-batch per optimizer step; set gradient_accumulation_steps=1 and raise "
+            "per_device_train_batch_size instead (the engine takes every row of the batch in one step)")
+
+
 class SeqwrapTrainerMixin:
     """training_step = one chunked forward + backward (the engine) instead of compute_loss + backward.
 
@@ -80,8 +99,9 @@ class SeqwrapTrainerMixin:
 
     def _seqwrap_engine_for(self, model: torch.nn.Module) -> SeCO:
         engine = self._seqwrap_engines.get(id(model))
-        if engine is None or engine.model is not model:
+        if engine is None or (engine.model is not model and getattr(engine._deepspeed, "engine", None) is not model):
             refuse_ulysses(model)
+            refuse_deepspeed_accumulation(model, self.args.gradient_accumulation_steps)
             engine = _ENGINES[self.seqwrap_engine](model, self.seqwrap_chunk_size, **self.seqwrap_options)
             self._seqwrap_engines[id(model)] = engine
         return engine
@@ -117,6 +137,10 @@ class SeqwrapTrainerMixin:
         engine = self._seqwrap_engine_for(model)
         with self.compute_loss_context_manager():  # bf16/fp16 autocast
             out = engine(**args, num_items=num_items_in_batch, loss_scale=grad_scale, **packed)
+        if engine._deepspeed is not None and self.accelerator.sync_gradients:
+            # what accelerate's DeepSpeedEngineWrapper.backward does after engine.backward at the boundary
+            # (the Trainer's optimizer.step() is accelerate's no-op under DeepSpeed): DeepSpeed's step
+            engine._deepspeed.engine.step()
         self._seqwrap_after_step(inputs, out)
         return (out.loss * scale).detach().to(self.args.device)
 
@@ -131,6 +155,8 @@ class SeqwrapTrainerMixin:
             stock = "the evaluation asks for logits (compute_metrics / prediction_loss_only=False)"
         elif engine._fsdp is not None:
             stock = "the model is FSDP2-sharded"
+        elif engine._deepspeed is not None:
+            stock = "the model is a DeepSpeed engine"
         if stock is not None:
             if not getattr(self, "_seqwrap_said_stock_eval", False):
                 logger.warning("seqwrap: %s: evaluation runs the stock full-sequence forward", stock)

@@ -5,6 +5,8 @@
     for batch in loader:
         seco(**batch)                                  # forward + backward of the whole sequence
         engine.step()                                  # DeepSpeed's optimizer step, as after engine.backward
+    # Ulysses: apply_ulysses(model, group) before deepspeed.initialize, then
+    # seco(**seqwrap.parallel.shard_batch(batch, group, chunk_size=4096)) (ulysses_deepspeed.py)
 
 A chunked step runs one backward per recomputed chunk and calls the decoder layers directly. Left to
 ZeRO's hooks, every backward would reduce(-scatter) the gradients of the parameters it touched (ZeRO-2
@@ -23,6 +25,13 @@ pass-2 forward and backward of every chunk) and release it after. DeepSpeedStep 
     nor record a prefetch trace that would differ between ranks. Costs the unsharded parameters for the
     length of the step (one layer's worth is what plain ZeRO-3 holds).
 
+  * ZeRO-1 with a gradient accumulation dtype other than the parameters' (e.g. a float64 or bf16 model,
+    float32 accumulation): DeepSpeed's reduction reads param.grad_accum, which only engine.backward's
+    epilogue fills; the step fills it before the flush (_park_grad_accum).
+  * Ulysses (a module patched by apply_ulysses): ZeRO reduces over its data-parallel group and divides by
+    a number DeepSpeed picks per stage and mpu; the chunk backwards are scaled so that the reduction sums
+    the sequence ranks (parallel/ulysses_deepspeed.py, checked when the engine is built).
+
 What DeepSpeed does in engine.backward(loss) and the engine step keeps: the division by
 gradient_accumulation_steps (scale_wrt_gas) is applied to the gradients (loss_scale), and engine.step()
 is the user's. Refused, with the reason: fp16 dynamic loss scaling (the chunk backwards would need the
@@ -34,9 +43,14 @@ DeepSpeed internals used (0.19.8; `check_engine` names what is missing on anothe
   DeepSpeedEngine.coalesce_grad_reduction, zero_optimization_stage, gradient_accumulation_steps,
   pipeline_parallelism, managed_gradient_accumulation, optimizer (a ZeRO optimizer with
   _coalesce_grad_reduction, needs_scaler, parameter_offload.forward_hooks / backward_hooks /
-  fwd_pre_hook); ZeRO-3 parameters' ds_id and ds_shape; deepspeed.zero.GatheredParameters.
-Measured in tests/test_deepspeed_zero.py (2 gloo ranks, CPU): ZeRO keeps float32 gradient partitions,
-so a float64 model's gradients come back rounded to float32.
+  fwd_pre_hook; ZeRO-1: use_grad_accum_attribute, fill_grad_accum_attribute); ZeRO-3 parameters' ds_id
+  and ds_shape; deepspeed.zero.GatheredParameters. Under Ulysses also (ulysses_deepspeed.py) the
+  optimizer's dp_process_group, sequence_parallel_size, gradient_predivide_factor, reduce_scatter,
+  gradient_average and the engine's seq_parallel_group.
+Measured in tests/test_deepspeed_zero.py (ZeRO-1/2/3) and tests/test_deepspeed_ulysses.py (Ulysses x
+ZeRO-1/2/3, with and without DeepSpeed's sequence-parallel mpu), 2 gloo ranks, CPU: ZeRO keeps float32
+gradient partitions, so a float64 model's gradients come back rounded to float32 (equal to 1e-6).
+SeqwrapTrainer with accelerate's DeepSpeed plugin (hf/trainer.py): tests/test_deepspeed_trainer.py.
 No transformers import here.
 """
 from __future__ import annotations
@@ -146,8 +160,19 @@ class DeepSpeedStep:
             with self.engine.coalesce_grad_reduction():
                 with self._gathered():
                     yield self
+                self._park_grad_accum()
         finally:
             self.active = False
+
+    def _park_grad_accum(self):
+        """ZeRO-1 with a gradient accumulation dtype other than the parameters' (use_grad_accum_attribute):
+        DeepSpeed's reduction reads param.grad_accum, which engine.backward's epilogue fills from .grad
+        (stage_1_and_2.py backward_epilogue); the chunk backwards are plain torch backwards, so the step
+        fills it once here, before the coalesced reduction (without it the flush finds no gradient and
+        reduces nothing: measured, tests/test_deepspeed_ulysses.py zero1 cases)."""
+        opt = self.engine.optimizer
+        if getattr(opt, "use_grad_accum_attribute", False):
+            opt.fill_grad_accum_attribute()
 
     @contextlib.contextmanager
     def _gathered(self):

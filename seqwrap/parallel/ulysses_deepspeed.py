@@ -1,0 +1,105 @@
+"""Ulysses sequence parallelism under a DeepSpeed ZeRO engine: what ZeRO's reduction divides by, and the
+factor on the chunk backwards that turns it into the sum over the sequence ranks.
+
+Under Ulysses the P ranks of a sequence group each hold part of one sequence: the gradient of the whole
+sequence is the SUM of their gradients. ZeRO reduces over its data-parallel group (the engine's
+seq_data_parallel_group, N ranks: the optimizer's dp_process_group) and divides the summed gradients by
+a divisor D that DeepSpeed 0.19.8 chooses per stage and configuration:
+
+  stage 1/2 (stage_1_and_2.py: average_tensor, gradient_reduction_w_predivide, allreduce_bucket):
+      D = N / sequence_parallel_size  (gradient_allreduce_op "mean", the default); D = 1 for "sum"
+  stage 3, reduce_scatter=true (the default; stage3.py __avg_scatter_grads -> reduce_scatter_coalesced,
+      which pre-divides by the partition group's size and never reads sequence_parallel_size):
+      D = N, with or without a sequence-parallel mpu
+  stage 3, reduce_scatter=false, no sequence-parallel mpu: D = N in both of its paths
+  stage 3, reduce_scatter=false with a sequence-parallel mpu: D = N / sp for a bucket that went through
+      the contiguous buffer (__avg_scatter_contiguous_grads) but N for one that did not (a parameter
+      larger than reduce_bucket_size, or contiguous_gradients=false): refused, no single factor is exact.
+
+sequence_parallel_size is what an mpu given to deepspeed.initialize declares (DeepSpeed's own
+deepspeed.runtime.sequence_parallel.parallel_state_sp, or any object with its functions); without one
+it is 1. What the whole-sequence step needs is sum over the sequence ranks, mean over the N / P
+data-parallel replicas, so the chunk backwards are scaled by
+
+    s = D * P / N      (s = 1 where DeepSpeed divides by the replicas itself: stage 1/2 with the mpu)
+
+(P = 2 here: s is 1 or 2, exact in floating point). Checked when the engine is built (SeCO / SpaCO):
+the data-parallel group must contain the Ulysses ranks and be made of whole Ulysses groups (N a multiple
+of P); a sequence-parallel mpu must declare the Ulysses group itself; gradient_predivide_factor must be 1
+(DeepSpeed's post-division skips its correction when the factor equals N: stage_1_and_2.py
+gradient_reduction_w_predivide); quantized gradients (ZeRO++) and MoE layers are refused.
+
+Only the chunked engines are covered: a plain `engine.backward(loss)` of a Ulysses-patched module (MsT,
+plain Ulysses training) leaves ZeRO's divisor as it is.
+No transformers import here.
+"""
+from __future__ import annotations
+
+import torch.distributed as dist
+
+
+def _ranks(group) -> list[int]:
+    return sorted(int(r) for r in dist.get_process_group_ranks(group))
+
+
+def zero_divisor(engine, name: str) -> tuple[int, float]:
+    """(N, D): the size of the group ZeRO reduces over and what its reduction divides the summed
+    gradients by (module docstring). Raises where D is not one number for every bucket."""
+    opt = engine.optimizer
+    stage = int(engine.zero_optimization_stage())
+    needed = ["dp_process_group", "sequence_parallel_size", "gradient_predivide_factor", "postscale_gradients",
+              "reduce_scatter"] + (["contiguous_gradients"] if stage == 3 else ["gradient_average"])
+    missing = [a for a in needed if not hasattr(opt, a)]
+    if missing:
+        raise RuntimeError(f"seqwrap.{name}: this DeepSpeed's ZeRO-{stage} optimizer lacks {missing}, which the "
+                           "Ulysses reduction factor is derived from (tested with deepspeed 0.19.8)")
+    n = dist.get_world_size(opt.dp_process_group)
+    sp = int(opt.sequence_parallel_size)
+    if float(opt.gradient_predivide_factor) != 1.0:
+        raise ValueError(f"seqwrap.{name}: gradient_predivide_factor={opt.gradient_predivide_factor} is not supported "
+                         "under Ulysses: DeepSpeed's division then depends on the factor (it skips its correction "
+                         "when the factor equals the group size); leave it at 1.0")
+    if stage in (1, 2):
+        return n, (n / sp if opt.gradient_average else 1.0)
+    if opt.reduce_scatter or sp == 1:
+        return n, float(n)
+    raise ValueError(f"seqwrap.{name}: ZeRO-3 with reduce_scatter=false and a sequence-parallel mpu divides the "
+                     "buckets of its contiguous gradient buffer by dp and the others (contiguous_gradients=false, or a "
+                     "parameter larger than reduce_bucket_size) by dp x sp (deepspeed stage3.py "
+                     "__avg_scatter_contiguous_grads / __avg_scatter_grads), so no single factor makes the step "
+                     "exact: set zero_optimization.reduce_scatter=true (the default), or build the engine without "
+                     "the mpu")
+
+
+def reduction_scale(engine, group, name: str) -> float:
+    """s: the factor on a Ulysses step's chunk backwards under this engine (module docstring); raises
+    naming the problem for a setup it cannot make exact."""
+    if getattr(engine, "has_moe_layers", False):
+        raise ValueError(f"seqwrap.{name}: MoE layers under Ulysses x DeepSpeed are not supported (their experts "
+                         "reduce over expert data-parallel groups)")
+    quantized = getattr(engine, "zero_quantized_gradients", None)
+    if callable(quantized) and quantized():
+        raise ValueError(f"seqwrap.{name}: zero_quantized_gradients (ZeRO++) is not supported under Ulysses: the "
+                         "quantized reduction is not exact")
+    ulysses = _ranks(group)
+    dp = _ranks(engine.optimizer.dp_process_group)
+    missing = sorted(set(ulysses) - set(dp))
+    if missing:
+        raise ValueError(f"seqwrap.{name}: the DeepSpeed engine's data-parallel group (ranks {dp}) does not contain "
+                         f"the Ulysses ranks {missing}: ZeRO's reduction must sum the sequence ranks' gradients; build "
+                         "the engine over the same ranks, or with an mpu whose sequence-data-parallel group holds "
+                         "whole Ulysses groups (deepspeed.initialize(..., mpu=...))")
+    p, n = len(ulysses), len(dp)
+    if n % p:
+        raise ValueError(f"seqwrap.{name}: the DeepSpeed engine's data-parallel group has {n} ranks, not a multiple "
+                         f"of the {p} Ulysses ranks: it must be made of whole Ulysses groups")
+    sp = int(engine.optimizer.sequence_parallel_size)
+    if sp > 1:
+        sp_group = getattr(engine, "seq_parallel_group", None)
+        sp_ranks = None if sp_group is None else _ranks(sp_group)
+        if sp_ranks != ulysses:
+            raise ValueError(f"seqwrap.{name}: the DeepSpeed engine was built with a sequence-parallel mpu whose group "
+                             f"(ranks {sp_ranks}, size {sp}) is not the Ulysses group (ranks {ulysses}): pass "
+                             "apply_ulysses(model, group=mpu.get_sequence_parallel_group())")
+    n_ranks, divisor = zero_divisor(engine, name)
+    return divisor * p / n_ranks
