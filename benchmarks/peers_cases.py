@@ -161,7 +161,7 @@ def step(method: str, seq: int, layers: int = 4, hidden: int = 256, intermediate
         spec = importlib.util.spec_from_file_location("streambp_peer", STREAMBP_HOOK)
         peer = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(peer)
-        fn = lambda: peer.step(model, ids, ids, chunk)  # noqa: E731
+        fn = lambda: peer.streambp_backward(model, ids, chunk)  # noqa: E731  (labels = ids, as the others)
     else:
         raise ValueError(method)
     base = rss_mb()
