@@ -54,7 +54,7 @@ def worker(rank, world):
     """Every probe in one spawn (starting the processes costs more than the probes)."""
     return dict(uneven=uneven_case(rank, world), spaco=spaco_case(rank, world),
                 bad={s: bad_label_case(rank, world, s) for s in BAD_LABEL_SCHEDULES},
-                ulysses=ulysses_bad_label_case(rank, world))
+                ulysses=ulysses_bad_label_case(rank, world), ulysses_uneven=ulysses_uneven_case(rank, world))
 
 
 BAD_LABEL_SCHEDULES = [("step", "step"), ("layer", "chunk")]
@@ -77,7 +77,7 @@ def test_uneven_chunk_counts_under_every_schedule_agree_and_equal_plain_backprop
             assert r["seconds"] < TIMEOUT_S, (rank, sched, r["seconds"])
             c = r["counts"]
             assert (c.all_gathers, c.reduce_scatters) == (groups, groups), (rank, sched, c)
-            assert (c.all_reduces, c.all_reduce_bytes) == (1, (WORLD + 4) * 8), (rank, sched, c)
+            assert (c.all_reduces, c.all_reduce_bytes) == (1, (3 * WORLD + 4) * 8), (rank, sched, c)
             dependent = sched != ("step", "step")
             assert bool(r["warned"]) == dependent, (rank, sched, r["warned"])
             if dependent:
@@ -190,3 +190,57 @@ def ulysses_bad_label_case(rank, world):
 def test_bad_label_under_ulysses_raises_on_every_rank(probes):
     for rank, err in enumerate(p["ulysses"] for p in probes):
         assert err is not None and "the input of rank 0 was refused" in err and "holds -5" in err, (rank, err)
+
+
+def ulysses_uneven_case(rank, world):
+    """A SeCO / SpaCO training step under Ulysses whose ranks hold different shard lengths: rank 1 holds
+    4 local tokens where rank 0 holds 12 (1 vs 3 chunks), or 10 (3 chunks each, split 4,4,4 vs 4,4,2).
+    Each all-to-all pairs the ranks' chunks one for one, so before the agreement the step either waited
+    or exchanged blocks of different sizes. Then a retry with equal shards, against full backprop."""
+    import seqwrap
+    import seqwrap.parallel as sp
+    from seqwrap.parallel import count_collectives
+
+    from .test_ulysses import batch, tiny_model
+
+    model = tiny_model("llama")
+    sp.apply_ulysses(model)
+    shard = sp.shard_batch(batch(), None, chunk_size=8)
+    out = {}
+    for engine_cls in (seqwrap.SeCO, seqwrap.SpaCO):
+        kw = dict(rate=0.5, seed=3) if engine_cls is seqwrap.SpaCO else {}
+        engine = engine_cls(model, chunk_size=8, **kw)
+        for keep in (4, 10):
+            cut = {k: v[:, :keep] if torch.is_tensor(v) and v.dim() == 2 and rank == 1 else v
+                   for k, v in shard.items()}
+            start, err = time.monotonic(), None
+            with count_collectives() as counts:
+                try:
+                    engine(**cut)
+                except ValueError as e:
+                    err = str(e)
+            out[engine_cls.__name__, keep] = dict(err=err, seconds=time.monotonic() - start, counts=counts,
+                                                 untouched=all(p.grad is None for p in model.parameters()))
+    seqwrap.SeCO(model, chunk_size=8)(**shard)  # summed over the group: the whole sequence's gradient
+    out["retry"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out
+
+
+def test_unequal_ulysses_shards_raise_on_every_rank_before_any_all_to_all(probes):
+    from .test_ulysses import full_backprop_f64
+
+    _, ref = full_backprop_f64("llama")
+    for rank, res in enumerate(p["ulysses_uneven"] for p in probes):
+        for engine in ("SeCO", "SpaCO"):
+            for keep in (4, 10):
+                r = res[engine, keep]
+                assert r["err"] is not None, (rank, engine, keep)
+                assert "the Ulysses ranks hold shards of different lengths" in r["err"], r["err"]
+                assert f"rank 0: 12, rank 1: {keep}" in r["err"], r["err"]
+                assert r["seconds"] < TIMEOUT_S / 2, (rank, engine, keep, r["seconds"])
+                c = r["counts"]
+                assert (c.all_reduces, c.all_to_alls) == (1, 0), (rank, engine, keep, c)
+                assert r["untouched"]
+        for n, g in res["retry"].items():
+            err = ((g - ref[n]).norm() / ref[n].norm()).item()
+            assert err < 1e-10, (rank, n, err)

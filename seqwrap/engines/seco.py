@@ -34,7 +34,7 @@ from ..hf.positions import has_dynamic_rope, rope_types
 from ..hf.router_aux import RouterAux, aux_coefficient, wants_router_logits
 from ..ops.dtypes import real_dtype
 from ..parallel.deepspeed import deepspeed_step_for
-from ..parallel.agreement import agree_step, agreement_group, selection_fingerprint
+from ..parallel.agreement import agree_step, agreement_group, selection_fingerprint, shard_fingerprint
 from ..parallel.fsdp import FSDPSchedule, fsdp_step_for
 from ..parallel.grad_sync import (keep_grads, reduce_step, restore_grads, rollback_grads, stash_grads,
                                   sync_ddp_gradients, unstash_grads)
@@ -276,12 +276,10 @@ class SeCO(StepChecks):
                                      st.docs, sampled=False)  # forward only: every chunk counts
         except Exception as e:  # noqa: BLE001 - re-raised by agree_step, on every rank
             error = e
-        agreed = agree_step(self.name, agreement_group(ulysses=self.group), error=error,
-                            num_chunks=0 if st is None else len(st.bounds))
-        if not agreed.uniform:  # one all-to-all per layer and chunk: the counts must match
-            raise ValueError(f"seqwrap.{self.name}: the Ulysses ranks hold {agreed.min_chunks} to {agreed.max_chunks} "
-                             "chunks; shard the batch with seqwrap.parallel.shard_batch so that every rank holds "
-                             "the same length (every rank raises this)")
+        group = agreement_group(ulysses=self.group)
+        agreed = agree_step(self.name, group, error=error, num_chunks=0 if st is None else len(st.bounds),
+                            shard=self._shard_key(st))
+        agreed.refuse_unequal_shards(self.name, group, self.group)  # one all-to-all per layer and chunk
         st.norm = self._finish_norm(st)
         total, extra, rows = forward_only(self, st, rows=objective is not None)
         if objective is not None:
@@ -316,11 +314,14 @@ class SeCO(StepChecks):
                 weights = self._draw(st)
         except Exception as e:  # noqa: BLE001 - re-raised by agree_step, on every rank
             error = e
-        agreed = agree_step(self.name, agreement_group(fsdp=self._fsdp, ddp=self._ddp, ulysses=self.group,
-                                                       deepspeed=self._deepspeed),
-                            error=error, num_chunks=0 if st is None else len(st.bounds),
+        group = agreement_group(fsdp=self._fsdp, ddp=self._ddp, ulysses=self.group, deepspeed=self._deepspeed)
+        agreed = agree_step(self.name, group, error=error, num_chunks=0 if st is None else len(st.bounds),
                             fingerprint=0 if weights is None else
-                            selection_fingerprint([i for i, w in enumerate(weights) if w != 0.0]))
+                            selection_fingerprint([i for i, w in enumerate(weights) if w != 0.0]),
+                            shard=self._shard_key(st))
+        # Under Ulysses every layer of every chunk runs all-to-alls over the group: its ranks must hold
+        # equal splits (data-parallel replicas beside it may hold other lengths).
+        agreed.refuse_unequal_shards(self.name, group, self.group)
         if self.group is not None:
             st.norm = self._finish_norm(st)
             weights = self._draw(st)
@@ -331,6 +332,13 @@ class SeCO(StepChecks):
             with self._deepspeed.step():
                 return self._run_step(st, weights, loss_scale, objective)
         return self._run_step(st, weights, loss_scale, objective)
+
+    def _shard_key(self, st: "_Step | None") -> tuple[int, int]:
+        """(shard fingerprint, local length) of this rank's input for the agreement; (0, 0) when there is
+        no Ulysses group or the preparation failed."""
+        if self.group is None or st is None:
+            return (0, 0)
+        return (shard_fingerprint(st.ids.shape[0], st.ids.shape[1], st.bounds), st.ids.shape[1])
 
     def _draw(self, st: "_Step") -> list[float]:
         """Each chunk's backward factor (chunk_weights of the chunks' label counts, summed over the Ulysses
