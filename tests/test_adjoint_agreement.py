@@ -4,7 +4,7 @@ Before: with group= a label outside the vocabulary on one rank failed that rank 
 half way through pass 1, and the other rank waited in its recv until the process-group timeout; ranks
 given different lengths split the chunks differently and their sends / receives paired silently wrong;
 under FSDP2 a refused input failed after the all-gather and the other rank waited in its reduce-scatter.
-Now every rank raises the same error after one all-reduce of (world + 4) int64, and a retry pairs.
+Now every rank raises the same error after one all-reduce of (3 world + 4) int64, and a retry pairs.
 Also SeCO.evaluate under Ulysses (its label-count all-reduce used to be the collective that waited)."""
 import time
 

@@ -25,7 +25,7 @@ group. Every rank calls the engine with the same full input_ids; boundary states
 rank in pass 1, adjoints travel back in pass 2 (sharded + truncation: the look-ahead cotangents of the
 next rank's first chunks travel back too), and the parameter gradients of the step are all-reduced
 once (one flat buffer). Before any of that the ranks agree (parallel/agreement.py: one all-reduce of
-world + 4 int64): an input refused on one rank raises the same error on every rank, and ranks given
+3 world + 4 int64): an input refused on one rank raises the same error on every rank, and ranks given
 different inputs (a different chunk count or different tokens, labels, num_items) are refused on every
 rank, since their sends and receives would pair wrongly. With FSDP2 (each rank its own batch) the same
 agreement runs before the step's all-gather.
