@@ -13,6 +13,14 @@ On an FSDP2 (fully_shard) model, before or after apply_ulysses, a forward pre-ho
 FSDP2's gradient divide factor at the first forward so that its reduction sums the sequence ranks'
 gradients (seqwrap/parallel/ulysses_fsdp.py): `model(**shard).loss.backward()` (MsT included) needs no
 scaling. remove_ulysses removes the hook and restores FSDP2's settings.
+
+Under a DeepSpeed ZeRO engine (built after apply_ulysses), ZeRO's reduction divides by a number of its
+own choosing; deepspeed_ulysses(engine), called once after deepspeed.initialize, makes a plain
+`engine.backward(engine(**shard).loss)` (MsT included) sum the sequence ranks' gradients: a forward hook
+scales the gradients of the model's outputs by the factor of parallel/ulysses_deepspeed.py. Without that
+call, a training forward of the ZeRO-managed model is refused (its gradient would be off by that factor).
+The chunked engines (SeCO / SpaCO on the engine) scale their own backwards and never call the model's
+top-level forward, so the two never stack.
 """
 from __future__ import annotations
 
@@ -23,7 +31,9 @@ import torch
 import torch.distributed as dist
 
 from ..ops import documents as docs_mod
+from ..parallel.deepspeed import is_deepspeed_engine
 from ..parallel.ulysses import ulysses_attend
+from ..parallel.ulysses_deepspeed import reduction_scale, scale_output_grads, zero_managed
 from ..parallel.ulysses_fsdp import configure_reduction, restore_reduction
 from . import attention
 from .mamba2_mixer import mixers as mamba2_mixers
@@ -156,9 +166,57 @@ def apply_ulysses(model, group=None, *, chunk_size: int | None = None):
 
     def fsdp_reduction(module, args):  # FSDP2 applied before or after: set its divide factor (idempotent)
         configure_reduction(module, group, "parallel.apply_ulysses")
+        refuse_unscaled_deepspeed(module)
+
+    def deepspeed_scale(module, args, output):  # the factor deepspeed_ulysses(engine) recorded, if any
+        scale = module.__dict__.get(_DS_SCALE)
+        if scale is None or scale == 1.0 or not torch.is_grad_enabled():
+            return None
+        return scale_output_grads(output, scale)
 
     model._seqwrap_ulysses_hook = model.register_forward_pre_hook(fsdp_reduction)
+    model._seqwrap_ulysses_ds_hook = model.register_forward_hook(deepspeed_scale)
     return model
+
+
+_DS_SCALE = "_seqwrap_deepspeed_scale"
+
+
+def refuse_unscaled_deepspeed(module) -> None:
+    """Raises when a training forward (grad enabled) runs on a Ulysses module whose parameters a DeepSpeed
+    ZeRO optimizer manages but deepspeed_ulysses(engine) was not called: engine.backward would leave
+    ZeRO's divisor, not the sum over the sequence ranks. Every rank of the group raises alike."""
+    if not torch.is_grad_enabled() or _DS_SCALE in module.__dict__:
+        return
+    stage = zero_managed(module)
+    if stage:
+        p = dist.get_world_size(ulysses_group(module))
+        raise RuntimeError(
+            f"seqwrap.parallel: this Ulysses-patched model is trained by a DeepSpeed ZeRO-"
+            f"{'1/2' if stage == 12 else 3} engine, whose reduction divides the summed gradients by a number of "
+            f"its own (without a sequence-parallel mpu the gradient of engine.backward(loss) would be 1/{p} of "
+            "the whole sequence's): call seqwrap.parallel.deepspeed_ulysses(engine) once after "
+            "deepspeed.initialize, or train through seqwrap.SeCO(engine) / seqwrap.SpaCO(engine)")
+
+
+def deepspeed_ulysses(engine) -> float:
+    """Makes a plain `engine.backward(loss)` of an apply_ulysses-patched model exact under its DeepSpeed
+    ZeRO engine (call once, after deepspeed.initialize): the model's outputs scale their gradients by
+    s = D * P / N (parallel/ulysses_deepspeed.py), so ZeRO's reduction sums the sequence ranks and averages
+    the data-parallel replicas. Returns s. Raises naming the problem for a setup no factor makes exact
+    (the same checks as SeCO(engine)). Parameter gradients that do not flow through the model's outputs
+    (a penalty on the weights added to the loss outside the model) are not scaled."""
+    if not is_deepspeed_engine(engine):
+        raise TypeError(f"seqwrap.parallel.deepspeed_ulysses expects a deepspeed.DeepSpeedEngine, got "
+                        f"{type(engine).__name__}")
+    patched = [m for m in engine.module.modules() if "_seqwrap_ulysses_hook" in m.__dict__]
+    if not patched:
+        raise ValueError("seqwrap.parallel.deepspeed_ulysses: the engine's module was not patched by apply_ulysses "
+                         "(call apply_ulysses(model, group) before deepspeed.initialize)")
+    scale = reduction_scale(engine, ulysses_group(patched[0]), "parallel.deepspeed_ulysses")
+    for m in patched:
+        setattr(m, _DS_SCALE, float(scale))
+    return float(scale)
 
 
 def remove_ulysses(model):
@@ -175,9 +233,11 @@ def remove_ulysses(model):
         previous = modules[0]._seqwrap_ulysses.previous
         for m in modules:
             del m._seqwrap_ulysses
-    hook = model.__dict__.pop("_seqwrap_ulysses_hook", None)
-    if hook is not None:
-        hook.remove()
+    for name in ("_seqwrap_ulysses_hook", "_seqwrap_ulysses_ds_hook"):
+        hook = model.__dict__.pop(name, None)
+        if hook is not None:
+            hook.remove()
+    model.__dict__.pop(_DS_SCALE, None)
     restore_reduction(model)
     if modules:
         attention.set_implementation(lm, previous)

@@ -46,9 +46,13 @@ DeepSpeed internals used (0.19.8; `check_engine` names what is missing on anothe
   fwd_pre_hook; ZeRO-1: use_grad_accum_attribute, fill_grad_accum_attribute); ZeRO-3 parameters' ds_id
   and ds_shape; deepspeed.zero.GatheredParameters. Under Ulysses also (ulysses_deepspeed.py) the
   optimizer's dp_process_group, sequence_parallel_size, gradient_predivide_factor, reduce_scatter,
-  gradient_average and the engine's seq_parallel_group.
+  gradient_average and the engine's seq_parallel_group; for the refusal of an unprepared plain
+  engine.backward (ulysses_deepspeed.zero_managed) the marks ZeRO leaves on parameters: ds_id (ZeRO-3)
+  and param_idx_in_group (ZeRO-1/2).
 Measured in tests/test_deepspeed_zero.py (ZeRO-1/2/3) and tests/test_deepspeed_ulysses.py (Ulysses x
-ZeRO-1/2/3, with and without DeepSpeed's sequence-parallel mpu), 2 gloo ranks, CPU: ZeRO keeps float32
+ZeRO-1/2/3, with and without DeepSpeed's sequence-parallel mpu), 2 gloo ranks, and
+tests/test_deepspeed_ulysses_4ranks.py (sp 4, sp 2 x dp 2), plain engine.backward and MsT under
+Ulysses in tests/test_deepspeed_ulysses_backward.py, CPU: ZeRO keeps float32
 gradient partitions, so a float64 model's gradients come back rounded to float32 (equal to 1e-6).
 SeqwrapTrainer with accelerate's DeepSpeed plugin (hf/trainer.py): tests/test_deepspeed_trainer.py.
 No transformers import here.

@@ -29,12 +29,19 @@ of P); a sequence-parallel mpu must declare the Ulysses group itself; gradient_p
 (DeepSpeed's post-division skips its correction when the factor equals N: stage_1_and_2.py
 gradient_reduction_w_predivide); quantized gradients (ZeRO++) and MoE layers are refused.
 
-Only the chunked engines are covered: a plain `engine.backward(loss)` of a Ulysses-patched module (MsT,
-plain Ulysses training) leaves ZeRO's divisor as it is.
+The chunked engines scale their chunk backwards by s themselves. A plain `engine.backward(loss)` of a
+Ulysses-patched module (MsT, plain Ulysses training) gets the same factor from
+seqwrap.parallel.deepspeed_ulysses(engine) (seqwrap/hf/ulysses.py), called once after
+deepspeed.initialize: the module's outputs then carry s into their gradients (scale_output_grads; the
+forward values are untouched), so every parameter gradient reached through the outputs is multiplied
+by s. A training forward of a ZeRO-managed Ulysses module without that call is refused
+(zero_managed: the marks ZeRO leaves on the parameters), since its gradient would be D/N of the sum
+(1/P of the whole sequence's without an mpu).
 No transformers import here.
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 
@@ -103,3 +110,47 @@ def reduction_scale(engine, group, name: str) -> float:
                              "apply_ulysses(model, group=mpu.get_sequence_parallel_group())")
     n_ranks, divisor = zero_divisor(engine, name)
     return divisor * p / n_ranks
+
+
+def zero_managed(module) -> int:
+    """The ZeRO stage managing `module`'s trainable parameters, from the marks DeepSpeed 0.19.8 leaves on
+    them (0 when none): ZeRO-3 partitions every parameter (ds_id), ZeRO-1/2 number each trainable
+    parameter in its flat group (param_idx_in_group, stage_1_and_2.py). 12 means "stage 1 or 2"."""
+    for p in module.parameters():
+        if hasattr(p, "ds_id"):
+            return 3
+        if p.requires_grad:
+            return 12 if hasattr(p, "param_idx_in_group") else 0
+    return 0
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward (a view); the backward multiplies the incoming gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _scaled(value, scale):
+    if isinstance(value, torch.Tensor):
+        return _ScaleGrad.apply(value, scale) if value.requires_grad else value
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):   # hidden_states / attentions tuples
+        return tuple(_scaled(v, scale) for v in value)
+    return value
+
+
+def scale_output_grads(output, scale: float):
+    """`output` (a tensor, tuple, dict or transformers ModelOutput) with every tensor that requires grad,
+    at the top level or in a tuple there, wrapped so that its gradient is multiplied by `scale`; caches
+    and other objects pass through. Values are unchanged (views)."""
+    if isinstance(output, dict):          # ModelOutput is an OrderedDict: item assignment keeps both views
+        for key in list(output.keys()):
+            output[key] = _scaled(output[key], scale)
+        return output
+    return _scaled(output, scale)
