@@ -7,7 +7,8 @@ parameters must equal one SGD step with that gradient. ZeRO divides its reductio
 chooses (parallel/ulysses_deepspeed.py): engines built without an mpu (ZeRO divides by 2 at every stage:
 the chunk backwards are scaled by 2), with DeepSpeed's own sequence-parallel mpu
 (deepspeed.runtime.sequence_parallel.parallel_state_sp; ZeRO-1/2 then divide by 1: factor 1, ZeRO-3's
-default reduce-scatter still by 2: factor 2), and with gradient_allreduce_op="sum" (ZeRO-2 divides by 1).
+default reduce-scatter still by 2: factor 2), and with gradient_allreduce_op="sum" (ZeRO-2 divides by 1);
+SeCO in DeepSpeed's bf16 mode at ZeRO-2/3 against the float64 reference (bf16 tolerance).
 Setups that no factor makes exact are refused when the engine is built.
 
 All cases run in ONE spawned 2-rank job; the no-mpu cases run first, because an mpu given to
@@ -65,7 +66,8 @@ def make_engine(model, stage, mpu=None, **zero):
 
 def run_case(rank, kind, stage, mode):
     """One SeCO / SpaCO step on a fresh Ulysses-patched ZeRO-`stage` engine, then engine.step().
-    mode: None (no mpu), "sp" (DeepSpeed's sequence-parallel mpu), "sum" (gradient_allreduce_op sum)."""
+    mode: None (no mpu), "sp" (DeepSpeed's sequence-parallel mpu), "sum" (gradient_allreduce_op sum), "bf16"
+    (DeepSpeed's bf16 mode: the engine casts the model to bfloat16, float32 master weights)."""
     import seqwrap
     import seqwrap.parallel as sp
     import torch.distributed as dist
@@ -81,7 +83,8 @@ def run_case(rank, kind, stage, mode):
 
         group = mpu.get_sequence_parallel_group()
     sp.apply_ulysses(model, group=group)
-    engine = make_engine(model, stage, mpu=mpu, **({"gradient_allreduce_op": "sum"} if mode == "sum" else {}))
+    extra = {"sum": {"gradient_allreduce_op": "sum"}, "bf16": {"bf16": {"enabled": True}}}.get(mode, {})
+    engine = make_engine(model, stage, mpu=mpu, **extra)
     eng = (seqwrap.SpaCO(engine, chunk_size=CHUNK, rate=0.5, seed=seed) if kind == "spaco"
            else seqwrap.SeCO(engine, chunk_size=CHUNK))
     with count_ds_collectives() as counts:
@@ -90,6 +93,8 @@ def run_case(rank, kind, stage, mode):
     engine.step()
     after = full_params(engine)
     expect = {n: start[n] - LR * ref_grads[n] for n in start}
+    grads = {n: g.double() for n, g in grads.items()}
+    after = {n: q.double() for n, q in after.items()}
     return dict(grad=rel_err(grads, ref_grads), loss=abs(out.loss.item() - ref_loss), params=rel_err(after, expect),
                 chunks=(out.backward_chunks, chunks), scale=eng._reduction_scale, counts=dict(counts),
                 n_params=len(start), sp_size=int(engine.optimizer.sequence_parallel_size))
@@ -135,8 +140,8 @@ def refusal(rank, what):
     return None
 
 
-CASES = [("seco", 1, None), ("seco", 2, None), ("seco", 3, None), ("spaco", 2, None), ("spaco", 3, None),
-         ("seco", 2, "sum"), ("seco", 1, "sp"), ("seco", 2, "sp"), ("seco", 3, "sp"), ("spaco", 3, "sp")]
+CASES = [("seco", 1, None), ("seco", 2, None), ("seco", 3, None), ("spaco", 1, None), ("spaco", 2, None),
+         ("spaco", 3, None), ("seco", 2, "sum"), ("seco", 2, "bf16"), ("seco", 3, "bf16"), ("seco", 1, "sp"), ("seco", 2, "sp"), ("seco", 3, "sp"), ("spaco", 3, "sp")]
 REFUSALS = ["predivide", "dp-without-ulysses", "zero3-no-reduce-scatter", "not-the-mpu-group"]
 
 
@@ -164,10 +169,12 @@ def results():
 
 
 TOL = 1e-6  # ZeRO keeps float32 gradient partitions (tests/test_deepspeed_zero.py); a wrong factor is off by 2x
+BF16_TOL = 3e-2  # DeepSpeed's bf16 mode: bf16 weights and activations, float32 gradient partitions
 
 # the factor on the chunk backwards, and DeepSpeed's sequence_parallel_size, each case must have used
-EXPECTED_SCALE = {("seco", 1, None): 2.0, ("seco", 2, None): 2.0, ("seco", 3, None): 2.0, ("spaco", 2, None): 2.0,
-                  ("spaco", 3, None): 2.0, ("seco", 2, "sum"): 1.0, ("seco", 1, "sp"): 1.0, ("seco", 2, "sp"): 1.0,
+EXPECTED_SCALE = {("seco", 1, None): 2.0, ("seco", 2, None): 2.0, ("seco", 3, None): 2.0, ("spaco", 1, None): 2.0,
+                  ("spaco", 2, None): 2.0, ("spaco", 3, None): 2.0, ("seco", 2, "sum"): 1.0, ("seco", 2, "bf16"): 2.0,
+                  ("seco", 3, "bf16"): 2.0, ("seco", 1, "sp"): 1.0, ("seco", 2, "sp"): 1.0,
                   ("seco", 3, "sp"): 2.0, ("spaco", 3, "sp"): 2.0}
 
 
@@ -181,6 +188,10 @@ def test_equal_to_whole_sequence_full_backprop(results, case):
         assert r["scale"] == EXPECTED_SCALE[case], (rank, r)
         assert r["sp_size"] == (WORLD if case[2] == "sp" else 1), (rank, r)
         assert r["chunks"][0] == r["chunks"][1], (rank, r)      # SpaCO: rank 0's draw = the single-process draw
+        if case[2] == "bf16":   # bf16 weights and compute against the float64 reference; a wrong factor is 0.5 off
+            assert r["grad"] < BF16_TOL, (rank, r)
+            assert r["loss"] < 2e-2, (rank, r)
+            continue              # (a parameter check would measure bf16 rounding of the weights, not the step)
         assert r["grad"] < TOL, (rank, r)
         assert r["params"] < TOL, (rank, r)   # after engine.step(): one SGD step with the reference gradient
         assert r["loss"] < 1e-12, (rank, r)
