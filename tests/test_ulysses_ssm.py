@@ -1,6 +1,8 @@
 """Ulysses for Mamba-2-family layers (split over SSM heads) on 2 and 4 gloo processes equals single-process
 full backprop of the whole sequence in float64 (plain Ulysses forward, SeCO and SpaCO over Ulysses; Mamba-2
-and Bamba, plus SeCO on NemotronH and GraniteMoeHybrid on 2 ranks).
+and Bamba, plus SeCO on NemotronH and GraniteMoeHybrid on 2 ranks; Zamba2's plain forward on 2 ranks, and
+SeCO on a Ulysses-patched Zamba2 refused by name: its shared attention blocks need attention='concat',
+which Ulysses' chunked attention does not offer).
 
 The tiny models have 4 SSM heads in 2 B/C groups: on 2 ranks each rank owns one group, on 4 ranks a group
 is replicated to the two ranks whose heads read it (both branches of parallel/ulysses_ssm.HeadSplit)."""
@@ -135,7 +137,25 @@ def worker(rank, world):
     out = {"seco": {f: engine_step(f) for f in ("mamba2", "bamba")}, "refusals": refusals(world)}
     if world == 2:
         out.update(plain=plain_step("mamba2"), spaco=engine_step("bamba", "spaco"),
-                   other={f: engine_step(f) for f in OTHER_FAMILIES})
+                   other={f: engine_step(f) for f in OTHER_FAMILIES}, zamba2=zamba2_case())
+    return out
+
+
+def zamba2_case():
+    """Zamba2 (Mamba-2 mixers + shared attention blocks): the plain Ulysses step, and what SeCO says on the
+    patched model with either attention mode."""
+    import seqwrap
+    import seqwrap.parallel as sp
+
+    out = {"plain": plain_step("zamba2")}
+    model = tiny_hybrid("zamba2")
+    sp.apply_ulysses(model)
+    for attention in ("chunked", "concat"):
+        try:
+            seqwrap.SeCO(model, chunk_size=CHUNK, attention=attention)
+            out[attention] = None
+        except (ValueError, seqwrap.UnsupportedModelError) as e:
+            out[attention] = str(e)
     return out
 
 
@@ -151,7 +171,7 @@ def run_forked(fn, world):
 
 @functools.lru_cache(maxsize=None)
 def distributed_results(world):
-    for family in ("mamba2", "bamba") + OTHER_FAMILIES:
+    for family in ("mamba2", "bamba", "zamba2") + OTHER_FAMILIES:
         reference(family)  # imports the modelling code here, once, before the fork
     return run_forked(worker, world)
 
@@ -204,3 +224,12 @@ def test_bad_configurations_refused(world):
     assert "JambaMambaMixer" in res["mamba1"] and "cannot split over heads" in res["mamba1"]
     assert not res["jamba_patched"]
     assert res["patched"] and res["restored"]
+
+
+def test_zamba2_plain_ulysses_matches_and_seco_is_refused_by_name():
+    ref_loss, ref = reference("zamba2")
+    for rank, res in enumerate(distributed_results(2)):
+        loss, got = res["zamba2"]["plain"]
+        assert_matches(f"plain zamba2 rank {rank}", loss, got, ref_loss, ref)
+        assert "shares its attention blocks between layers" in res["zamba2"]["chunked"], res["zamba2"]
+        assert "a model patched for Ulysses needs attention='chunked'" in res["zamba2"]["concat"], res["zamba2"]
