@@ -170,3 +170,29 @@ def test_peers(results_dir):
     assert not failed, failed
     losses = [r["loss"] for r in rows if r["group"] == "loss" and "loss" in r]  # the same loss, all methods
     assert max(losses) - min(losses) < 1e-4 * abs(losses[0])
+
+
+def test_mlp_time_at_equal_shards_ab(results_dir):
+    """MsT vs TiledMLP at equal shard counts (seqwrap's rule and ALST's), interleaved in one process:
+    writes benchmarks/results/mlp_ab.md."""
+    _env()
+    from seqwrap.hf.mst_mlp import alst_mlp_shards, auto_mlp_chunks
+
+    ours = auto_mlp_chunks(MLP["seq"], MLP["hidden"], MLP["intermediate"], dtype_bytes=4)
+    alst = alst_mlp_shards(MLP["seq"], MLP["hidden"])
+    lines = ["# MsT MLP vs DeepSpeed TiledMLP at equal shards, interleaved A/B", "",
+             f"{time.strftime('%Y-%m-%d')}; CPU, float32, one thread, one Llama MLP (T={MLP['seq']}, "
+             f"H={MLP['hidden']}, I={MLP['intermediate']}); forward + backward; both methods in ONE process, "
+             "alternating order each round (benchmarks/peers_cases.py mlp_ab); ratio = MsT / TiledMLP per round.", "",
+             "| shards | rule | rounds | MsT s (median) | TiledMLP s (median) | ratio median | ratio min | ratio max | grad rel diff |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for shards, rule in ((ours, "seqwrap's (from memory)"), (alst, "ALST's ceil(T / H)")):
+        r = run_case("benchmarks.peers_cases:mlp_ab", dict(MLP, shards=shards), timeout=1200)
+        print("mlp_ab", shards, r, flush=True)
+        if r.get("skipped") or not r.get("ok"):
+            lines.append(f"| {shards} | {rule} | - | {r.get('skipped') or r.get('error')} | | | | | |")
+            continue
+        assert r["grad_rel_diff"] < 1e-5, r   # the same gradients, or the times compare different work
+        lines.append(f"| {shards} | {rule} | {r['rounds']} | {r['mst_s']:.3f} | {r['tiled_s']:.3f} | "
+                     f"{r['ratio_median']:.3f} | {r['ratio_min']:.3f} | {r['ratio_max']:.3f} | {r['grad_rel_diff']:.1e} |")
+    (results_dir / "mlp_ab.md").write_text("\n".join(lines) + "\n")

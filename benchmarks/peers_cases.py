@@ -132,6 +132,56 @@ def mlp(method: str, seq: int, hidden: int, intermediate: int, shards=None, repe
     return {"time_s": t, "base_mb": base, "shards": used}
 
 
+def mlp_ab(seq: int, hidden: int, intermediate: int, shards: int, rounds: int = 8):
+    """MsT's MLP against DeepSpeed's TiledMLP at the same shard count, interleaved in ONE process (one
+    thread, the same module, input and upstream gradient; the order alternates each round), so that
+    machine drift hits both alike: separate single runs in fresh processes differ by +-10% here.
+    Returns the per-round times of forward + backward and the ratios mst / tiled."""
+    import statistics
+
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from seqwrap.hf.minisequence import mlp_kind, mst_mlp_forward
+
+    sp, why = _deepspeed_sp()
+    if sp is None:
+        return {"skipped": why}
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    module = LlamaMLP(transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate))
+    x = torch.randn(1, seq, hidden, requires_grad=True)
+    gy = torch.randn(1, seq, hidden)
+    original = type(module).forward.__get__(module)
+    module._seqwrap_mst = dict(forward=None, chunks=shards, hidden_size=hidden, intermediate_size=intermediate,
+                               kind=mlp_kind(module), memory=None)
+    fns = {"mst": lambda: mst_mlp_forward(module, x),
+           "tiled": lambda: sp.TiledMLP.apply(lambda self, xs: original(xs), module, x, shards,
+                                              list(module.parameters()))}
+
+    def run(name):
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+        t0 = time.perf_counter()
+        fns[name]().backward(gy)
+        return time.perf_counter() - t0
+
+    grads = {}
+    for name in fns:  # warm-up, and the two gradients, which must agree
+        run(name)
+        grads[name] = [x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+    err = max(((a - b).norm() / b.norm()).item() for a, b in zip(grads["mst"], grads["tiled"]))
+    times = {name: [] for name in fns}
+    for i in range(rounds):
+        for name in (("mst", "tiled") if i % 2 == 0 else ("tiled", "mst")):
+            times[name].append(run(name))
+    ratios = [a / b for a, b in zip(times["mst"], times["tiled"])]
+    return {"mst_s": statistics.median(times["mst"]), "tiled_s": statistics.median(times["tiled"]),
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "rounds": rounds, "grad_rel_diff": err}
+
+
 def step(method: str, seq: int, layers: int = 4, hidden: int = 256, intermediate: int = 1024, vocab: int = 32000,
          heads: int = 4, chunk: int = 1024, repeats: int = 1):
     import transformers
