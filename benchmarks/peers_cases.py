@@ -91,18 +91,40 @@ def loss(method: str, n: int, hidden: int, vocab: int, chunk: int, repeats: int 
     return {"time_s": t, "base_mb": base, "loss": float(fn().detach())}
 
 
-def mlp(method: str, seq: int, hidden: int, intermediate: int, shards=None, repeats: int = 2):
+def _llama_mlp(seq: int, hidden: int, intermediate: int):
+    """One Llama MLP (seed 0, one thread), its input x (1, seq, hidden) requiring grad, an upstream
+    gradient of the same shape, and the class forward bound to the module: (module, x, gy, original)."""
     import transformers
     from transformers.models.llama.modeling_llama import LlamaMLP
-
-    from seqwrap.hf.mst_mlp import alst_mlp_shards, auto_mlp_chunks
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     module = LlamaMLP(transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate))
     x = torch.randn(1, seq, hidden, requires_grad=True)
     gy = torch.randn(1, seq, hidden)
-    original = type(module).forward.__get__(module)
+    return module, x, gy, type(module).forward.__get__(module)
+
+
+def _tiled(sp, module, x, original, shards: int):
+    """DeepSpeed's TiledMLP over `module` with `shards` shards (a call of forward)."""
+    return lambda: sp.TiledMLP.apply(lambda self, xs: original(xs), module, x, shards, list(module.parameters()))
+
+
+def _mst(module, x, hidden: int, intermediate: int, shards: int | None):
+    """MsT's MLP over `module` with `shards` mini-sequences (None: seqwrap's rule): (call, shards used)."""
+    from seqwrap.hf.minisequence import mlp_kind, mst_mlp_forward
+    from seqwrap.hf.mst_mlp import auto_mlp_chunks
+
+    used = shards or auto_mlp_chunks(x.shape[1], hidden, intermediate, dtype_bytes=4, kind=mlp_kind(module))
+    module._seqwrap_mst = dict(forward=None, chunks=used, hidden_size=hidden, intermediate_size=intermediate,
+                               kind=mlp_kind(module), memory=None)
+    return (lambda: mst_mlp_forward(module, x)), used
+
+
+def mlp(method: str, seq: int, hidden: int, intermediate: int, shards=None, repeats: int = 2):
+    from seqwrap.hf.mst_mlp import alst_mlp_shards
+
+    module, x, gy, original = _llama_mlp(seq, hidden, intermediate)
     if method == "full":
         fn, used = (lambda: original(x)), 1
     elif method == "deepspeed_tiled":
@@ -110,14 +132,9 @@ def mlp(method: str, seq: int, hidden: int, intermediate: int, shards=None, repe
         if sp is None:
             return {"skipped": why}
         used = shards or alst_mlp_shards(seq, hidden)
-        fn = lambda: sp.TiledMLP.apply(lambda self, xs: original(xs), module, x, used, list(module.parameters()))  # noqa: E731
+        fn = _tiled(sp, module, x, original, used)
     elif method == "seqwrap":
-        from seqwrap.hf.minisequence import mlp_kind, mst_mlp_forward
-
-        used = shards or auto_mlp_chunks(seq, hidden, intermediate, dtype_bytes=4, kind=mlp_kind(module))
-        module._seqwrap_mst = dict(forward=None, chunks=used, hidden_size=hidden, intermediate_size=intermediate,
-                                   kind=mlp_kind(module), memory=None)
-        fn = lambda: mst_mlp_forward(module, x)  # noqa: E731
+        fn, used = _mst(module, x, hidden, intermediate, shards)
     else:
         raise ValueError(method)
     base = rss_mb()
@@ -139,25 +156,11 @@ def mlp_ab(seq: int, hidden: int, intermediate: int, shards: int, rounds: int = 
     Returns the per-round times of forward + backward and the ratios mst / tiled."""
     import statistics
 
-    import transformers
-    from transformers.models.llama.modeling_llama import LlamaMLP
-
-    from seqwrap.hf.minisequence import mlp_kind, mst_mlp_forward
-
     sp, why = _deepspeed_sp()
     if sp is None:
         return {"skipped": why}
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    module = LlamaMLP(transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate))
-    x = torch.randn(1, seq, hidden, requires_grad=True)
-    gy = torch.randn(1, seq, hidden)
-    original = type(module).forward.__get__(module)
-    module._seqwrap_mst = dict(forward=None, chunks=shards, hidden_size=hidden, intermediate_size=intermediate,
-                               kind=mlp_kind(module), memory=None)
-    fns = {"mst": lambda: mst_mlp_forward(module, x),
-           "tiled": lambda: sp.TiledMLP.apply(lambda self, xs: original(xs), module, x, shards,
-                                              list(module.parameters()))}
+    module, x, gy, original = _llama_mlp(seq, hidden, intermediate)
+    fns = {"mst": _mst(module, x, hidden, intermediate, shards)[0], "tiled": _tiled(sp, module, x, original, shards)}
 
     def run(name):
         x.grad = None
