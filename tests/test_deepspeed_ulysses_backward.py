@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from .dist_utils import run_distributed
-from .test_deepspeed_ulysses import CHUNK, make_engine, reference, whole_batch
+from .test_deepspeed_ulysses import CHUNK, _id, make_engine, reference, whole_batch
 from .test_deepspeed_zero import LR, _deepspeed_on_cpu, count_ds_collectives, full_grads, full_params, llama, rel_err
 
 pytest.importorskip("transformers")
@@ -163,10 +163,6 @@ def results():
     return {key: [r[key] for r in out] for key in out[0]}
 
 
-def _id(c):
-    return f"{c[0]}-zero{c[1]}" + (f"-{c[2]}" if c[2] else "")
-
-
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_engine_backward_equals_whole_sequence_full_backprop(results, case):
     for rank, r in enumerate(results[case]):
@@ -204,7 +200,6 @@ def test_deepspeed_ulysses_refusals(results):
 
 
 def test_deepspeed_ulysses_needs_an_engine():
-    pytest.importorskip("deepspeed")
     import seqwrap.parallel as sp
 
     with pytest.raises(TypeError, match="expects a deepspeed.DeepSpeedEngine, got Linear"):
