@@ -11,7 +11,8 @@ Three groups, each case in a fresh process (benchmarks/child.py run_case, one th
 DeepSpeed is optional: without it those rows say why they were skipped.
 
 Peak = peak RSS of the case's process; extra = peak - RSS after its set-up (inputs, model): what the
-measured work itself needed. Writes benchmarks/results/peers.md and peers.png.
+measured work itself needed. Writes benchmarks/results/peers.md and peers.png; the MLP's time at equal
+shard counts, MsT and TiledMLP interleaved in one process, goes to mlp_ab.md (-k equal_shards_ab).
 Run: `pytest benchmarks/bench_peers.py -s` (about 6 minutes on 2 CPU cores);
 SEQWRAP_BENCH_PEERS_QUICK=1 runs tiny shapes (a smoke run, under a minute).
 """

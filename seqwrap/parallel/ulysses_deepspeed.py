@@ -41,6 +41,8 @@ No transformers import here.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -115,7 +117,10 @@ def reduction_scale(engine, group, name: str) -> float:
 def zero_managed(module) -> int:
     """The ZeRO stage managing `module`'s trainable parameters, from the marks DeepSpeed 0.19.8 leaves on
     them (0 when none): ZeRO-3 partitions every parameter (ds_id), ZeRO-1/2 number each trainable
-    parameter in its flat group (param_idx_in_group, stage_1_and_2.py). 12 means "stage 1 or 2"."""
+    parameter in its flat group (param_idx_in_group, stage_1_and_2.py). 12 means "stage 1 or 2".
+    Runs at every Ulysses forward: nothing to look at unless deepspeed was imported."""
+    if "deepspeed" not in sys.modules:
+        return 0
     for p in module.parameters():
         if hasattr(p, "ds_id"):
             return 3
