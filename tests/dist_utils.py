@@ -7,6 +7,7 @@ import tempfile
 from datetime import timedelta
 
 import torch.distributed as dist
+import torch.distributed.nn.functional  # noqa: F401  before any init_process_group: seqwrap/parallel/__init__.py
 import torch.multiprocessing as mp
 
 DEFAULT_TIMEOUT_S = 60

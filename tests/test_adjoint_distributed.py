@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional  # noqa: F401  before any init_process_group: seqwrap/parallel/__init__.py
 import torch.multiprocessing as mp
 
 from .mamba_utils import full_backprop, grads_of, max_rel_err, tiny_mamba
